@@ -1,0 +1,405 @@
+"""One interface over text-to-image diffusion models: encode, predict with CFG, decode, LoRA.
+
+A ``Backbone`` owns a diffusers pipeline's components. The policy is the UNet (with LoRA adapters
+on, or fully trainable); the *reference* model is the same UNet with adapters disabled (no copy),
+or a frozen copy under full fine-tuning. Everything SPO needs from a model goes through
+``encode_prompts``, ``predict`` and ``decode``, so sampling and objectives know no model class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..diffusion import DDIMSchedule
+from .lora import LoRASettings, attach_lora, lora_state_dict
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BackboneLoadError(RuntimeError):
+    """A model could not be loaded from the given directory or hub id."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch of prompts, with its unconditional (negative) counterpart.
+
+    Every field is a tensor whose first dimension is the batch (or ``None`` when the backbone does
+    not use it), so a ``Conditioning`` can be indexed, repeated and concatenated like a tensor.
+    ``prompt_embeds``: token embeddings (B, L, D) for the UNet's cross-attention. ``pooled``:
+    pooled text embedding (SDXL). ``time_ids``: SDXL micro-conditioning (original size, crop,
+    target size). ``negative_*``: the same for the negative prompt (classifier-free guidance).
+    """
+
+    prompt_embeds: Tensor
+    negative_prompt_embeds: Tensor | None = None
+    pooled: Tensor | None = None
+    negative_pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+    negative_time_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    def _map(self, fn: Any) -> "Conditioning":
+        return Conditioning(
+            **{
+                f.name: (None if (v := getattr(self, f.name)) is None else fn(v))
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def index(self, rows: Tensor | Sequence[int] | slice) -> "Conditioning":
+        """Rows ``rows`` of every tensor."""
+        if isinstance(rows, slice):
+            return self._map(lambda v: v[rows])
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return self._map(lambda v: v.index_select(0, idx.to(v.device)))
+
+    def repeat_interleave(self, repeats: int) -> "Conditioning":
+        """Each row repeated ``repeats`` times in place (for k candidates of a pool)."""
+        return self._map(lambda v: v.repeat_interleave(repeats, dim=0))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditioning":
+        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        """Concatenate along the batch."""
+        if not items:
+            raise ValueError("cannot concatenate an empty list of conditionings")
+        out = {}
+        for f in dataclasses.fields(Conditioning):
+            values = [getattr(c, f.name) for c in items]
+            out[f.name] = None if values[0] is None else torch.cat(values, dim=0)
+        return Conditioning(**out)
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: ``dtype`` in diffusers >= 0.42, ``torch_dtype`` before."""
+    import diffusers
+    from packaging.version import Version
+
+    name = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    return {name: dtype}
+
+
+def check_model_path(path: str, what: str = "model.pretrained") -> None:
+    """Fail early and clearly on a local path that does not exist or is not a diffusers folder.
+
+    Anything that is not an existing local path and looks like ``owner/name`` is treated as a hub id.
+    """
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") > 1
+    if not looks_local:
+        return
+    if not p.exists():
+        raise BackboneLoadError(f"{what}: no such directory {str(p)!r}")
+    if p.is_dir() and not (p / "model_index.json").exists():
+        raise BackboneLoadError(
+            f"{what}: {str(p)!r} is not a diffusers pipeline directory (no model_index.json); "
+            "save one with `pipeline.save_pretrained(DIR)`"
+        )
+
+
+def _load_vae(path: str, dtype: torch.dtype) -> Any:
+    from diffusers import AutoencoderKL
+
+    p = Path(path).expanduser()
+    if (p.is_absolute() or path.startswith((".", "~"))) and not p.exists():
+        raise BackboneLoadError(f"model.vae: no such directory {str(p)!r}")
+    try:
+        return AutoencoderKL.from_pretrained(path, **dtype_kwarg(dtype))
+    except (OSError, ValueError) as err:
+        raise BackboneLoadError(f"model.vae: could not load an AutoencoderKL from {path!r}: {err}") from err
+
+
+class Backbone(ABC):
+    """Common machinery of the diffusers-based backbones (SD-1.5 style and SDXL).
+
+    Subclasses load their pipeline and implement ``encode_prompts`` and ``_added_cond_kwargs``.
+
+    Attributes:
+        pipeline: the diffusers pipeline whose components this backbone uses (handy for
+            ``save_lora_weights`` / ``load_lora_weights`` and for comparing against diffusers).
+        unet, vae: the pipeline's UNet and VAE.
+        device, dtype: where and in which precision the frozen weights live.
+    """
+
+    kind: str = "base"
+    #: name of the diffusers pipeline class this backbone loads, and extra from_pretrained kwargs
+    pipeline_class: str = "DiffusionPipeline"
+    pipeline_kwargs: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        vae: str | None = None,
+        negative_prompt: str | None = None,
+        resolution: int | None = None,
+    ) -> "Backbone":
+        """Load from a local diffusers directory or a hub id.
+
+        ``vae`` replaces the pipeline's VAE (e.g. the fp16-safe ``madebyollin/sdxl-vae-fp16-fix``).
+        A missing local path, or a directory that is not a diffusers pipeline, fails before any
+        weight is read, with a message naming the path.
+        """
+        import diffusers
+
+        torch_dtype = resolve_dtype(dtype)
+        extra: dict[str, Any] = dict(cls.pipeline_kwargs)
+        if vae is not None:
+            extra["vae"] = _load_vae(vae, torch_dtype)
+        pipeline_cls = getattr(diffusers, cls.pipeline_class)
+        check_model_path(pretrained, "model.pretrained")
+        try:
+            pipeline = pipeline_cls.from_pretrained(
+                pretrained, revision=revision, variant=variant, **dtype_kwarg(torch_dtype), **extra
+            )
+        except (OSError, ValueError) as err:
+            raise BackboneLoadError(
+                f"model.pretrained: could not load a {cls.pipeline_class} from {pretrained!r}: {err}\n"
+                "Give a local diffusers directory (with model_index.json) or a hub id that is in "
+                "the local cache or reachable from this machine."
+            ) from err
+        return cls(pipeline, device=device, dtype=torch_dtype, negative_prompt=negative_prompt, resolution=resolution)
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "float32",
+        negative_prompt: str | None = None,
+        resolution: int | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.negative_prompt = negative_prompt
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution or self.unet.config.sample_size * self.vae_scale_factor)
+        self.reference_unet: torch.nn.Module | None = None
+        self.lora_settings: LoRASettings | None = None
+        self._adapter_name: str | None = None
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+        pipeline.to(self.device)
+        if self.vae.dtype != self._vae_dtype():
+            self.vae.to(dtype=self._vae_dtype())
+
+    # ----------------------------------------------------------------------- loading helpers
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+
+    def _vae_dtype(self) -> torch.dtype:
+        if self.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            return torch.float32  # this VAE overflows in fp16: decode in fp32
+        return self.dtype
+
+    # ----------------------------------------------------------------------- shapes and noise
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent at ``resolution``."""
+        side = self.resolution // self.vae_scale_factor
+        return (int(self.unet.config.in_channels), side, side)
+
+    def schedule(self, num_inference_steps: int) -> DDIMSchedule:
+        """The model's DDIM schedule (from its own scheduler config)."""
+        return DDIMSchedule.from_config(self.pipeline.scheduler.config, num_inference_steps)
+
+    def initial_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """x_T ~ N(0, I), drawn exactly as the diffusers pipelines draw it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch_size, *self.latent_shape)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    # ----------------------------------------------------------------------- conditioning
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
+        """Encode prompts (and the negative prompt for classifier-free guidance)."""
+
+    @abstractmethod
+    def _added_cond_kwargs(self, cond: Conditioning, negative: bool) -> dict[str, Tensor] | None:
+        """Extra UNet conditions (SDXL: pooled text embeddings and time ids)."""
+
+    def _tokenize(self, tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> Tensor:
+        return tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=max_length or tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    # ----------------------------------------------------------------------- the UNet
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor | int,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        *,
+        reference: bool = False,
+    ) -> Tensor:
+        """The network's output at (x_t, t), with classifier-free guidance when scale > 1.
+
+        Guidance runs conditional and unconditional rows through ONE batched UNet call:
+        out = out_uncond + w * (out_cond - out_uncond). ``t`` is a scalar or one timestep per row.
+        ``reference=True`` evaluates the frozen reference model (adapters off) instead of the policy.
+        """
+        batch = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(batch) if t.ndim == 0 else t
+        if len(cond) != batch:
+            raise ValueError(f"conditioning has {len(cond)} rows but x_t has {batch}")
+        guided = guidance_scale > 1.0
+        if guided and not cond.has_negative:
+            raise ValueError("guidance_scale > 1 needs a conditioning encoded with its negative prompt")
+        if guided:
+            x_in = torch.cat([x_t, x_t])
+            t_in = torch.cat([t, t])
+            hidden = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+            neg, pos = self._added_cond_kwargs(cond, True), self._added_cond_kwargs(cond, False)
+            added = None if pos is None else {k: torch.cat([neg[k], pos[k]]) for k in pos}
+        else:
+            x_in, t_in, hidden = x_t, t, cond.prompt_embeds
+            added = self._added_cond_kwargs(cond, False)
+        unet = self.unet
+        with self.reference_model() if reference else contextlib.nullcontext():
+            if reference and self.reference_unet is not None:
+                unet = self.reference_unet
+            out = unet(
+                x_in.to(unet.conv_in.weight.dtype),
+                t_in,
+                encoder_hidden_states=hidden,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+        if guided:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return out
+
+    # ----------------------------------------------------------------------- the VAE
+    def decode(self, x0: Tensor) -> Tensor:
+        """Decode latents (e.g. an x0-prediction) to images in [-1, 1], shape (B, 3, H, W)."""
+        config = self.vae.config
+        latents = x0.to(self.vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        return images.clamp(-1, 1)
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Encode images in [-1, 1] to (scaled) latents, sampling the VAE posterior."""
+        posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            return ((latents - mean_t) * config.scaling_factor / std_t).to(self.dtype)
+        return (latents * config.scaling_factor).to(self.dtype)
+
+    # ----------------------------------------------------------------------- fine-tuning
+    def attach_lora(self, settings: LoRASettings, adapter_name: str = "spo") -> list[torch.nn.Parameter]:
+        """Add a trainable LoRA adapter (kept in fp32) to the UNet; returns its parameters."""
+        if self._adapter_name is not None or self.reference_unet is not None:
+            raise RuntimeError("this backbone is already set up for fine-tuning")
+        params = attach_lora(self.unet, settings, adapter_name=adapter_name)
+        self.lora_settings = settings
+        self._adapter_name = adapter_name
+        return params
+
+    def enable_full_finetuning(self) -> list[torch.nn.Parameter]:
+        """Make every UNet weight trainable and keep a frozen copy as the reference model."""
+        if self._adapter_name is not None or self.reference_unet is not None:
+            raise RuntimeError("this backbone is already set up for fine-tuning")
+        self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.unet.requires_grad_(True)
+        self.unet.to(torch.float32)
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[None]:
+        """Within this context ``predict`` is the frozen reference: LoRA adapters disabled."""
+        if self._adapter_name is None:
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """The adapter's weights with diffusers-format keys (as ``save_lora_weights`` takes them)."""
+        if self._adapter_name is None:
+            raise RuntimeError("no LoRA adapter is attached")
+        return lora_state_dict(self.unet, self._adapter_name)
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        type(self.pipeline).save_lora_weights(
+            save_directory=str(directory),
+            unet_lora_layers=self.lora_state_dict(),
+            safe_serialization=True,
+        )
+        return directory / "pytorch_lora_weights.safetensors"

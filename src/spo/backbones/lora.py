@@ -1,0 +1,75 @@
+"""LoRA adapters on the UNet through peft, in the diffusers LoRA format."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoRASettings:
+    """Rank r, scale alpha (None = r), target module names and initialisation of a LoRA adapter.
+
+    ``init="gaussian"`` draws A ~ N(0, 1/r) and sets B = 0 (the release's choice), so the adapted
+    UNet equals the base UNet at the start; ``"default"`` is peft's Kaiming-uniform A, zero B.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    init: str = "gaussian"
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: object) -> "LoRASettings":
+        return cls(
+            rank=config.rank,  # type: ignore[attr-defined]
+            alpha=config.alpha,  # type: ignore[attr-defined]
+            target_modules=list(config.target_modules),  # type: ignore[attr-defined]
+            init=config.init,  # type: ignore[attr-defined]
+            dropout=config.dropout,  # type: ignore[attr-defined]
+        )
+
+
+def attach_lora(
+    unet: torch.nn.Module, settings: LoRASettings, adapter_name: str = "spo"
+) -> list[torch.nn.Parameter]:
+    """Inject a LoRA adapter into ``unet``; only its weights are trainable, and kept in fp32."""
+    from peft import LoraConfig
+
+    init: bool | str = True if settings.init == "default" else settings.init
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
+        target_modules=list(settings.target_modules),
+        init_lora_weights=init,
+        lora_dropout=settings.dropout,
+    )
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(config, adapter_name=adapter_name)  # type: ignore[operator]
+    except ValueError as err:
+        raise ValueError(
+            f"LoRA targets {list(settings.target_modules)} matched no module of this UNet: {err}"
+        ) from err
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"LoRA targets {list(settings.target_modules)} matched no module of this UNet")
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "spo") -> dict[str, Tensor]:
+    """Adapter weights with diffusers-format keys, as ``save_lora_weights(unet_lora_layers=...)`` takes."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return convert_state_dict_to_diffusers(state)

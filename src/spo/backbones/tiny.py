@@ -1,0 +1,181 @@
+"""Tiny random-initialised SD-1.5- and SDXL-shaped pipelines, built offline.
+
+The same diffusers/transformers classes as the real models, a few hundred thousand parameters
+each, saved with ``save_pretrained`` so that tests and the demo load them through the real
+``from_pretrained`` path. The tokenizer is a byte-level CLIP BPE with no merges: every word is
+spelt in byte tokens, so any text tokenizes without a download.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, (chr(c) for c in chars)))
+
+
+def build_tokenizer(max_length: int = MAX_LENGTH) -> Any:
+    """A CLIPTokenizer over the 256 byte symbols (plus their end-of-word forms)."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
+    return tokenizer
+
+
+def _text_config(tokenizer: Any, hidden: int, projection: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=projection,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def _sd15_scheduler(kind: str = "pndm") -> Any:
+    """The SD-1.5 noise schedule; SD-1.5 on the hub ships a PNDM config, which DDIM reads."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if kind == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
+    return PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+
+
+def build_tiny_sd15(seed: int = 0, prediction_type: str = "epsilon") -> Any:
+    """A StableDiffusionPipeline with tiny random weights (32x32 images, 16x16x4 latents)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, projection=32))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = _sd15_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Any:
+    """A StableDiffusionXLPipeline with tiny random weights (two text encoders, text_time UNet)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokenizer_2 = build_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, projection=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden=32, projection=32))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 32,
+        norm_num_groups=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    )
+
+
+def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Build a tiny ``sd15`` or ``sdxl`` pipeline and ``save_pretrained`` it to ``directory``."""
+    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
+    if kind not in builders:
+        raise ValueError(f"unknown tiny pipeline {kind!r}; expected one of {sorted(builders)}")
+    directory = Path(directory)
+    builders[kind](seed=seed, **kwargs).save_pretrained(directory, safe_serialization=True)
+    return directory
