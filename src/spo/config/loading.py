@@ -1,0 +1,671 @@
+"""Loading, overriding, validating and saving :class:`~spo.config.schema.SPOConfig`.
+
+A configuration is built in layers, each applied over the previous one:
+
+1. the dataclass defaults (the SD-1.5 release values);
+2. a preset (``presets/<name>.yaml``) or a user YAML file; a user file may name
+   a starting point with a top-level ``preset: NAME`` key (a preset name, or a
+   path to another YAML file relative to the file itself);
+3. dotted command-line style overrides ``section.key=value``, in order, whose
+   values are parsed with :func:`yaml.safe_load`.
+
+Mappings are merged key by key: a YAML file only needs the values it changes.
+Every value is type-checked (and, where harmless, coerced) against the field
+annotations of the schema, unknown keys are rejected with suggestions, and the
+result is checked by :func:`validate`.  All problems found are reported
+together in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+from collections.abc import Hashable, Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .schema import SPOConfig
+
+__all__ = [
+    "ConfigError",
+    "available_presets",
+    "load_config",
+    "validate",
+    "config_to_dict",
+    "config_to_yaml",
+    "save_config",
+]
+
+_PRESET_PACKAGE = "spo.config"
+_PRESET_DIR = "presets"
+_YAML_SUFFIXES = (".yaml", ".yml")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: unknown key, wrong type or out-of-range value.
+
+    Attributes:
+        errors: The individual problems, one message each.  ``str(error)``
+            is the single message, or a numbered list when there are several.
+    """
+
+    def __init__(self, errors: str | Sequence[str]) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        if len(self.errors) == 1:
+            message = self.errors[0]
+        else:
+            lines = "\n".join(f"  - {e}" for e in self.errors)
+            message = f"invalid configuration ({len(self.errors)} problems):\n{lines}"
+        super().__init__(message)
+
+
+class _TypeMismatch(Exception):
+    """Internal: a value does not fit a field annotation (message included)."""
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _preset_root() -> Any:
+    return resources.files(_PRESET_PACKAGE).joinpath(_PRESET_DIR)
+
+
+def available_presets() -> list[str]:
+    """Return the names of the bundled presets (e.g. ``["sd15", "sdxl"]``), sorted."""
+    root = _preset_root()
+    names = [
+        entry.name.rsplit(".", 1)[0]
+        for entry in root.iterdir()
+        if entry.is_file() and entry.name.endswith(_YAML_SUFFIXES)
+    ]
+    return sorted(names)
+
+
+def _presets_hint() -> str:
+    presets = available_presets()
+    return "available presets: " + (", ".join(presets) if presets else "(none)")
+
+
+# --------------------------------------------------------------------------- schema introspection
+
+
+@lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of the dataclass ``cls``'s fields, in declaration order."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+@lru_cache(maxsize=None)
+def _all_keys(cls: type = SPOConfig, prefix: str = "") -> tuple[str, ...]:
+    """Every dotted key (sections and values) of the schema rooted at ``cls``."""
+    keys: list[str] = []
+    for name, tp in _field_types(cls).items():
+        path = _join(prefix, name)
+        keys.append(path)
+        if _is_section(tp):
+            keys.extend(_all_keys(tp, path))
+    return tuple(keys)
+
+
+def _quote_list(items: Sequence[str]) -> str:
+    quoted = [f"'{i}'" for i in items]
+    if len(quoted) == 1:
+        return quoted[0]
+    return "one of " + ", ".join(quoted)
+
+
+def _unknown_key_message(cls: type, key: str, prefix: str) -> str:
+    """Message for ``key`` not being a field of section ``cls`` (at ``prefix``)."""
+    full = _join(prefix, key)
+    names = list(_field_types(cls))
+    suggestions = [_join(prefix, m) for m in difflib.get_close_matches(key, names, n=3)]
+    if not suggestions:
+        # The right name in the wrong section (``pools.lr``), or a value key used
+        # at the top level (``threshold``).
+        suggestions = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == key and k != full]
+    if not suggestions:
+        # A misspelt value key in the wrong place (``treshold`` at the top level).
+        suggestions = [
+            k for k in _all_keys()
+            if difflib.get_close_matches(key, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8)
+        ][:3]
+    message = f"unknown config key '{full}'"
+    if suggestions:
+        return f"{message}; did you mean {_quote_list(suggestions)}?"
+    where = f"section '{prefix}'" if prefix else "the top level"
+    return f"{message}; valid keys in {where} are: {', '.join(names)}"
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _show(value: Any) -> str:
+    """``'four' (str)``-style rendering of a received value."""
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _type_name(tp: Any) -> str:
+    """Human-readable name of an annotation."""
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return repr(tp).replace("typing.", "")
+    if isinstance(tp, type):
+        return tp.__name__
+    return repr(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str, lenient: bool = True) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it in canonical form.
+
+    Ints are accepted for floats (and converted), lists for tuples.  With
+    ``lenient`` (parsing), strings such as ``"6e-5"`` -- which PyYAML's YAML 1.1
+    resolver leaves as strings -- are accepted for floats.  Booleans are never
+    accepted as numbers and numbers never as booleans.
+
+    Raises:
+        _TypeMismatch: with a message naming ``key``, the expected type and
+            the value received.
+    """
+
+    def mismatch(extra: str = "") -> _TypeMismatch:
+        return _TypeMismatch(f"{key} must be {_type_name(tp)}, got {_show(value)}{extra}")
+
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise mismatch()
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _coerce(value, option, key, lenient)
+            except _TypeMismatch as exc:
+                if len(options) == 1:
+                    # Keep the precise message (e.g. Literal choices), noting null.
+                    raise _TypeMismatch(f"{exc} (null is also allowed)") from None
+        raise mismatch()
+    if origin is Literal:
+        allowed = get_args(tp)
+        for choice in allowed:
+            if type(value) is type(choice) and value == choice:
+                return choice
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+        raise mismatch(hint)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise mismatch()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise mismatch()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if lenient and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        raise mismatch()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        hint = " (quote it to pass it as a string)" if isinstance(value, (int, float, bool)) else ""
+        raise mismatch(hint)
+    if origin is list:
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise mismatch()
+        return [_coerce(v, item_tp, f"{key}[{i}]", lenient) for i, v in enumerate(value)]
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise mismatch()
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                raise mismatch(f" with {len(value)} item(s) instead of {len(args)}")
+            item_types = list(args)
+        return tuple(
+            _coerce(v, t, f"{key}[{i}]", lenient) for i, (v, t) in enumerate(zip(value, item_types))
+        )
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for config key {key!r}")  # schema bug
+
+
+def _str_accepted(tp: Any) -> bool:
+    """Whether ``tp`` is ``str`` or ``str | None``."""
+    if tp is str:
+        return True
+    if get_origin(tp) in (Union, types.UnionType):
+        return str in get_args(tp)
+    return False
+
+
+# --------------------------------------------------------------------------- applying layers
+
+
+def _apply_mapping(
+    section: Any, mapping: Mapping[Any, Any], prefix: str, errors: list[str], context: str
+) -> None:
+    """Merge ``mapping`` into the dataclass instance ``section`` in place.
+
+    Problems are appended to ``errors`` (prefixed by ``context``); a value that
+    fails its type check leaves the field unchanged.
+    """
+    types_ = _field_types(type(section))
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            errors.append(f"{context}config keys must be strings, got {_show(key)} in "
+                          f"{f'section {prefix!r}' if prefix else 'the top level'}")
+            continue
+        path = _join(prefix, key)
+        if key not in types_:
+            errors.append(context + _unknown_key_message(type(section), key, prefix))
+            continue
+        tp = types_[key]
+        if _is_section(tp):
+            if value is None:  # an empty section in YAML (``pools:`` with nothing below)
+                continue
+            if not isinstance(value, Mapping):
+                errors.append(f"{context}config section '{path}' must be a mapping of keys "
+                              f"to values, got {_show(value)}")
+                continue
+            _apply_mapping(getattr(section, key), value, path, errors, context)
+            continue
+        try:
+            setattr(section, key, _coerce(value, tp, path))
+        except _TypeMismatch as exc:
+            errors.append(f"{context}{exc}")
+
+
+def _apply_override(config: SPOConfig, text: str, errors: list[str]) -> None:
+    """Apply one ``section.key=value`` override to ``config`` in place."""
+    if not isinstance(text, str) or "=" not in text:
+        errors.append(f"invalid override {text!r}: expected the form 'section.key=value', "
+                      "e.g. 'pools.k=4' or 'objective.eps=null'")
+        return
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p.strip() for p in parts):
+        errors.append(f"invalid override {text!r}: the key before '=' must be a dotted "
+                      "name such as 'pools.k'")
+        return
+    parts = [p.strip() for p in parts]
+    context = f"override {text!r}: "
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        errors.append(f"{context}cannot parse value {raw!r} as YAML ({problem})")
+        return
+
+    section: Any = config
+    prefix = ""
+    for i, part in enumerate(parts):
+        types_ = _field_types(type(section))
+        if part not in types_:
+            errors.append(context + _unknown_key_message(type(section), part, prefix))
+            return
+        tp = types_[part]
+        path = _join(prefix, part)
+        last = i == len(parts) - 1
+        if _is_section(tp):
+            if last:
+                if not isinstance(value, Mapping):
+                    errors.append(f"{context}config section '{path}' must be a mapping of "
+                                  f"keys to values, got {_show(value)}; set one value with "
+                                  f"'{path}.KEY=VALUE'")
+                else:
+                    _apply_mapping(getattr(section, part), value, path, errors, context)
+                return
+            section = getattr(section, part)
+            prefix = path
+            continue
+        if not last:
+            errors.append(f"{context}'{path}' is a value, not a section, so '{key}' "
+                          "does not exist")
+            return
+        if _str_accepted(tp) and value is not None and not isinstance(value, str):
+            # ``model.revision=0123``, ``sampling.negative_prompt=no`` or
+            # ``data.prompts=a: b.txt``: the user typed a string that YAML would
+            # turn into a number, bool or mapping.  Only ``null`` stays special.
+            value = raw.strip()
+        try:
+            setattr(section, part, _coerce(value, tp, path))
+        except _TypeMismatch as exc:
+            errors.append(f"{context}{exc}")
+        return
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects duplicate keys in a mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark,
+            )
+        seen[key] = None
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _parse_yaml(text: str, label: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse {label} as YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must contain a mapping of config sections at the top "
+                          f"level, got {_show(data)}")
+    return data
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.endswith(_YAML_SUFFIXES)
+        or "/" in source
+        or "\\" in source
+        or source.startswith(".")
+    )
+
+
+def _load_layers(
+    source: str | Path, base_dir: Path | None, seen: tuple[str, ...]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Resolve ``source`` into ``(label, mapping)`` layers, outermost preset first."""
+    if isinstance(source, str) and not _looks_like_path(source) and source in available_presets():
+        label = f"preset '{source}'"
+        text = _preset_root().joinpath(f"{source}.yaml").read_text(encoding="utf-8")
+        identity = f"preset:{source}"
+    else:
+        path = Path(source).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        if not path.is_file():
+            if isinstance(source, str) and not _looks_like_path(source):
+                raise ConfigError(f"unknown preset '{source}' (and no such file); "
+                                  f"{_presets_hint()}")
+            raise ConfigError(f"config file '{path}' does not exist; {_presets_hint()}, "
+                              "or give the path of a YAML file")
+        label = f"config file '{path}'"
+        text = path.read_text(encoding="utf-8")
+        identity = str(path.resolve())
+        base_dir = path.parent
+    if identity in seen:
+        chain = " -> ".join(seen + (identity,))
+        raise ConfigError(f"circular 'preset' references: {chain}")
+
+    data = _parse_yaml(text, label)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if "preset" in data:
+        base = data.pop("preset")
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"'preset' in {label} must be a preset name or a YAML path, got "
+                              f"{_show(base)}; {_presets_hint()}")
+        if not _looks_like_path(base) and base not in available_presets():
+            raise ConfigError(f"unknown preset '{base}' named in {label}; {_presets_hint()}")
+        layers.extend(_load_layers(base, base_dir, seen + (identity,)))
+    layers.append((label, data))
+    return layers
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> SPOConfig:
+    """Build, check and return an :class:`SPOConfig`.
+
+    Args:
+        source: A preset name (see :func:`available_presets`), the path of a
+            YAML file, or ``None`` for the dataclass defaults.  A YAML file may
+            start from a preset with a top-level ``preset: NAME`` key; its
+            sections are merged key by key over that starting point.
+        overrides: ``"section.key=value"`` strings applied in order after the
+            file; values are parsed with :func:`yaml.safe_load`, so
+            ``objective.eps=null``, ``lora.target_modules=[to_q,to_k]`` and
+            ``optimizer.betas=[0.9,0.99]`` work.
+
+    Raises:
+        ConfigError: For an unknown preset or missing file, unparsable YAML,
+            unknown keys, wrongly typed values or values that fail
+            :func:`validate`; all key/type/value problems are listed together.
+    """
+    if isinstance(overrides, str):  # a lone string would be iterated char by char
+        overrides = [overrides]
+    config = SPOConfig()
+    errors: list[str] = []
+    if source is not None:
+        for label, data in _load_layers(source, None, ()):
+            _apply_mapping(config, data, "", errors, f"{label}: ")
+    for text in overrides:
+        _apply_override(config, text, errors)
+    errors.extend(_problems(config))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_problems(obj: Any, cls: type, prefix: str) -> list[str]:
+    """Strict type check of an already-built config (e.g. constructed in code)."""
+    if not isinstance(obj, cls):
+        return [f"{prefix or 'config'} must be a {cls.__name__}, got {_show(obj)}"]
+    problems: list[str] = []
+    for name, tp in _field_types(cls).items():
+        path = _join(prefix, name)
+        value = getattr(obj, name)
+        if _is_section(tp):
+            problems.extend(_type_problems(value, tp, path))
+            continue
+        try:
+            _coerce(value, tp, path, lenient=False)
+        except _TypeMismatch as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _value_problems(c: SPOConfig) -> list[str]:
+    """Range and consistency rules; assumes every field is well typed."""
+    problems: list[str] = []
+
+    def rule(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    m, s, p, o, opt, lo, tr, lg, ev = (
+        c.model, c.sampling, c.pools, c.objective, c.optimizer, c.lora, c.train, c.logging, c.eval
+    )
+    rule(c.seed >= 0, f"seed must be >= 0, got {c.seed!r}")
+
+    rule(m.resolution > 0 and m.resolution % 8 == 0,
+         f"model.resolution must be a positive multiple of 8 (the VAE downsampling "
+         f"factor), got {m.resolution!r}")
+
+    rule(s.num_inference_steps >= 1,
+         f"sampling.num_inference_steps must be >= 1, got {s.num_inference_steps!r}")
+    rule(s.num_train_timesteps >= 1,
+         f"sampling.num_train_timesteps must be >= 1, got {s.num_train_timesteps!r}")
+    rule(s.num_inference_steps <= s.num_train_timesteps,
+         f"sampling.num_inference_steps ({s.num_inference_steps}) must not exceed "
+         f"sampling.num_train_timesteps ({s.num_train_timesteps})")
+    rule(s.eta >= 0, f"sampling.eta must be >= 0, got {s.eta!r}")
+    rule(s.guidance_scale > 0,
+         f"sampling.guidance_scale must be > 0 (1.0 = no guidance), got {s.guidance_scale!r}")
+
+    rule(p.k >= 2, f"pools.k must be >= 2 (a candidate pool needs at least two candidates "
+                   f"to form a win/lose pair), got {p.k!r}")
+    rule(0 <= p.threshold < 1,
+         f"pools.threshold must satisfy 0 <= threshold < 1 (it is a gap between softmax "
+         f"probabilities), got {p.threshold!r}")
+    rule(p.inner_steps >= 1,
+         f"pools.inner_steps must be >= 1 (1 = plain SPO), got {p.inner_steps!r}")
+    rule(p.inner_steps <= s.num_inference_steps,
+         f"pools.inner_steps ({p.inner_steps}) must not exceed "
+         f"sampling.num_inference_steps ({s.num_inference_steps})")
+    rule(0 <= p.divert_start_step < s.num_inference_steps,
+         f"pools.divert_start_step must satisfy 0 <= divert_start_step < "
+         f"sampling.num_inference_steps ({s.num_inference_steps}), got {p.divert_start_step!r}")
+    if p.kappa is not None:
+        rule(0 <= p.kappa <= s.num_train_timesteps - 1,
+             f"pools.kappa={p.kappa!r} is beyond the schedule: it must be in "
+             f"[0, sampling.num_train_timesteps - 1] = [0, {s.num_train_timesteps - 1}]")
+
+    rule(c.preference.time_frequencies >= 1,
+         f"preference.time_frequencies must be >= 1, got {c.preference.time_frequencies!r}")
+
+    rule(o.beta > 0, f"objective.beta must be > 0, got {o.beta!r}")
+    if o.eps is not None:
+        rule(0 < o.eps < 1,
+             f"objective.eps must be null (no clamp) or satisfy 0 < eps < 1, got {o.eps!r}")
+
+    rule(opt.lr > 0, f"optimizer.lr must be > 0, got {opt.lr!r}")
+    rule(all(0 <= b < 1 for b in opt.betas),
+         f"optimizer.betas must both satisfy 0 <= beta < 1, got {list(opt.betas)!r}")
+    rule(opt.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {opt.weight_decay!r}")
+    rule(opt.eps > 0, f"optimizer.eps must be > 0, got {opt.eps!r}")
+    if opt.max_grad_norm is not None:
+        rule(opt.max_grad_norm > 0,
+             f"optimizer.max_grad_norm must be null (no clipping) or > 0, got "
+             f"{opt.max_grad_norm!r}")
+    rule(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps!r}")
+
+    rule(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank!r}")
+    if lo.alpha is not None:
+        rule(lo.alpha > 0, f"lora.alpha must be null (= rank) or > 0, got {lo.alpha!r}")
+    rule(len(lo.target_modules) >= 1 and all(lo.target_modules),
+         f"lora.target_modules must be a non-empty list of module names, got "
+         f"{lo.target_modules!r}")
+    rule(0 <= lo.dropout < 1, f"lora.dropout must satisfy 0 <= dropout < 1, got {lo.dropout!r}")
+
+    for name in ("rounds", "prompts_per_round", "batch_size", "gradient_accumulation_steps",
+                 "epochs_per_round"):
+        value = getattr(tr, name)
+        rule(value >= 1, f"train.{name} must be >= 1, got {value!r}")
+
+    rule(lg.log_every >= 1, f"logging.log_every must be >= 1, got {lg.log_every!r}")
+    rule(lg.checkpoint_every >= 1,
+         f"logging.checkpoint_every must be >= 1, got {lg.checkpoint_every!r}")
+    rule(lg.sample_every >= 0,
+         f"logging.sample_every must be >= 0 (0 = off), got {lg.sample_every!r}")
+
+    rule(ev.seeds >= 1, f"eval.seeds must be >= 1, got {ev.seeds!r}")
+    if ev.guidance_scale is not None:
+        rule(ev.guidance_scale > 0,
+             f"eval.guidance_scale must be null (= sampling.guidance_scale) or > 0, got "
+             f"{ev.guidance_scale!r}")
+    return problems
+
+
+def _problems(config: SPOConfig) -> list[str]:
+    type_problems = _type_problems(config, SPOConfig, "")
+    if type_problems:
+        return type_problems
+    return _value_problems(config)
+
+
+def validate(config: SPOConfig) -> None:
+    """Check types and value ranges of ``config`` without loading any model.
+
+    Raises:
+        ConfigError: listing every problem found (each names the dotted key
+            and the rule it breaks).
+    """
+    problems = _problems(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Safe YAML dumper writing sections in block style and lists inline."""
+
+
+_ConfigDumper.add_representer(
+    list,
+    lambda dumper, data: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", data, flow_style=True
+    ),
+)
+
+
+def config_to_dict(config: SPOConfig) -> dict[str, Any]:
+    """Return ``config`` as nested plain dicts/lists/scalars (tuples become lists)."""
+    return _plain(config)
+
+
+def config_to_yaml(config: SPOConfig) -> str:
+    """Return ``config`` as YAML, sections and keys in declaration order.
+
+    The text loads back with :func:`load_config` to an equal object.
+    """
+    return yaml.dump(
+        config_to_dict(config),
+        Dumper=_ConfigDumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+    )
+
+
+def save_config(config: SPOConfig, path: str | Path) -> Path:
+    """Write ``config`` as YAML to ``path`` (creating parent folders); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(config), encoding="utf-8")
+    return path

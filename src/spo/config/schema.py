@@ -1,0 +1,363 @@
+"""Typed configuration schema for SPO post-training.
+
+Every section of the configuration is a plain dataclass whose defaults are the
+values of the SD-1.5 release of *Step-by-step Preference Optimization* (SPO),
+unless a field's documentation says otherwise.  The classes hold data only:
+parsing, type coercion and validation live in :mod:`spo.config.loading`, which
+reads the field annotations declared here, so the annotations are part of the
+contract (``X | None``, ``Literal[...]``, ``int``, ``float``, ``bool``,
+``str``, ``list[str]`` and ``tuple[float, float]`` are understood).
+
+Vocabulary (from the paper):
+
+* *candidate pool* -- at a sampling step ``t`` the shared noisy latent ``x_t``
+  is branched into ``k`` candidates ``x_{t-1}`` sampled from the current policy;
+* *step-aware preference model* (SPM) -- a scorer that ranks the noisy
+  candidates directly, conditioned on the timestep;
+* *win / lose sample* -- the best and worst candidate of a pool, whose
+  log-probability ratios against the frozen reference model enter the
+  DPO-style SPO objective with temperature ``beta``;
+* *resampling* -- the candidate from which the trajectory continues to the next
+  step (``random``, ``win`` or ``lose``);
+* *MSPO* -- the multi-step variant that scores a pool after ``j`` inner steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "Backbone",
+    "DType",
+    "ModelConfig",
+    "DataConfig",
+    "SamplingConfig",
+    "PoolsConfig",
+    "PreferenceConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+    "LoRAConfig",
+    "TrainConfig",
+    "LoggingConfig",
+    "EvalConfig",
+    "SPOConfig",
+]
+
+Backbone = Literal["sd15", "sdxl"]
+"""Supported diffusion backbones."""
+
+DType = Literal["float32", "float16", "bfloat16"]
+"""Names of the torch dtypes a frozen network may be stored in."""
+
+
+def _default_lora_targets() -> list[str]:
+    return ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class ModelConfig:
+    """The diffusion backbone being post-trained.
+
+    Attributes:
+        backbone: Which architecture ``pretrained`` is (``"sd15"`` or ``"sdxl"``).
+        pretrained: Local diffusers pipeline directory or Hugging Face hub id.
+        revision: Hub revision (branch, tag or commit) of ``pretrained``.
+        variant: Weight-file variant of ``pretrained`` (e.g. ``"fp16"``).
+        vae: Optional replacement VAE (directory or hub id), e.g. the fp16-safe
+            ``"madebyollin/sdxl-vae-fp16-fix"`` used by the SDXL preset.
+        dtype: Dtype in which the frozen weights (VAE, text encoders, the base
+            UNet under LoRA, the reference UNet) are held.
+        device: Torch device string; ``None`` picks ``cuda`` when available,
+            else ``cpu``.
+        resolution: Side length in pixels of generated images (512 for SD-1.5,
+            1024 for SDXL); must be a multiple of 8 (the VAE factor).
+        finetune: ``"lora"`` trains low-rank adapters on the UNet attention
+            projections (the reference model is the UNet with adapters
+            disabled); ``"full"`` fine-tunes every UNet weight against a
+            frozen reference copy.
+        gradient_checkpointing: Recompute UNet activations in the backward
+            pass to save memory.
+    """
+
+    backbone: Backbone = "sd15"
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    variant: str | None = None
+    vae: str | None = None
+    dtype: DType = "float32"
+    device: str | None = None
+    resolution: int = 512
+    finetune: Literal["lora", "full"] = "lora"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training prompts.
+
+    Attributes:
+        prompts: Path of the training prompt file: either plain text with one
+            prompt per line, or a JSON list of strings.  ``None`` leaves the
+            choice to the caller (e.g. a built-in prompt set).
+    """
+
+    prompts: str | None = None
+
+
+@dataclass
+class SamplingConfig:
+    """The DDIM sampler that generates the training trajectories.
+
+    Attributes:
+        num_inference_steps: Number of DDIM denoising steps per trajectory.
+        eta: DDIM stochasticity; ``1.0`` makes every step a Gaussian policy
+            with non-zero variance, which the SPO log-probabilities require.
+        guidance_scale: Classifier-free guidance weight (``1.0`` disables
+            guidance).
+        negative_prompt: Unconditional prompt for CFG.  ``None`` keeps the
+            pipeline's default: the empty string for SD-1.5, zero embeddings
+            for SDXL when its ``force_zeros_for_empty_prompt`` is set.
+        num_train_timesteps: Length of the diffusion schedule the backbone was
+            trained with; used to validate ``pools.kappa`` before any model is
+            loaded.
+    """
+
+    num_inference_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    negative_prompt: str | None = None
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class PoolsConfig:
+    """Candidate pools: where the trajectory branches and how pairs are made.
+
+    Attributes:
+        k: Number of candidates ``x_{t-1}`` sampled from the shared ``x_t`` in
+            each pool (4 for SD-1.5, 2 for SDXL).
+        divert_start_step: Index of the first sampling step that draws a pool;
+            the earlier steps are plain DDIM.  The release uses 4 of 20 steps,
+            i.e. pools are drawn for ``t <= 751``.
+        kappa: The paper's ``kappa``: when set, pools are drawn at every step
+            whose timestep satisfies ``t <= kappa``, overriding
+            ``divert_start_step``.
+        threshold: Tie threshold.  A pool is used for training only if the
+            softmax (over the pool) of the best score minus that of the worst
+            score exceeds this value (0.3 for SD-1.5, 0.4 for SDXL).
+        inner_steps: MSPO ``j``: number of denoising steps from ``x_t`` before
+            the candidates are scored, counting the branching step itself as in
+            the CVPR paper.  ``1`` is plain SPO; the SDXL release uses 4 (its
+            ``num_inner_step=3`` plus the branching step); the arXiv version's
+            count of 3 is reached by setting 3.
+        resampler: Which candidate the trajectory continues from:
+            ``"random"`` (the paper's choice), the ``"win"`` or the ``"lose"``
+            sample.
+        pair: How the training pair is chosen within a pool: the best and the
+            worst candidate (``"best_worst"``) or two random distinct ones
+            ordered by score (``"random"``).
+    """
+
+    k: int = 4
+    divert_start_step: int = 4
+    kappa: int | None = None
+    threshold: float = 0.3
+    inner_steps: int = 1
+    resampler: Literal["random", "win", "lose"] = "random"
+    pair: Literal["best_worst", "random"] = "best_worst"
+
+
+@dataclass
+class PreferenceConfig:
+    """The step-aware preference model (SPM) that ranks noisy candidates.
+
+    Attributes:
+        pretrained: CLIPModel directory or hub id the SPM is built on
+            (PickScore).
+        processor: CLIP processor / tokenizer directory or hub id.
+        checkpoint: Optional path of a released SPM state dict loaded over
+            ``pretrained``.
+        variant: ``"step_aware"`` scores the noisy ``x_{t-1}`` conditioned on
+            ``t`` (the SPM); ``"step_agnostic"`` scores the noisy sample
+            without timestep conditioning; ``"clean"`` scores the predicted
+            clean image ``x_0`` with the plain preference model.
+        dtype: Dtype of the (frozen) preference model weights.
+        time_frequencies: Number of sinusoidal frequencies of the timestep
+            embedding of the step-aware model.
+    """
+
+    pretrained: str = "yuvalkirstain/PickScore_v1"
+    processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    checkpoint: str | None = None
+    variant: Literal["step_aware", "step_agnostic", "clean"] = "step_aware"
+    dtype: DType = "float32"
+    time_frequencies: int = 256
+
+
+@dataclass
+class ObjectiveConfig:
+    """The SPO training objective.
+
+    Attributes:
+        name: Objective identifier (only ``"spo"``).
+        beta: Temperature ``beta`` of the DPO-style loss on the win/lose
+            log-probability ratios.
+        eps: Clamp of the policy/reference probability ratio to
+            ``[1 - eps, 1 + eps]``; ``None`` disables clamping.
+        logprob_reduction: How per-element Gaussian log-probabilities of a
+            step are reduced over latent dimensions (``"mean"`` as in the
+            release, or ``"sum"``).
+        cfg: Apply classifier-free guidance inside the policy/reference
+            log-probability model during training, matching how the samples
+            were generated.
+    """
+
+    name: Literal["spo"] = "spo"
+    beta: float = 10.0
+    eps: float | None = 0.1
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    cfg: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW optimiser and learning-rate schedule.
+
+    Attributes:
+        lr: Learning rate (6e-5 for SD-1.5, 1e-5 for SDXL).
+        betas: AdamW ``(beta1, beta2)``.
+        weight_decay: AdamW decoupled weight decay.
+        eps: AdamW epsilon.
+        max_grad_norm: Gradient-norm clipping threshold; ``None`` disables it.
+        lr_scheduler: Learning-rate schedule.
+        warmup_steps: Optimiser steps of linear warm-up (for schedules that
+            use it).
+    """
+
+    lr: float = 6e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the UNet (used when ``model.finetune == "lora"``).
+
+    Attributes:
+        rank: Adapter rank ``r`` (4 for SD-1.5, 64 for SDXL).
+        alpha: Adapter scaling ``alpha`` (the update is scaled by
+            ``alpha / rank``); ``None`` means ``alpha = rank``.
+        target_modules: Names of the UNet linear layers that receive adapters.
+        init: Initialisation of the adapter weights: ``"gaussian"`` (A drawn
+            from a Gaussian, B zero) or ``"default"`` (the library's
+            Kaiming-uniform A, B zero).  Both start at the pretrained model.
+        dropout: Dropout probability on the adapter input.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: list[str] = field(default_factory=_default_lora_targets)
+    init: Literal["gaussian", "default"] = "gaussian"
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The outer sample-then-train loop.
+
+    Attributes:
+        rounds: Number of sampling rounds; each samples trajectories with
+            candidate pools, then trains on the retained pairs.  The SD-1.5
+            release is about 10 epochs over 4k prompts at 40 prompts per round.
+        prompts_per_round: Prompts sampled per process per round (10 for
+            SD-1.5, 2 for SDXL).
+        batch_size: Pairs per training micro-batch (10 for SD-1.5, 2 for SDXL).
+        gradient_accumulation_steps: Micro-batches accumulated per optimiser
+            step (1 for SD-1.5, 2 for SDXL).
+        epochs_per_round: Passes over a round's pairs before sampling again.
+        mixed_precision: Autocast mode of the trainable network.
+    """
+
+    rounds: int = 1000
+    prompts_per_round: int = 10
+    batch_size: int = 10
+    gradient_accumulation_steps: int = 1
+    epochs_per_round: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics, checkpoints and preview samples.
+
+    Attributes:
+        log_every: Log training metrics every this many rounds.
+        checkpoint_every: Save a checkpoint every this many rounds.
+        tensorboard: Write TensorBoard event files.
+        wandb: Log to Weights & Biases.
+        wandb_project: Weights & Biases project name.
+        sample_every: Generate preview images every this many rounds
+            (``0`` disables previews).
+    """
+
+    log_every: int = 1
+    checkpoint_every: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "spo"
+    sample_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a trained model.
+
+    Attributes:
+        prompts: Path of the evaluation prompt file (same formats as
+            ``data.prompts``).
+        seeds: Number of seeds (images) per evaluation prompt.
+        guidance_scale: CFG weight for evaluation; ``None`` uses
+            ``sampling.guidance_scale``.
+    """
+
+    prompts: str | None = None
+    seeds: int = 3
+    guidance_scale: float | None = None
+
+
+@dataclass
+class SPOConfig:
+    """Complete configuration of an SPO run.
+
+    Attributes:
+        seed: Global random seed.
+        model: The diffusion backbone (:class:`ModelConfig`).
+        data: Training prompts (:class:`DataConfig`).
+        sampling: The DDIM sampler (:class:`SamplingConfig`).
+        pools: Candidate pools (:class:`PoolsConfig`).
+        preference: The step-aware preference model (:class:`PreferenceConfig`).
+        objective: The SPO loss (:class:`ObjectiveConfig`).
+        optimizer: AdamW and LR schedule (:class:`OptimizerConfig`).
+        lora: Low-rank adapters (:class:`LoRAConfig`).
+        train: The sample-then-train loop (:class:`TrainConfig`).
+        logging: Metrics and checkpoints (:class:`LoggingConfig`).
+        eval: Evaluation (:class:`EvalConfig`).
+    """
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
