@@ -1,0 +1,40 @@
+"""Prompt lists: a text file with one prompt per line, or a JSON list of strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class PromptsError(ValueError):
+    """A prompts file is missing, unreadable, empty or malformed."""
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Read prompts from ``path``: a ``.json`` file holding a list of strings, else one per line.
+
+    Blank lines are skipped. Any problem raises :class:`PromptsError` naming the file.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise PromptsError(f"prompts file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise PromptsError(f"prompts file {str(p)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptsError(f"prompts file {str(p)!r} could not be read: {err}") from err
+    stripped = text.lstrip()
+    if p.suffix.lower() == ".json" or stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PromptsError(f"prompts file {str(p)!r} is not valid JSON: {err}") from err
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise PromptsError(f"prompts file {str(p)!r} must hold a JSON list of strings")
+        prompts = [x.strip() for x in data if x.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptsError(f"prompts file {str(p)!r} holds no prompt")
+    return prompts

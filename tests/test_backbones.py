@@ -1,0 +1,245 @@
+"""Backbones on tiny random SD-1.5 / SDXL pipelines loaded from disk, against diffusers' own pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from spo.backbones import (
+    Backbone,
+    BackboneLoadError,
+    Conditioning,
+    LoRASettings,
+    SD15Backbone,
+    SDXLBackbone,
+)
+from spo.sampling import ddim_sample
+
+PROMPTS = ["a red circle on a blue background", "two green squares"]
+CLASSES = {"sd15": (SD15Backbone, StableDiffusionPipeline), "sdxl": (SDXLBackbone, StableDiffusionXLPipeline)}
+
+
+def _load(kind: str, path: Path, **kwargs: object) -> Backbone:
+    return CLASSES[kind][0].from_pretrained(str(path), device="cpu", **kwargs)  # type: ignore[attr-defined]
+
+
+def _diffusers_pipeline(kind: str, path: Path):  # noqa: ANN202
+    pipe = CLASSES[kind][1].from_pretrained(str(path))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("eta,guidance", [(1.0, 5.0), (0.0, 1.0)])
+def test_ddim_sampling_reproduces_diffusers_pipeline(tiny_path: tuple[str, Path], eta: float, guidance: float) -> None:
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    latents = backbone.initial_latents(2, torch.Generator().manual_seed(1))
+    ours = ddim_sample(
+        backbone, PROMPTS, num_inference_steps=10, eta=eta, guidance_scale=guidance,
+        latents=latents, generator=torch.Generator().manual_seed(7),
+    )
+    pipe = _diffusers_pipeline(kind, path)
+    common = dict(num_inference_steps=10, guidance_scale=guidance, eta=eta, height=32, width=32)
+    ref = pipe(PROMPTS, latents=latents.clone(), generator=torch.Generator().manual_seed(7), output_type="latent", **common).images
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # decoding matches the pipeline's images too ([0, 1] there, [-1, 1] here)
+    images = pipe(PROMPTS, latents=latents.clone(), generator=torch.Generator().manual_seed(7), output_type="pt", **common).images
+    torch.testing.assert_close((backbone.decode(ours) + 1) / 2, images, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(ours[0], ours[1])
+
+
+def test_initial_latents_and_shape(tiny_path: tuple[str, Path]) -> None:
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    assert backbone.latent_shape == (4, 16, 16)
+    a = backbone.initial_latents(3, torch.Generator().manual_seed(5))
+    b = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+
+
+def test_guidance_is_one_batched_call(tiny_path: tuple[str, Path]) -> None:
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    cond = backbone.encode_prompts(PROMPTS)
+    x = torch.randn(2, *backbone.latent_shape)
+    calls: list[int] = []
+    handle = backbone.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    guided = backbone.predict(x, 501, cond, guidance_scale=5.0)
+    handle.remove()
+    assert calls == [4]  # uncond and cond rows in one call
+    # independent reference: two separate passes, combined by hand
+    uncond = Conditioning(
+        prompt_embeds=cond.negative_prompt_embeds, pooled=cond.negative_pooled, time_ids=cond.negative_time_ids
+    )
+    e_u = backbone.predict(x, 501, uncond, guidance_scale=1.0)
+    e_c = backbone.predict(x, 501, cond, guidance_scale=1.0)
+    torch.testing.assert_close(guided, e_u + 5.0 * (e_c - e_u), rtol=1e-4, atol=1e-5)
+
+
+def test_per_row_timesteps(tiny_path: tuple[str, Path]) -> None:
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    cond = backbone.encode_prompts(PROMPTS)
+    x = torch.randn(2, *backbone.latent_shape)
+    batched = backbone.predict(x, torch.tensor([901, 101]), cond, guidance_scale=5.0)
+    for i, t in enumerate([901, 101]):
+        row = backbone.predict(x[i : i + 1], t, cond.index([i]), guidance_scale=5.0)
+        torch.testing.assert_close(batched[i : i + 1], row, rtol=1e-4, atol=1e-5)
+
+
+def test_conditioning_index_repeat_cat(tiny_sdxl_path: Path) -> None:
+    backbone = _load("sdxl", tiny_sdxl_path)
+    cond = backbone.encode_prompts(PROMPTS)
+    rep = cond.repeat_interleave(3)
+    assert len(rep) == 6 and rep.pooled is not None and rep.time_ids is not None
+    torch.testing.assert_close(rep.index([3]).prompt_embeds, cond.index([1]).prompt_embeds)
+    both = Conditioning.cat([cond.index([1]), cond.index([0])])
+    torch.testing.assert_close(both.pooled, cond.pooled.flip(0))
+    with pytest.raises(ValueError, match="rows"):
+        backbone.predict(torch.randn(3, 4, 16, 16), 1, cond, 5.0)
+
+
+def test_sdxl_conditioning_details(tiny_sdxl_path: Path) -> None:
+    backbone = _load("sdxl", tiny_sdxl_path)
+    cond = backbone.encode_prompts(PROMPTS)
+    assert cond.prompt_embeds.shape == (2, 77, 64)  # both encoders' penultimate states
+    assert cond.pooled.shape == (2, 32)
+    assert cond.time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    assert float(cond.negative_prompt_embeds.abs().max()) == 0.0  # force_zeros_for_empty_prompt
+    explicit = _load("sdxl", tiny_sdxl_path, negative_prompt="blurry").encode_prompts(PROMPTS)
+    assert float(explicit.negative_prompt_embeds.abs().max()) > 0.0
+
+
+def test_sd15_negative_prompt_is_empty_string(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path)
+    cond = backbone.encode_prompts(PROMPTS)
+    empty = backbone.encode_prompts([""], with_negative=False)
+    torch.testing.assert_close(cond.negative_prompt_embeds[1:], empty.prompt_embeds)
+    assert backbone.encode_prompts(PROMPTS, with_negative=False).negative_prompt_embeds is None
+
+
+def test_lora_identity_at_init_then_reference_is_base(tiny_path: tuple[str, Path]) -> None:
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    cond = backbone.encode_prompts(PROMPTS)
+    x = torch.randn(2, *backbone.latent_shape)
+    base = backbone.predict(x, 501, cond, 5.0)
+    params = backbone.attach_lora(LoRASettings(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    names = [n for n, p in backbone.unet.named_parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n in names) and len(names) == len(params)
+    assert all(p.dtype == torch.float32 for p in params)
+    # Gaussian init: A ~ N(0, 1/r), B = 0, so the policy equals the base model at the start
+    a_weights = torch.cat([p.detach().flatten() for n, p in backbone.unet.named_parameters() if "lora_A" in n])
+    assert float(a_weights.std()) == pytest.approx(1 / 4, rel=0.2)
+    assert all(float(p.abs().max()) == 0 for n, p in backbone.unet.named_parameters() if "lora_B" in n)
+    torch.testing.assert_close(backbone.predict(x, 501, cond, 5.0), base)
+    with torch.no_grad():
+        for n, p in backbone.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    policy = backbone.predict(x, 501, cond, 5.0)
+    assert float((policy - base).abs().max()) > 1e-3
+    torch.testing.assert_close(backbone.predict(x, 501, cond, 5.0, reference=True), base)
+    # adapters come back on after the reference context, also when it raised
+    with pytest.raises(RuntimeError, match="boom"), backbone.reference_model():
+        raise RuntimeError("boom")
+    torch.testing.assert_close(backbone.predict(x, 501, cond, 5.0), policy)
+    with pytest.raises(RuntimeError, match="already"):
+        backbone.enable_full_finetuning()
+
+
+def test_lora_gradients_reach_only_adapters(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path)
+    backbone.attach_lora(LoRASettings(rank=2))
+    backbone.enable_gradient_checkpointing()
+    backbone.unet.train()
+    cond = backbone.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        for n, p in backbone.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    out = backbone.predict(torch.randn(2, 4, 16, 16), 501, cond, 5.0)
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in backbone.unet.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert any(float(g.abs().max()) > 0 for n, g in grads.items() if "lora_A" in n)
+
+
+def test_lora_bad_targets(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path)
+    with pytest.raises(ValueError, match="matched no module"):
+        backbone.attach_lora(LoRASettings(rank=2, target_modules=["no_such_layer"]))
+
+
+def test_full_finetuning_keeps_a_frozen_reference(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path)
+    cond = backbone.encode_prompts(PROMPTS)
+    x = torch.randn(2, 4, 16, 16)
+    base = backbone.predict(x, 301, cond, 5.0)
+    params = backbone.enable_full_finetuning()
+    assert len(params) == len(list(backbone.unet.parameters()))
+    assert backbone.reference_unet is not None
+    assert not any(p.requires_grad for p in backbone.reference_unet.parameters())
+    with torch.no_grad():
+        backbone.unet.conv_out.bias.add_(1.0)
+    assert float((backbone.predict(x, 301, cond, 5.0) - base).abs().max()) > 0.5
+    torch.testing.assert_close(backbone.predict(x, 301, cond, 5.0, reference=True), base)
+
+
+def test_saved_lora_loads_into_diffusers_and_changes_output(tiny_path: tuple[str, Path], tmp_path: Path) -> None:
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    backbone.attach_lora(LoRASettings(rank=4))
+    with torch.no_grad():
+        for n, p in backbone.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    file = backbone.save_lora(tmp_path / "lora")
+    assert file.name == "pytorch_lora_weights.safetensors" and file.exists()
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(file)))
+    assert keys and all(k.startswith("unet.") for k in keys)
+    pipe = _diffusers_pipeline(kind, path)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, eta=0.0, height=32, width=32, output_type="latent")
+    before = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    after = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
+    assert float((after - before).abs().max()) > 1e-3
+    # and it is the same function as our policy
+    ours = ddim_sample(backbone, PROMPTS[:1], num_inference_steps=4, eta=0.0, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, after, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_weights(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path, dtype="bfloat16")
+    assert backbone.unet.dtype == torch.bfloat16
+    cond = backbone.encode_prompts(PROMPTS)
+    assert cond.prompt_embeds.dtype == torch.bfloat16
+    out = backbone.predict(backbone.initial_latents(2, torch.Generator().manual_seed(0)), 501, cond, 5.0)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_missing_and_invalid_paths(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(BackboneLoadError, match="no such directory") as err:
+        SD15Backbone.from_pretrained(str(missing))
+    assert str(missing) in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneLoadError, match="model_index.json"):
+        SDXLBackbone.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(BackboneLoadError, match="model.vae"):
+        SD15Backbone.from_pretrained(str(tmp_path / "empty"), vae=str(tmp_path / "no-vae"))
+
+
+def test_encode_images_round_trip_shape(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = backbone.encode_images(images, generator=torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 16, 16)
+    assert backbone.decode(latents).shape == (2, 3, 32, 32)
