@@ -135,7 +135,7 @@ def test_lora_identity_at_init_then_reference_is_base(tiny_path: tuple[str, Path
     # Gaussian init: A ~ N(0, 1/r), B = 0, so the policy equals the base model at the start
     a_weights = torch.cat([p.detach().flatten() for n, p in backbone.unet.named_parameters() if "lora_A" in n])
     assert float(a_weights.std()) == pytest.approx(1 / 4, rel=0.2)
-    assert all(float(p.abs().max()) == 0 for n, p in backbone.unet.named_parameters() if "lora_B" in n)
+    assert all(float(p.detach().abs().max()) == 0 for n, p in backbone.unet.named_parameters() if "lora_B" in n)
     torch.testing.assert_close(backbone.predict(x, 501, cond, 5.0), base)
     with torch.no_grad():
         for n, p in backbone.unet.named_parameters():
