@@ -23,7 +23,8 @@ CLASSES = {"sd15": (SD15Backbone, StableDiffusionPipeline), "sdxl": (SDXLBackbon
 
 
 def _load(kind: str, path: Path, **kwargs: object) -> Backbone:
-    return CLASSES[kind][0].from_pretrained(str(path), device="cpu", **kwargs)  # type: ignore[attr-defined]
+    kwargs.setdefault("device", "cpu")
+    return CLASSES[kind][0].from_pretrained(str(path), **kwargs)  # type: ignore[attr-defined]
 
 
 def _diffusers_pipeline(kind: str, path: Path):  # noqa: ANN202
@@ -193,7 +194,7 @@ def test_full_finetuning_keeps_a_frozen_reference(tiny_sd15_path: Path) -> None:
 def test_saved_lora_loads_into_diffusers_and_changes_output(tiny_path: tuple[str, Path], tmp_path: Path) -> None:
     kind, path = tiny_path
     backbone = _load(kind, path)
-    backbone.attach_lora(LoRASettings(rank=4))
+    backbone.attach_lora(LoRASettings(rank=4, alpha=8))  # alpha != rank must survive the round trip
     with torch.no_grad():
         for n, p in backbone.unet.named_parameters():
             if "lora_B" in n:
@@ -222,10 +223,26 @@ def test_bfloat16_weights(tiny_sd15_path: Path) -> None:
     cond = backbone.encode_prompts(PROMPTS)
     assert cond.prompt_embeds.dtype == torch.bfloat16
     out = backbone.predict(backbone.initial_latents(2, torch.Generator().manual_seed(0)), 501, cond, 5.0)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # guidance combined in fp32
+    # conditioning in another dtype is cast to the UNet's
+    assert torch.isfinite(backbone.predict(torch.randn(2, 4, 16, 16), 501, cond.to(dtype=torch.float32), 5.0)).all()
 
 
-def test_missing_and_invalid_paths(tmp_path: Path) -> None:
+def test_full_finetuning_in_bfloat16_starts_at_the_reference(tiny_sd15_path: Path) -> None:
+    backbone = _load("sd15", tiny_sd15_path, dtype="bfloat16")
+    backbone.enable_full_finetuning()
+    cond = backbone.encode_prompts(PROMPTS)
+    x = torch.randn(2, 4, 16, 16)
+    torch.testing.assert_close(backbone.predict(x, 501, cond, 5.0), backbone.predict(x, 501, cond, 5.0, reference=True))
+    with torch.no_grad():
+        backbone.unet.conv_out.bias.add_(1.0)
+    with backbone.reference_model():  # the context, not only the flag, selects the frozen copy
+        ref = backbone.predict(x, 501, cond, 5.0)
+    torch.testing.assert_close(ref, backbone.predict(x, 501, cond, 5.0, reference=True))
+    assert float((backbone.predict(x, 501, cond, 5.0) - ref).abs().max()) > 0.5
+
+
+def test_missing_and_invalid_paths(tmp_path: Path, tiny_sd15_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(BackboneLoadError, match="no such directory") as err:
         SD15Backbone.from_pretrained(str(missing))
@@ -234,12 +251,38 @@ def test_missing_and_invalid_paths(tmp_path: Path) -> None:
     with pytest.raises(BackboneLoadError, match="model_index.json"):
         SDXLBackbone.from_pretrained(str(tmp_path / "empty"))
     with pytest.raises(BackboneLoadError, match="model.vae"):
-        SD15Backbone.from_pretrained(str(tmp_path / "empty"), vae=str(tmp_path / "no-vae"))
+        SD15Backbone.from_pretrained(str(tiny_sd15_path), vae=str(tmp_path / "no-vae"))
 
 
-def test_encode_images_round_trip_shape(tiny_sd15_path: Path) -> None:
+def test_encode_images_matches_the_vae(tiny_sd15_path: Path) -> None:
     backbone = _load("sd15", tiny_sd15_path)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     latents = backbone.encode_images(images, generator=torch.Generator().manual_seed(0))
-    assert latents.shape == (2, 4, 16, 16)
-    assert backbone.decode(latents).shape == (2, 3, 32, 32)
+    vae = backbone.vae
+    expected = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(0)) * vae.config.scaling_factor
+    torch.testing.assert_close(latents, expected)
+    torch.testing.assert_close(backbone.decode(latents), vae.decode(expected / vae.config.scaling_factor).sample.clamp(-1, 1))
+
+
+def test_latents_mean_std_convention(tiny_sd15_path: Path) -> None:
+    """A VAE with latents_mean/std (as SDXL-style VAEs may declare): diffusers' formula."""
+    backbone = _load("sd15", tiny_sd15_path)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
+    backbone.vae.register_to_config(latents_mean=mean, latents_std=std)
+    lat = torch.randn(1, 4, 16, 16)
+    m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    sf = backbone.vae.config.scaling_factor
+    want = backbone.vae.decode(lat * s / sf + m).sample.clamp(-1, 1)
+    torch.testing.assert_close(backbone.decode(lat), want)
+
+
+def test_unavailable_device_and_cpu_fp16_are_clear_errors(tiny_sd15_path: Path) -> None:
+    from spo.errors import ModelLoadError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            _load("sd15", tiny_sd15_path, device="cuda")
+    with pytest.raises(ModelLoadError, match="not a torch device"):
+        SD15Backbone.from_pretrained(str(tiny_sd15_path), device="gpu0")
+    with pytest.raises(ModelLoadError, match="float16"):
+        _load("sd15", tiny_sd15_path, dtype="float16")

@@ -153,17 +153,29 @@ def test_log_prob_of_deterministic_step_is_an_error() -> None:
         ddim_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), 1.0, reduction="max")  # type: ignore[arg-type]
 
 
-def test_sampling_and_log_prob_agree() -> None:
-    """The drawn x_{t-1} is distributed as the density says: its standardised residual is N(0, 1)."""
-    schedule = DDIMSchedule.from_config(_scheduler("epsilon", False).config, 20)
+def test_log_prob_of_diffusers_draws_against_float64_betas() -> None:
+    """Per-row log-densities of x_{t-1} drawn by diffusers' DDIMScheduler, against a float64
+    computation from the raw betas (alpha-bar, DDPM posterior variance, Normal log-density)."""
+    scheduler = _scheduler("epsilon", False)
+    scheduler.set_timesteps(20)
+    schedule = DDIMSchedule.from_config(scheduler.config, 20)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    abar = torch.cumprod(1 - betas, dim=0)
     g = torch.Generator().manual_seed(4)
-    x_t, out = torch.randn(64, 4, 8, 8, generator=g), torch.randn(64, 4, 8, 8, generator=g)
-    step = schedule.step(out, 501, x_t, eta=1.0, noise=torch.randn(64, 4, 8, 8, generator=g))
-    z = (step.prev_sample - step.mean) / step.std
-    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
-    # expected per-element log-density of a draw = -log sigma - (1 + log 2 pi) / 2
-    expected = -float(step.std.log()) - 0.5 * (1 + math.log(2 * math.pi))
-    assert float(ddim_log_prob(step.prev_sample, step.mean, step.std).mean()) == pytest.approx(expected, abs=0.02)
+    ts = [901, 501, 1]
+    x_t, out = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    prev = torch.cat([
+        scheduler.step(out[i : i + 1], t, x_t[i : i + 1], eta=1.0, generator=g).prev_sample for i, t in enumerate(ts)
+    ])
+    mean, std = schedule.posterior(out, torch.tensor(ts), x_t, eta=1.0)
+    ours = ddim_log_prob(prev, mean, std)
+    for i, t in enumerate(ts):
+        a_t, a_prev = abar[t], (abar[t - 50] if t >= 50 else abar[0])
+        x0 = (x_t[i].double() - (1 - a_t).sqrt() * out[i].double()) / a_t.sqrt()
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        mu = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * out[i].double()
+        ref = torch.distributions.Normal(mu, var.sqrt()).log_prob(prev[i].double()).mean()
+        assert float(ours[i]) == pytest.approx(float(ref), abs=2e-4)
 
 
 def test_step_requires_noise_when_stochastic() -> None:

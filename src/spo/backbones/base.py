@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import DDIMSchedule
+from ..errors import ModelLoadError
 from .lora import LoRASettings, attach_lora, lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class BackboneLoadError(RuntimeError):
-    """A model could not be loaded from the given directory or hub id."""
+class BackboneLoadError(ModelLoadError):
+    """A diffusion pipeline could not be loaded from the given directory or hub id."""
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -43,9 +44,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; an unavailable device is an error."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(f"model.device: {device!r} is not a torch device ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device: {device!r} requested but CUDA is not available here")
+    return resolved
 
 
 @dataclass
@@ -185,11 +193,14 @@ class Backbone(ABC):
         import diffusers
 
         torch_dtype = resolve_dtype(dtype)
+        resolved_device = resolve_device(device)
+        if resolved_device.type == "cpu" and torch_dtype == torch.float16:
+            raise ModelLoadError("model.dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+        check_model_path(pretrained, "model.pretrained")
         extra: dict[str, Any] = dict(cls.pipeline_kwargs)
         if vae is not None:
             extra["vae"] = _load_vae(vae, torch_dtype)
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
-        check_model_path(pretrained, "model.pretrained")
         try:
             pipeline = pipeline_cls.from_pretrained(
                 pretrained, revision=revision, variant=variant, **dtype_kwarg(torch_dtype), **extra
@@ -199,8 +210,10 @@ class Backbone(ABC):
                 f"model.pretrained: could not load a {cls.pipeline_class} from {pretrained!r}: {err}\n"
                 "Give a local diffusers directory (with model_index.json) or a hub id that is in "
                 "the local cache or reachable from this machine."
+                + (f" (read as a hub id: there is no local directory {str(Path(pretrained).resolve())!r})"
+                   if not Path(pretrained).exists() else "")
             ) from err
-        return cls(pipeline, device=device, dtype=torch_dtype, negative_prompt=negative_prompt, resolution=resolution)
+        return cls(pipeline, device=resolved_device, dtype=torch_dtype, negative_prompt=negative_prompt, resolution=resolution)
 
     def __init__(
         self,
@@ -220,6 +233,9 @@ class Backbone(ABC):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = int(resolution or self.unet.config.sample_size * self.vae_scale_factor)
         self.reference_unet: torch.nn.Module | None = None
+        #: the module ``predict`` calls for the policy (a DDP wrapper of ``unet`` in training)
+        self.policy_forward: torch.nn.Module | None = None
+        self._reference_active = False
         self.lora_settings: LoRASettings | None = None
         self._adapter_name: str | None = None
         for module in self._frozen_modules():
@@ -233,9 +249,12 @@ class Backbone(ABC):
     def _frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
 
+    #: keep a VAE that declares ``force_upcast`` in fp32 under fp16 (diffusers' SDXL pipeline does)
+    upcast_vae_in_fp16: bool = False
+
     def _vae_dtype(self) -> torch.dtype:
-        if self.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            return torch.float32  # this VAE overflows in fp16: decode in fp32
+        if self.upcast_vae_in_fp16 and self.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            return torch.float32  # the SDXL VAE overflows in fp16; the fp16-fix VAE does not need this
         return self.dtype
 
     # ----------------------------------------------------------------------- shapes and noise
@@ -295,9 +314,9 @@ class Backbone(ABC):
         t = t.expand(batch) if t.ndim == 0 else t
         if len(cond) != batch:
             raise ValueError(f"conditioning has {len(cond)} rows but x_t has {batch}")
-        guided = guidance_scale > 1.0
+        guided = guidance_scale != 1.0
         if guided and not cond.has_negative:
-            raise ValueError("guidance_scale > 1 needs a conditioning encoded with its negative prompt")
+            raise ValueError("guidance_scale != 1 needs a conditioning encoded with its negative prompt")
         if guided:
             x_in = torch.cat([x_t, x_t])
             t_in = torch.cat([t, t])
@@ -307,21 +326,31 @@ class Backbone(ABC):
         else:
             x_in, t_in, hidden = x_t, t, cond.prompt_embeds
             added = self._added_cond_kwargs(cond, False)
-        unet = self.unet
-        with self.reference_model() if reference else contextlib.nullcontext():
-            if reference and self.reference_unet is not None:
-                unet = self.reference_unet
+        use_reference = reference or self._reference_active
+        if use_reference and self.reference_unet is not None:
+            unet = self.reference_unet
+        elif use_reference:
+            unet = self.unet  # adapters are disabled by reference_model()
+        else:
+            unet = self.policy_forward or self.unet
+        dtype = self._unet_dtype(unet)
+        context = self.reference_model() if (reference and not self._reference_active) else contextlib.nullcontext()
+        with context:
             out = unet(
-                x_in.to(unet.conv_in.weight.dtype),
+                x_in.to(dtype),
                 t_in,
-                encoder_hidden_states=hidden,
-                added_cond_kwargs=added,
+                encoder_hidden_states=hidden.to(dtype),
+                added_cond_kwargs=None if added is None else {k: v.to(dtype) for k, v in added.items()},
                 return_dict=False,
             )[0]
         if guided:
-            out_uncond, out_cond = out.chunk(2)
+            out_uncond, out_cond = out.float().chunk(2)  # combine in fp32: w amplifies rounding
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         return out
+
+    def _unet_dtype(self, unet: torch.nn.Module) -> torch.dtype:
+        module = getattr(unet, "module", unet)  # through a DDP wrapper
+        return module.conv_in.weight.dtype
 
     # ----------------------------------------------------------------------- the VAE
     def decode(self, x0: Tensor) -> Tensor:
@@ -364,9 +393,9 @@ class Backbone(ABC):
         """Make every UNet weight trainable and keep a frozen copy as the reference model."""
         if self._adapter_name is not None or self.reference_unet is not None:
             raise RuntimeError("this backbone is already set up for fine-tuning")
+        self.unet.to(torch.float32)  # trainable weights in fp32; the reference the same function
         self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         self.unet.requires_grad_(True)
-        self.unet.to(torch.float32)
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -374,15 +403,20 @@ class Backbone(ABC):
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[None]:
-        """Within this context ``predict`` is the frozen reference: LoRA adapters disabled."""
-        if self._adapter_name is None:
+        """Within this context ``predict`` is the frozen reference: LoRA adapters disabled, or the
+        frozen copy under full fine-tuning."""
+        if self._reference_active:
             yield
             return
-        self.unet.disable_adapters()
+        self._reference_active = True
+        if self._adapter_name is not None:
+            self.unet.disable_adapters()
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            if self._adapter_name is not None:
+                self.unet.enable_adapters()
+            self._reference_active = False
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
@@ -401,5 +435,7 @@ class Backbone(ABC):
             save_directory=str(directory),
             unet_lora_layers=self.lora_state_dict(),
             safe_serialization=True,
+            # rank, alpha and targets travel with the weights: alpha != rank reloads correctly
+            unet_lora_adapter_metadata=self.unet.peft_config[self._adapter_name].to_dict(),
         )
         return directory / "pytorch_lora_weights.safetensors"

@@ -19,6 +19,7 @@ class SDXLBackbone(Backbone):
     kind = "sdxl"
 
     pipeline_class = "StableDiffusionXLPipeline"
+    upcast_vae_in_fp16 = True
 
     def _encode_texts(self, texts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipeline

@@ -87,7 +87,9 @@ def _sd15_scheduler(kind: str = "pndm") -> Any:
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     if kind == "ddim":
         return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
-    return PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+    scheduler = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+    scheduler.register_to_config(clip_sample=False)  # as SD-1.5's hub config
+    return scheduler
 
 
 def build_tiny_sd15(seed: int = 0, prediction_type: str = "epsilon") -> Any:
@@ -159,6 +161,7 @@ def build_tiny_sdxl(seed: int = 0, force_zeros_for_empty_prompt: bool = True) ->
         steps_offset=1,
         timestep_spacing="leading",
     )
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
     return StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=text_encoder,
@@ -178,4 +181,28 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **kwargs
         raise ValueError(f"unknown tiny pipeline {kind!r}; expected one of {sorted(builders)}")
     directory = Path(directory)
     builders[kind](seed=seed, **kwargs).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def build_tiny_clip(seed: int = 0, image_size: int = 32) -> tuple[Any, Any]:
+    """(CLIPModel, tokenizer) with tiny random weights: a stand-in for PickScore in tests."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text = _text_config(tokenizer, hidden=32, projection=16)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=8, projection_dim=16,
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    return CLIPModel(config), tokenizer
+
+
+def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
+    """Save a tiny CLIPModel and its tokenizer to ``directory`` (loadable as preference.pretrained)."""
+    directory = Path(directory)
+    model, tokenizer = build_tiny_clip(seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory

@@ -571,7 +571,7 @@ def _value_problems(c: SPOConfig) -> list[str]:
         rule(opt.max_grad_norm > 0,
              f"optimizer.max_grad_norm must be null (no clipping) or > 0, got "
              f"{opt.max_grad_norm!r}")
-    rule(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps!r}")
+    rule(opt.warmup_rounds >= 0, f"optimizer.warmup_rounds must be >= 0, got {opt.warmup_rounds!r}")
 
     rule(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank!r}")
     if lo.alpha is not None:
@@ -589,6 +589,11 @@ def _value_problems(c: SPOConfig) -> list[str]:
     rule(lg.log_every >= 1, f"logging.log_every must be >= 1, got {lg.log_every!r}")
     rule(lg.checkpoint_every >= 1,
          f"logging.checkpoint_every must be >= 1, got {lg.checkpoint_every!r}")
+    rule(lg.keep_checkpoints >= 1,
+         f"logging.keep_checkpoints must be >= 1, got {lg.keep_checkpoints!r}")
+    if c.train.num_processes is not None:
+        rule(c.train.num_processes >= 1,
+             f"train.num_processes must be >= 1, got {c.train.num_processes!r}")
     rule(lg.sample_every >= 0,
          f"logging.sample_every must be >= 0 (0 = off), got {lg.sample_every!r}")
 

@@ -143,9 +143,10 @@ class PoolsConfig:
         kappa: The paper's ``kappa``: when set, pools are drawn at every step
             whose timestep satisfies ``t <= kappa``, overriding
             ``divert_start_step``.
-        threshold: Tie threshold.  A pool is used for training only if the
-            softmax (over the pool) of the best score minus that of the worst
-            score exceeds this value (0.3 for SD-1.5, 0.4 for SDXL).
+        threshold: Tie threshold.  A pool is used for training only if,
+            after a softmax over the pair's two raw scores, the win's
+            probability minus the lose's exceeds this value (0.3 for SD-1.5,
+            0.4 for SDXL).
         inner_steps: MSPO ``j``: number of denoising steps from ``x_t`` before
             the candidates are scored, counting the branching step itself as in
             the CVPR paper.  ``1`` is plain SPO; the SDXL release uses 4 (its
@@ -231,8 +232,9 @@ class OptimizerConfig:
         eps: AdamW epsilon.
         max_grad_norm: Gradient-norm clipping threshold; ``None`` disables it.
         lr_scheduler: Learning-rate schedule.
-        warmup_steps: Optimiser steps of linear warm-up (for schedules that
-            use it).
+        warmup_rounds: Rounds of linear warm-up (for schedules that use it).
+            The schedule advances once per sampling round, since the number of
+            optimiser steps in a round depends on how many pairs were valid.
     """
 
     lr: float = 6e-5
@@ -241,7 +243,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_rounds: int = 0
 
 
 @dataclass
@@ -280,7 +282,11 @@ class TrainConfig:
         gradient_accumulation_steps: Micro-batches accumulated per optimiser
             step (1 for SD-1.5, 2 for SDXL).
         epochs_per_round: Passes over a round's pairs before sampling again.
-        mixed_precision: Autocast mode of the trainable network.
+        mixed_precision: Autocast mode of the trainable network (trainable
+            LoRA weights stay in fp32).
+        num_processes: Recorded by the trainer in the run's ``config.yaml``
+            (how many processes the run used); resuming with another count is
+            refused, since the run would not continue exactly.  Leave unset.
     """
 
     rounds: int = 1000
@@ -289,6 +295,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     epochs_per_round: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_processes: int | None = None
 
 
 @dataclass
@@ -303,6 +310,8 @@ class LoggingConfig:
         wandb_project: Weights & Biases project name.
         sample_every: Generate preview images every this many rounds
             (``0`` disables previews).
+        keep_checkpoints: How many of the latest checkpoints to keep (older
+            ones are deleted after a new one is complete).
     """
 
     log_every: int = 1
@@ -311,6 +320,7 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "spo"
     sample_every: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass

@@ -14,7 +14,14 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from .ddim import PREDICTION_TYPES, DDIMStepOutput, PredictionType, ddim_step
+from .ddim import (
+    PREDICTION_TYPES,
+    DDIMStepOutput,
+    PredictionType,
+    ddim_posterior,
+    ddim_step,
+    predict_x0_and_epsilon,
+)
 
 
 @dataclass
@@ -41,8 +48,12 @@ class DDIMSchedule:
     @classmethod
     def from_config(cls, scheduler_config: Any, num_inference_steps: int) -> "DDIMSchedule":
         """Build from a diffusers scheduler (or its config) of any class."""
-        config = getattr(scheduler_config, "config", scheduler_config)
-        scheduler = DDIMScheduler.from_config(config)
+        config = dict(getattr(scheduler_config, "config", scheduler_config))
+        # Latent diffusion never clips x0 and SD/SDXL use alpha-bar(0) at the last step; a config
+        # that omits these keys (e.g. an Euler config) must not get DDIM's opposite defaults.
+        defaults = {"clip_sample": False, "set_alpha_to_one": False}
+        declared = set(config) - set(config.get("_use_default_values", []))
+        scheduler = DDIMScheduler.from_config(config, **{k: v for k, v in defaults.items() if k not in declared})
         if scheduler.config.thresholding:
             raise ValueError("dynamic thresholding schedulers are not supported by the SPO sampler")
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
@@ -105,6 +116,14 @@ class DDIMSchedule:
             noise=noise,
             clip_sample_range=self.clip_sample_range,
         )
+
+    def posterior(self, model_output: Tensor, t: Tensor | int, x_t: Tensor, *, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Mean mu and sigma_t of p(x_{t-1} | x_t) at timestep(s) ``t``: what log-probs need."""
+        a_t, a_prev = self.alpha_bars(t)
+        x0, eps = predict_x0_and_epsilon(model_output, x_t, a_t.to(x_t.device), self.prediction_type)
+        if self.clip_sample_range is not None:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return ddim_posterior(x0, eps, a_t.to(x_t.device), a_prev.to(x_t.device), eta)
 
     def step_index(self, t: int) -> int:
         """Position of timestep ``t`` in ``timesteps``."""

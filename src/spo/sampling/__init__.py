@@ -1,5 +1,21 @@
-"""Rollouts: plain DDIM sampling (and, later, candidate pools)."""
+"""Rollouts: plain DDIM sampling and candidate-pool rollouts (SPO / MSPO) producing records."""
 
+from .pairs import PairChoice, choose_continuation, choose_pairs, softmax_gap
 from .plain import ddim_sample
+from .pools import PoolSampler, Rollout, RolloutStats, Scorer, branch_steps, divert_index
+from .records import TransitionRecords
 
-__all__ = ["ddim_sample"]
+__all__ = [
+    "PairChoice",
+    "PoolSampler",
+    "Rollout",
+    "RolloutStats",
+    "Scorer",
+    "TransitionRecords",
+    "branch_steps",
+    "choose_continuation",
+    "choose_pairs",
+    "ddim_sample",
+    "divert_index",
+    "softmax_gap",
+]

@@ -1,0 +1,126 @@
+"""A CLIP preference scorer: score = exp(logit_scale) * cos(image embedding, text embedding).
+
+With a PickScore checkpoint this is PickScore; the step-aware preference model extends it with
+a time-conditioned vision tower. Any CLIPModel directory or hub id loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelLoadError
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def _check_path(path: str, what: str) -> None:
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") > 1
+    if looks_local and not p.exists():
+        raise ModelLoadError(f"{what}: no such file or directory {str(p)!r}")
+
+
+def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str = "preference.pretrained") -> tuple[Any, Any, dict[str, Any]]:
+    """(CLIPModel, tokenizer, image settings) from a CLIPModel directory or hub id.
+
+    The tokenizer and image settings come from ``pretrained`` when it holds them, else from
+    ``processor`` (PickScore ships none: the release takes laion's CLIP-ViT-H-14 processor).
+    """
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    _check_path(pretrained, what)
+    try:
+        model = CLIPModel.from_pretrained(pretrained)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{what}: could not load a CLIPModel from {pretrained!r}: {err}") from err
+    local = Path(pretrained).expanduser()
+    has_tokenizer = local.is_dir() and any((local / f).exists() for f in _TOKENIZER_FILES)
+    source = pretrained if has_tokenizer or processor is None else processor
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"preference.processor: could not load a CLIP tokenizer from {source!r}: {err}"
+        ) from err
+    settings: dict[str, Any] = {
+        "size": int(model.config.vision_config.image_size),
+        "mean": OPENAI_CLIP_MEAN,
+        "std": OPENAI_CLIP_STD,
+    }
+    try:
+        image_processor = CLIPImageProcessor.from_pretrained(source)
+        crop = image_processor.crop_size
+        settings["size"] = int(crop["height"] if isinstance(crop, dict) else crop)
+        settings["mean"] = tuple(image_processor.image_mean)
+        settings["std"] = tuple(image_processor.image_std)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no preprocessor_config.json: CLIP defaults at the model's image size
+    return model, tokenizer, settings
+
+
+class CLIPScorer(nn.Module):
+    """Scores (images, prompts, timesteps) -> exp(logit_scale) * cosine; ignores the timesteps.
+
+    Text embeddings are cached per prompt until :meth:`clear_cache` (the trainer clears it each
+    round), so the k candidates of a pool cost one text encoding.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self._text_cache: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained: str, processor: str | None = None, *, device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "CLIPScorer":
+        model, tokenizer, settings = load_clip_parts(pretrained, processor)
+        scorer = cls(model, tokenizer, **settings)
+        return scorer.to(device=device or "cpu", dtype=dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def clear_cache(self) -> None:
+        self._text_cache.clear()
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """Normalised text embeddings, one row per prompt (cached per distinct prompt)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            tokens = self.tokenizer(
+                missing, padding="max_length", truncation=True,
+                max_length=self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10_000 else 77,
+                return_tensors="pt",
+            ).to(self.device)
+            emb = self.model.get_text_features(**tokens)
+            emb = getattr(emb, "pooler_output", emb)
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            for p, e in zip(missing, emb):
+                self._text_cache[p] = e
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def image_embeddings(self, images: Tensor, timesteps: Tensor | None = None) -> Tensor:
+        pixels = clip_preprocess(images.to(self.device), self.size, self.mean, self.std)
+        emb = self.model.get_image_features(pixel_values=pixels.to(self.model.dtype))
+        emb = getattr(emb, "pooler_output", emb)
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None) -> Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        img = self.image_embeddings(images, timesteps)
+        txt = self.text_embeddings(prompts).to(img.dtype)
+        return (self.model.logit_scale.exp() * (img * txt).sum(dim=-1)).float()

@@ -1,0 +1,83 @@
+"""Pair choice within a candidate pool, and which candidate continues the trajectory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+PairRule = Literal["best_worst", "random"]
+Resampler = Literal["random", "win", "lose"]
+
+
+@dataclass
+class PairChoice:
+    """For each pool (row): the win and lose candidate indices, and whether the pair is valid.
+
+    ``valid`` is False for a tie: softmax([s_win, s_lose])[0] - softmax(...)[1] <= threshold.
+    ``gap`` is that softmax gap, tanh((s_win - s_lose) / 2).
+    """
+
+    win: Tensor
+    lose: Tensor
+    valid: Tensor
+    gap: Tensor
+
+
+def softmax_gap(score_a: Tensor, score_b: Tensor) -> Tensor:
+    """softmax([a, b])[0] - softmax([a, b])[1] over two raw scores (logits)."""
+    probs = torch.softmax(torch.stack([score_a, score_b], dim=-1).float(), dim=-1)
+    return probs[..., 0] - probs[..., 1]
+
+
+def choose_pairs(
+    scores: Tensor,
+    threshold: float,
+    rule: PairRule = "best_worst",
+    generator: torch.Generator | None = None,
+) -> PairChoice:
+    """Choose a win/lose pair in each row of ``scores`` (shape (B, k), raw preference logits).
+
+    ``best_worst`` (the release): the highest- and lowest-scored candidates. ``random`` (the
+    paper's ablation): two distinct candidates drawn uniformly, ordered by score. The pair is
+    valid when the softmax gap of its two scores exceeds ``threshold`` (the tie rule).
+    """
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must have shape (B, k >= 2), got {tuple(scores.shape)}")
+    batch, k = scores.shape
+    if rule == "best_worst":
+        win = scores.argmax(dim=1)
+        lose = scores.argmin(dim=1)
+    elif rule == "random":
+        draws = torch.rand(batch, k, generator=generator, device="cpu").argsort(dim=1)[:, :2].to(scores.device)
+        a, b = draws[:, 0], draws[:, 1]
+        sa, sb = scores.gather(1, a[:, None])[:, 0], scores.gather(1, b[:, None])[:, 0]
+        a_wins = sa >= sb
+        win, lose = torch.where(a_wins, a, b), torch.where(a_wins, b, a)
+    else:
+        raise ValueError(f"unknown pair rule {rule!r}; expected 'best_worst' or 'random'")
+    s_win = scores.gather(1, win[:, None])[:, 0]
+    s_lose = scores.gather(1, lose[:, None])[:, 0]
+    gap = softmax_gap(s_win, s_lose)
+    valid = (gap > threshold) & (win != lose)
+    return PairChoice(win=win, lose=lose, valid=valid, gap=gap)
+
+
+def choose_continuation(
+    choice: PairChoice, k: int, resampler: Resampler = "random", generator: torch.Generator | None = None
+) -> Tensor:
+    """Index of the candidate that continues each trajectory.
+
+    ``random`` (the paper): uniform over the k candidates, independent of the scores; ``win`` /
+    ``lose``: the pair's win or lose candidate (the paper's resampler ablation).
+    """
+    if resampler == "random":
+        batch = choice.win.shape[0]
+        return torch.randint(0, k, (batch,), generator=generator, device="cpu").to(choice.win.device)
+    if resampler == "win":
+        return choice.win
+    if resampler == "lose":
+        return choice.lose
+    raise ValueError(f"unknown resampler {resampler!r}; expected 'random', 'win' or 'lose'")
