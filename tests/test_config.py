@@ -525,3 +525,13 @@ def test_config_to_yaml_keeps_declaration_order():
     assert sections[1:] == ["model", "data", "sampling", "pools", "preference", "objective",
                             "optimizer", "lora", "train", "logging", "eval"]
     assert yaml.safe_load(text) == config_to_dict(load_config("sd15"))
+
+
+def test_yaml_no_is_the_literal_no(tmp_path) -> None:
+    """YAML 1.1 reads ``no`` as false; a Literal with a "no" option takes it as that word."""
+    assert load_config("sd15", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config("sd15", ["train.mixed_precision=yes"])

@@ -24,6 +24,13 @@ def _split_positionals(values: Sequence[str]) -> tuple[str | None, list[str]]:
     return (sources[0] if sources else None), overrides
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _load(values: Sequence[str]):  # noqa: ANN202
     from .config import load_config
 
@@ -76,11 +83,43 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import SPOTrainer
+
+    config = _load(args.config)
+    trainer = SPOTrainer(config, args.output, resume=args.resume)
+    result = trainer.train()
+    if not trainer.accelerator.is_main_process:
+        return 0
+    last = result.last_round
+    rows = [
+        ("run directory", str(result.run_dir)),
+        ("processes", str(trainer.accelerator.num_processes)),
+        ("rounds (skipped)", f"{result.rounds} ({result.skipped_rounds})"),
+        ("optimiser steps", str(result.steps)),
+    ]
+    if last:
+        rows.append(("last round: valid-pair rate", f"{last['valid_pair_rate']:.3f}"))
+        if not last.get("skipped"):
+            rows += [
+                ("last round: loss", f"{last['loss']:.4f}"),
+                ("last round: reward accuracy", f"{last['reward_accuracy']:.3f}"),
+                ("last round: ratio win / lose", f"{last['ratio_win']:.4f} / {last['ratio_lose']:.4f}"),
+            ]
+    rows += [("final weights", str(result.lora_path)), ("metrics", str(result.run_dir / "metrics.jsonl"))]
+    _summary(rows)
+    return 0
+
+
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
     from .backbones.tiny import save_tiny_pipeline
 
+    from .backbones.tiny import save_tiny_clip
+
     path = save_tiny_pipeline(args.kind, args.output, seed=args.seed)
     print(f"saved a tiny random {args.kind} pipeline to {path}")
+    if args.clip:
+        print(f"saved a tiny random CLIPModel to {save_tiny_clip(Path(args.output) / 'clip', seed=args.seed)}")
     return 0
 
 
@@ -139,15 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output", "-o", required=True, help="directory for images/, grid.png, generation.json")
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     sample.add_argument("--prompts", help="prompts file: one per line or a JSON list")
-    sample.add_argument("--seeds", type=int, default=1, help="images per prompt, one seed each")
+    sample.add_argument("--seeds", type=_positive_int, default=1, help="images per prompt, one seed each")
     sample.add_argument("--batch-size", type=int, default=8)
     sample.add_argument("--grid-cell", type=int, default=None, help="resize grid tiles to this many pixels")
     sample.set_defaults(func=cmd_sample)
+
+    train = sub.add_parser(
+        "train",
+        help="SPO training: spo train [PRESET|FILE] --output RUN_DIR [--resume] [key=value ...]",
+        description="Sample with candidate pools and train the UNet's LoRA with the SPO loss. "
+        "Works the same under `accelerate launch`.",
+    )
+    train.add_argument("config", nargs="*", metavar="PRESET|FILE|key=value")
+    train.add_argument("--output", "-o", required=True, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    train.set_defaults(func=cmd_train)
 
     tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")
     tiny.add_argument("kind", choices=["sd15", "sdxl"])
     tiny.add_argument("output")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--clip", action="store_true", help="also save a tiny CLIPModel to OUTPUT/clip (a scorer)")
     tiny.set_defaults(func=cmd_tiny_pipeline)
 
     demo = sub.add_parser("demo", help="the main job for now: tiny pipeline -> DDIM samples -> image grid")
@@ -158,14 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .backbones import BackboneLoadError
     from .config import ConfigError
     from .data import PromptsError
+    from .errors import ModelLoadError
+    from .training import CheckpointError, TrainingError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`spo train sd15 --output X pools.k=4`): argparse leaves
+    # those as extras, which join the positionals
+    args, extras = parser.parse_known_args(argv)
+    unknown = [e for e in extras if e.startswith("-") or not hasattr(args, "config")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        args.config = [*args.config, *extras]
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BackboneLoadError, PromptsError) as err:
+    except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

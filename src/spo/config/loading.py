@@ -212,6 +212,12 @@ def _coerce(value: Any, tp: Any, key: str, lenient: bool = True) -> Any:
         raise mismatch()
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and lenient:
+            # YAML 1.1 reads ``no`` / ``off`` as false: ``mixed_precision: no`` means "no"
+            spelled = [a for a in allowed if isinstance(a, str) and a.lower() in (
+                ("yes", "on", "true") if value else ("no", "off", "false"))]
+            if len(spelled) == 1:
+                return spelled[0]
         for choice in allowed:
             if type(value) is type(choice) and value == choice:
                 return choice

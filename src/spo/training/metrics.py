@@ -1,0 +1,61 @@
+"""Run logs: ``metrics.jsonl`` (one JSON object per optimiser step and per round) and trackers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends JSON lines on the main process and forwards numbers to accelerate's trackers.
+
+    Each line has ``"type"``: ``"step"`` (one per optimiser step) or ``"round"`` (one per round).
+    """
+
+    def __init__(self, accelerator: Any, path: str | Path) -> None:
+        self.accelerator = accelerator
+        self.path = Path(path)
+
+    def truncate_after(self, rounds_done: int) -> None:
+        """Drop lines of rounds >= ``rounds_done`` (written after the checkpoint a run resumes
+        from), so a resumed run's log reads as if it had never stopped."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the interruption
+            if int(entry.get("round", -1)) < rounds_done:
+                kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, entry: dict[str, Any], tracker_step: int, prefix: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: _json_safe(v) for k, v in entry.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        numbers = {
+            f"{prefix}/{k}": float(v)
+            for k, v in entry.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("type",)
+        }
+        if numbers and self.accelerator.trackers:
+            self.accelerator.log(numbers, step=tracker_step)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All entries of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,388 @@
+"""The SPO training loop on accelerate: sample with candidate pools, then train on the pairs.
+
+One round, on every process:
+
+1. take this process's prompts for the round (seeded epochs over the prompt list);
+2. roll out trajectories with candidate pools -> valid win/lose transition records;
+3. gather every process's records; if fewer than the processes, skip the round (all agree);
+4. shuffle them with one permutation shared by all processes and split them evenly;
+5. update the policy (LoRA) in micro-batches with gradient accumulation, AdamW, clipping;
+6. log, and every ``logging.checkpoint_every`` rounds write an atomic checkpoint.
+
+All randomness of a round is derived from (seed, round, rank), so ``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone, LoRASettings, load_backbone
+from ..config import SPOConfig, config_to_dict, save_config
+from ..config.loading import load_config
+from ..data import load_prompts
+from ..objectives import SPOObjective
+from ..sampling import PoolSampler, Scorer
+from ..sampling.records import TransitionRecords
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import gather_counts, gather_records
+from .metrics import MetricsLog
+from .seeding import PromptSchedule, derive_seed, generator
+
+STEP_METRICS = ("loss", "ratio_win", "ratio_lose", "clamp_fraction", "reward_accuracy", "reward_margin")
+#: config keys that may change between an interrupted run and its resumption
+RESUMABLE_CHANGES = ("train.rounds", "train.num_processes", "logging.")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable run directory, ...); nothing was lost."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    rounds: int
+    steps: int
+    skipped_rounds: int
+    lora_path: Path | None
+    last_round: dict[str, Any]
+
+
+def build_scorer(config: SPOConfig, device: torch.device) -> Scorer:
+    """The preference scorer the config names (a CLIP/PickScore model)."""
+    from ..preference import CLIPScorer
+
+    return CLIPScorer.from_pretrained(config.preference.pretrained, config.preference.processor, device=device)
+
+
+class SPOTrainer:
+    """Runs SPO training for ``config`` into ``run_dir``.
+
+    Args:
+        config: the resolved configuration.
+        run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/, lora/, logs/).
+        scorer: a :data:`~spo.sampling.Scorer`; default: built from ``config.preference``.
+        prompts: the prompt list; default: read from ``config.data.prompts``.
+        resume: continue from the latest checkpoint in ``run_dir``.
+        accelerator: an ``accelerate.Accelerator``; default: one built from the config.
+    """
+
+    def __init__(
+        self,
+        config: SPOConfig,
+        run_dir: str | Path,
+        *,
+        scorer: Scorer | None = None,
+        prompts: Sequence[str] | None = None,
+        resume: bool = False,
+        accelerator: Any = None,
+        progress: bool = True,
+    ) -> None:
+        from accelerate import Accelerator
+
+        if config.sampling.eta <= 0:
+            raise TrainingError("sampling.eta must be > 0 for SPO: a deterministic step has no log-probability")
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.prompts = list(prompts) if prompts is not None else self._config_prompts(config)
+        trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else [])
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            cpu=config.model.device == "cpu",
+            log_with=trackers or None,
+            project_dir=str(self.run_dir / "logs"),
+        )
+        acc = self.accelerator
+        self.resume_from = self._prepare_run_dir(resume)
+        self.config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, num_processes=acc.num_processes)
+        )
+        if acc.is_main_process:
+            save_config(self.config, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+
+        torch.manual_seed(derive_seed(config.seed, "init"))  # same adapter init on every process
+        self.backbone: Backbone = load_backbone(
+            dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt
+        )
+        if config.model.finetune == "lora":
+            params = self.backbone.attach_lora(LoRASettings.from_config(config.lora))
+        else:
+            params = self.backbone.enable_full_finetuning()
+        if config.model.gradient_checkpointing:
+            self.backbone.enable_gradient_checkpointing()
+        self.params = params
+        self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
+        self.scorer = scorer if scorer is not None else build_scorer(config, acc.device)
+        self.sampler = PoolSampler.from_config(self.backbone, self.scorer, config)
+        self.schedule = self.sampler.schedule()
+        self.objective = SPOObjective.from_config(config)
+
+        o = config.optimizer
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        policy, self.optimizer = acc.prepare(self.backbone.unet, optimizer)
+        self.backbone.policy_forward = policy
+        self.policy = policy
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            o.lr_scheduler, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            num_warmup_steps=o.warmup_rounds, num_training_steps=config.train.rounds,
+        )
+        self.metrics = MetricsLog(acc, self.run_dir / "metrics.jsonl")
+        self.prompt_schedule = PromptSchedule(self.prompts, config.seed, config.train.prompts_per_round, acc.num_processes)
+        self.rounds_done = 0
+        self.step = 0
+        self.skipped_rounds = 0
+        if self.resume_from is not None:
+            state = load_checkpoint(
+                acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
+            )
+            self.rounds_done, self.step = int(state["rounds_done"]), int(state["step"])
+            self.skipped_rounds = int(state.get("skipped_rounds", 0))
+            self.metrics.truncate_after(self.rounds_done)
+        if trackers:
+            acc.init_trackers("spo", config=_flat_config(self.config))
+
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _config_prompts(config: SPOConfig) -> list[str]:
+        if not config.data.prompts:
+            raise TrainingError("data.prompts: give a prompts file (one prompt per line, or a JSON list)")
+        return load_prompts(config.data.prompts)
+
+    def _prepare_run_dir(self, resume: bool) -> Path | None:
+        acc = self.accelerator
+        existing = list_checkpoints(self.run_dir)
+        if not resume:
+            if existing:
+                raise TrainingError(
+                    f"{self.run_dir} already holds checkpoints ({existing[-1].name}); "
+                    "pass --resume to continue that run, or choose another --output"
+                )
+            if acc.is_main_process:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return None
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            if acc.is_main_process:
+                print(f"--resume: no checkpoint in {self.run_dir}; starting from the beginning")
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return None
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.exists():
+            saved = load_config(saved_path)
+            if saved.train.num_processes not in (None, acc.num_processes):
+                raise CheckpointError(
+                    f"this run used {saved.train.num_processes} processes and is resumed with "
+                    f"{acc.num_processes}; resume with the same number to continue exactly"
+                )
+            changed = _changed_keys(config_to_dict(saved), config_to_dict(self.config))
+            changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+            if changed:
+                raise CheckpointError(
+                    f"--resume with a different configuration: {', '.join(changed)} differ from "
+                    f"{saved_path}; only train.rounds and logging.* may change"
+                )
+        return latest
+
+    # ------------------------------------------------------------------ one round
+    def _round_prompts(self, round_index: int) -> list[str]:
+        return self.prompt_schedule.prompts_for(round_index, self.accelerator.process_index)
+
+    def sample_round(self, round_index: int) -> tuple[TransitionRecords, dict[str, Any]]:
+        """Roll out this process's prompts; returns its valid records and its statistics."""
+        acc = self.accelerator
+        if hasattr(self.scorer, "clear_cache"):
+            self.scorer.clear_cache()  # type: ignore[union-attr]
+        self.policy.eval()
+        gen = generator(self.config.seed, "sample", round_index, acc.process_index)
+        with acc.autocast():
+            rollout = self.sampler.rollout(self._round_prompts(round_index), gen)
+        stats = rollout.stats
+        return rollout.records, {
+            "pools": stats.pools,
+            "valid_pairs": stats.valid_pairs,
+            "score_mean": stats.score_mean,
+            "score_std": stats.score_std,
+            "trajectory_score": stats.trajectory_score,
+        }
+
+    def train_on(self, records: TransitionRecords, round_index: int) -> list[dict[str, float]]:
+        """Optimiser steps over this process's share of the round's records."""
+        acc, cfg = self.accelerator, self.config.train
+        self.policy.train()
+        logs = []
+        n = len(records)
+        for epoch in range(cfg.epochs_per_round):
+            order = torch.arange(n) if epoch == 0 else torch.randperm(
+                n, generator=generator(self.config.seed, "epoch", round_index, epoch, acc.process_index)
+            )
+            micro = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            for g in range(0, len(micro), cfg.gradient_accumulation_steps):
+                group = micro[g : g + cfg.gradient_accumulation_steps]
+                logs.append(self._optimizer_step(records, group, round_index))
+        return logs
+
+    def _optimizer_step(self, records: TransitionRecords, group: list[torch.Tensor], round_index: int) -> dict[str, float]:
+        acc = self.accelerator
+        total = sum(len(rows) for rows in group)
+        sums = dict.fromkeys(STEP_METRICS, 0.0)
+        for j, rows in enumerate(group):
+            last = j == len(group) - 1
+            batch = records.index(rows)
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.policy)
+            with sync, acc.autocast():
+                out = self.objective(self.backbone, self.schedule, batch)
+                loss = out.loss * (len(rows) / total)
+            bad = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0], device=acc.device)
+            if float(acc.reduce(bad, reduction="sum")) > 0:
+                latest = latest_checkpoint(self.run_dir)
+                raise TrainingError(
+                    f"non-finite SPO loss in round {round_index} (step {self.step}); nothing was saved after "
+                    f"{latest.name if latest else 'the start'}: lower optimizer.lr or check the scorer, then --resume"
+                )
+            acc.backward(loss)
+            for k in STEP_METRICS:
+                sums[k] += out.metrics[k] * len(rows) / total
+        grad_norm = float("nan")
+        if self.config.optimizer.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        local = torch.tensor([sums[k] for k in STEP_METRICS], device=acc.device, dtype=torch.float64)
+        mean = (acc.reduce(local, reduction="sum") / acc.num_processes).tolist()
+        entry = {"type": "step", "step": self.step, "round": round_index, **dict(zip(STEP_METRICS, mean))}
+        entry.update(lr=self.lr_scheduler.get_last_lr()[0], grad_norm=grad_norm, pairs=total * acc.num_processes,
+                     num_processes=acc.num_processes)
+        if self.step % self.config.logging.log_every == 0:
+            self.metrics.write(entry, self.step, "train")
+        return entry
+
+    def run_round(self, round_index: int) -> dict[str, Any]:
+        acc = self.accelerator
+        t0 = time.perf_counter()
+        records, stats = self.sample_round(round_index)
+        counts = gather_counts(acc, len(records))
+        pools = sum(gather_counts(acc, stats["pools"]))
+        t_sample = time.perf_counter() - t0
+        total = sum(counts)
+        entry: dict[str, Any] = {
+            "type": "round", "round": round_index, "num_processes": acc.num_processes,
+            "valid_records": total, "records_per_process": counts, "pools": pools,
+            "valid_pair_rate": (sum(gather_counts(acc, stats["valid_pairs"])) / pools) if pools else 0.0,
+            "score_mean": _mean(stats["score_mean"]), "score_std": _mean(stats["score_std"]),
+            "score_mean_per_t": stats["score_mean"], "trajectory_score_per_t": stats["trajectory_score"],
+            # the continuing trajectory's score at the last pool (its final image, scored at t = 0)
+            "final_score": list(stats["trajectory_score"].values())[-1] if stats["trajectory_score"] else float("nan"),
+        }
+        t1 = time.perf_counter()
+        steps: list[dict[str, float]] = []
+        if total < acc.num_processes:
+            self.skipped_rounds += 1
+            entry["skipped"] = True
+        else:
+            everything = gather_records(acc, records, counts)
+            perm = torch.randperm(total, generator=generator(self.config.seed, "shuffle", round_index))
+            share = total // acc.num_processes
+            mine = perm[acc.process_index * share : (acc.process_index + 1) * share]
+            steps = self.train_on(everything.index(mine), round_index)
+            entry["skipped"] = False
+        with warnings.catch_warnings():  # a skipped round has no optimizer.step(); the schedule still advances
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.lr_scheduler.step()
+        entry.update(
+            optimizer_steps=len(steps), sampling_seconds=round(t_sample, 3),
+            training_seconds=round(time.perf_counter() - t1, 3),
+        )
+        if steps:
+            entry.update({k: sum(s[k] for s in steps) / len(steps) for k in STEP_METRICS})
+        self.metrics.write(entry, round_index, "round")
+        return entry
+
+    # ------------------------------------------------------------------ the loop
+    def checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.accelerator, self.run_dir, self.rounds_done, trainable=self.trainable, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints,
+            state={"step": self.step, "skipped_rounds": self.skipped_rounds, "seed": self.config.seed},
+        )
+
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Run the remaining rounds (``stop_after``: stop early after that many rounds in total,
+        as an interruption would; tests use it)."""
+        acc, cfg = self.accelerator, self.config
+        end = cfg.train.rounds if stop_after is None else min(stop_after, cfg.train.rounds)
+        bar = tqdm(total=cfg.train.rounds, initial=self.rounds_done, desc="SPO rounds", unit="round",
+                   disable=not (self.progress and acc.is_main_process))
+        last: dict[str, Any] = {}
+        while self.rounds_done < end:
+            last = self.run_round(self.rounds_done)
+            self.rounds_done += 1
+            bar.update(1)
+            if not last["skipped"]:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_accuracy']:.2f}",
+                                valid=f"{last['valid_pair_rate']:.2f}")
+            if self.rounds_done % cfg.logging.checkpoint_every == 0 or self.rounds_done == cfg.train.rounds:
+                self.checkpoint()
+        bar.close()
+        lora_path = None
+        if self.rounds_done == cfg.train.rounds:
+            lora_path = self.save_final()
+        acc.wait_for_everyone()
+        if acc.trackers:
+            acc.end_training()
+        return TrainResult(self.run_dir, self.rounds_done, self.step, self.skipped_rounds, lora_path, last)
+
+    def save_final(self) -> Path | None:
+        """The final weights: ``lora/pytorch_lora_weights.safetensors`` (diffusers format), or
+        ``unet/`` under full fine-tuning."""
+        acc = self.accelerator
+        path = None
+        if acc.is_main_process:
+            if self.config.model.finetune == "lora":
+                path = self.backbone.save_lora(self.run_dir / "lora")
+            else:
+                path = self.run_dir / "unet"
+                self.backbone.unet.save_pretrained(path)
+        acc.wait_for_everyone()
+        return path
+
+
+def _mean(values: dict[Any, float]) -> float:
+    return sum(values.values()) / len(values) if values else float("nan")
+
+
+def _flat_config(config: SPOConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in config_to_dict(config).items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        else:
+            flat[section] = values
+    return flat
+
+
+def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys.extend(_changed_keys(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
