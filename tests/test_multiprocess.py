@@ -1,0 +1,49 @@
+"""Two-process CPU training (gloo) through `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spo.training import read_metrics
+
+SCRIPT = Path(__file__).with_name("multiprocess_train.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_process_training(tiny_sd15_path: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green stars\na yellow cat\n")
+    run = tmp_path / "run"
+    # `--cpu --num_processes 2` silently runs ONE process; this form gives two gloo ranks
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(SCRIPT), str(tiny_sd15_path), str(prompts), str(run)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((run / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["num_processes"] == 2 for r in ranks)
+    # the same LoRA weights on both ranks (DDP averaged the gradients)
+    assert ranks[0]["weights_hash"] == pytest.approx(ranks[1]["weights_hash"], rel=1e-12, abs=1e-12)
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0 and ranks[0]["skipped"] == ranks[1]["skipped"] == 1
+    # even split: both ranks trained on the same number of records each round
+    assert ranks[0]["local_records"] == ranks[1]["local_records"]
+    rounds = [e for e in read_metrics(run / "metrics.jsonl") if e["type"] == "round"]
+    assert [e["num_processes"] for e in rounds] == [2, 2, 2, 2]
+    assert rounds[0]["records_per_process"][1] == 0 and rounds[0]["records_per_process"][0] > 0
+    assert not rounds[0]["skipped"] and rounds[1]["skipped"] and rounds[1]["valid_records"] == 0
+    assert "num_processes: 2" in (run / "config.yaml").read_text()
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -1,0 +1,194 @@
+"""The SPO trainer on the tiny SD-1.5 pipeline: learning, exact resume, export, run-dir safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spo.cli import main
+from spo.config import load_config
+from spo.training import CheckpointError, SPOTrainer, TrainingError, latest_checkpoint, read_metrics
+
+PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow star", "a purple cat", "an orange dog"]
+
+
+def brightness(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+    """A fixed, learnable preference: brighter images win."""
+    return images.mean(dim=(1, 2, 3)) * 100
+
+
+@pytest.fixture()
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def _config(model: Path, prompts: Path, *overrides: str):  # noqa: ANN202
+    return load_config(
+        "sd15",
+        [
+            f"model.pretrained={model}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
+            "train.mixed_precision=no", f"data.prompts={prompts}", "train.rounds=4", "train.prompts_per_round=2",
+            "train.batch_size=8", "sampling.num_inference_steps=10", "pools.threshold=0.0",
+            "optimizer.lr=1e-3", "logging.tensorboard=false", "logging.checkpoint_every=1", *overrides,
+        ],
+    )
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_training_learns_a_fixed_preference_on_held_out_pairs(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    config = _config(tiny_sd15_path, prompts_file, "train.rounds=6", "train.prompts_per_round=4",
+                     "train.batch_size=16", "optimizer.lr=3e-3", "logging.checkpoint_every=100")
+    trainer = SPOTrainer(config, tmp_path / "run", scorer=brightness, progress=False)
+    held_out = trainer.sampler.rollout(
+        ["a red square", "a big purple circle", "three green cats", "a blue dog", "an orange tree", "two stars"],
+        torch.Generator().manual_seed(12345),
+    ).records
+    with torch.no_grad():
+        before = trainer.objective(trainer.backbone, trainer.schedule, held_out).metrics
+    result = trainer.train()
+    with torch.no_grad():
+        after = trainer.objective(trainer.backbone, trainer.schedule, held_out).metrics
+    assert before["reward_accuracy"] == 0.0 and before["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert len(held_out) >= 30
+    assert after["reward_accuracy"] > 0.65, after  # chance is 0.5
+    assert after["reward_margin"] > 0 and after["loss"] < before["loss"]
+    assert result.steps == 12 and result.skipped_rounds == 0
+    steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["type"] == "step"]
+    assert steps[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert steps[0]["ratio_win"] == 1.0 and steps[0]["ratio_lose"] == 1.0
+
+
+def test_metrics_config_and_logs(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = _config(tiny_sd15_path, prompts_file, "train.rounds=2", "logging.tensorboard=true")
+    SPOTrainer(config, run, scorer=brightness, progress=False).train()
+    saved = load_config(run / "config.yaml")
+    assert saved.train.num_processes == 1 and saved.pools.threshold == 0.0
+    entries = read_metrics(run / "metrics.jsonl")
+    steps = [e for e in entries if e["type"] == "step"]
+    rounds = [e for e in entries if e["type"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    for key in ("step", "round", "loss", "ratio_win", "ratio_lose", "clamp_fraction", "reward_accuracy",
+                "reward_margin", "lr", "num_processes"):
+        assert all(key in s for s in steps), key
+    for key in ("valid_pair_rate", "score_mean", "score_std", "sampling_seconds", "training_seconds", "num_processes"):
+        assert all(key in r for r in rounds), key
+    assert rounds[0]["pools"] == 2 * 6 and rounds[0]["valid_records"] == 12  # 6 pools of 2 prompts
+    assert list((run / "logs").rglob("events.out.tfevents*")), "TensorBoard logs by default"
+
+
+def test_resume_is_exact(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    config = _config(tiny_sd15_path, prompts_file, "logging.checkpoint_every=2")
+    SPOTrainer(config, tmp_path / "full", scorer=brightness, progress=False).train()
+    interrupted = SPOTrainer(config, tmp_path / "cut", scorer=brightness, progress=False)
+    interrupted.train(stop_after=3)  # killed after round 3; the last checkpoint is after round 2
+    assert latest_checkpoint(tmp_path / "cut").name == "round-000002"
+    resumed = SPOTrainer(config, tmp_path / "cut", scorer=brightness, resume=True, progress=False)
+    assert resumed.rounds_done == 2
+    resumed.train()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_log = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    cut_log = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [e["loss"] for e in full_log if e["type"] == "step"] == [e["loss"] for e in cut_log if e["type"] == "step"]
+
+
+def test_run_directory_safety(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = _config(tiny_sd15_path, prompts_file, "train.rounds=1")
+    SPOTrainer(config, run, scorer=brightness, progress=False).train()
+    with pytest.raises(TrainingError, match="--resume"):
+        SPOTrainer(config, run, scorer=brightness, progress=False)
+    with pytest.raises(CheckpointError, match="pools.k"):
+        SPOTrainer(_config(tiny_sd15_path, prompts_file, "train.rounds=2", "pools.k=3"), run, scorer=brightness,
+                   resume=True, progress=False)
+    # a half-written checkpoint (no trainer state) is never taken for the latest
+    (run / "checkpoints" / ".tmp-round-000009").mkdir()
+    (run / "checkpoints" / "round-000010").mkdir()
+    assert latest_checkpoint(run).name == "round-000001"
+    # longer run, same directory: --resume continues it
+    more = SPOTrainer(_config(tiny_sd15_path, prompts_file, "train.rounds=2"), run, scorer=brightness,
+                      resume=True, progress=False)
+    assert more.train().rounds == 2
+
+
+def test_non_finite_loss_stops_cleanly(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = SPOTrainer(_config(tiny_sd15_path, prompts_file), run, scorer=brightness, progress=False)
+    trainer.train(stop_after=1)
+    real = trainer.objective
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    trainer.objective = broken  # type: ignore[assignment]
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.train()
+    assert latest_checkpoint(run).name == "round-000001"
+
+
+def test_saved_lora_round_trips_through_diffusers(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from spo.sampling import ddim_sample
+
+    run = tmp_path / "run"
+    trainer = SPOTrainer(_config(tiny_sd15_path, prompts_file, "optimizer.lr=1e-2", "objective.eps=null"), run,
+                         scorer=brightness, progress=False)
+    trainer.train()
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd15_path))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=10, guidance_scale=5.0, eta=0.0, height=32, width=32, output_type="latent")
+    before = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(run / "lora"))
+    after = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert float((after - before).abs().max()) > 1e-2
+    trainer.backbone.policy_forward = None
+    ours = ddim_sample(trainer.backbone, ["a red circle"], num_inference_steps=10, eta=0.0, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, after, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_train_errors(tiny_sd15_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "sd15", "--output", str(tmp_path / "run"), f"model.pretrained={tiny_sd15_path}",
+            "model.dtype=float32", "model.device=cpu"]
+    assert main([*base, f"data.prompts={tmp_path / 'missing.txt'}"]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main([*base, f"data.prompts={empty}"]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    assert main([*base]) == 2
+    assert "data.prompts" in capsys.readouterr().err
+
+
+def test_cli_train_end_to_end(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    from spo.backbones.tiny import save_tiny_clip
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    run = tmp_path / "run"
+    args = ["train", "sd15", "--output", str(run), f"model.pretrained={tiny_sd15_path}", "model.dtype=float32",
+            "model.device=cpu", "model.resolution=32", "train.mixed_precision=no", f"data.prompts={prompts_file}",
+            "train.rounds=2", "train.prompts_per_round=2", "seed=3", "pools.k=3", "pools.threshold=0.0",
+            "logging.checkpoint_every=1", f"preference.pretrained={clip}", "sampling.num_inference_steps=8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "optimiser steps" in out and "pytorch_lora_weights.safetensors" in out
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((run / "checkpoints" / "round-000002" / "trainer_state.json").read_text())["rounds_done"] == 2
+    for name in ("optimizer.pt", "lr_scheduler.pt", "rng-0.pt"):  # plain tensors: loadable without pickled code
+        torch.load(run / "checkpoints" / "round-000002" / name, weights_only=True)
