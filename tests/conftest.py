@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (pickapic_fixture)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -33,3 +36,25 @@ def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_path(request: pytest.FixtureRequest) -> tuple[str, Path]:
     """(kind, directory) for each tiny pipeline."""
     return request.param, request.getfixturevalue(f"tiny_{request.param}_path")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from spo.backbones.tiny import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_fitted_vae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-1.5 pipeline whose VAE keeps layout through encode/decode (SPM training tests)."""
+    from spo.backbones.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("tiny-sd15-vae"), seed=0, fit_vae_steps=150)
+
+
+@pytest.fixture(scope="session")
+def pickapic_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pickapic_fixture import save_pickapic
+
+    return save_pickapic(tmp_path_factory.mktemp("pickapic") / "data", train=96, validation=48, ties=4, corrupt=2)

@@ -111,6 +111,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_spm(args: argparse.Namespace) -> int:
+    from .preference.training import SPMTrainer
+
+    config = _load(args.config)
+    trainer = SPMTrainer(config, args.output, resume=args.resume)
+    before = trainer.validate() if not args.resume and trainer.step == 0 else None
+    result = trainer.train()
+    if not trainer.accelerator.is_main_process:
+        return 0
+    print(format_accuracy_table(result.validation, before))
+    _summary(
+        [
+            ("run directory", str(result.run_dir)),
+            ("processes", str(trainer.accelerator.num_processes)),
+            ("optimiser steps", str(result.steps)),
+            ("rows skipped (bad data)", str(result.skipped_rows)),
+            ("SPM", f"{result.spm_path} (use: preference.pretrained={result.spm_path})"),
+        ]
+    )
+    return 0
+
+
+def format_accuracy_table(after: dict[int, float], before: dict[int, float] | None = None) -> str:
+    """Validation pair accuracy per timestep, as a text table."""
+    header = "t      | " + ("before | " if before else "") + "accuracy"
+    lines = [header, "-" * len(header)]
+    for t, acc in after.items():
+        lines.append(f"{t:<6} | " + (f"{before[t]:.3f}  | " if before else "") + f"{acc:.3f}")
+    return "\n".join(lines)
+
+
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
     from .backbones.tiny import save_tiny_pipeline
 
@@ -194,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     train.set_defaults(func=cmd_train)
 
+    spm = sub.add_parser(
+        "train-spm",
+        help="train a step-aware preference model: spo train-spm [PRESET|FILE] --output RUN_DIR spm.data=DATA",
+        description="Train the SPM of preference.* on Pick-a-Pic-format pairs (spm.data), noised with the "
+        "diffusion model of model.*; validation accuracy per timestep at the end.",
+    )
+    spm.add_argument("config", nargs="*", metavar="PRESET|FILE|key=value")
+    spm.add_argument("--output", "-o", required=True, help="run directory")
+    spm.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    spm.set_defaults(func=cmd_train_spm)
+
     tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")
     tiny.add_argument("kind", choices=["sd15", "sdxl"])
     tiny.add_argument("output")
@@ -212,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data import PromptsError
     from .errors import ModelLoadError
+    from .data import PreferenceDataError
+    from .preference.training import SPMTrainingError
     from .training import CheckpointError, TrainingError
 
     parser = build_parser()
@@ -225,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = [*args.config, *extras]
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError) as err:
+    except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
+            SPMTrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -174,13 +174,19 @@ def build_tiny_sdxl(seed: int = 0, force_zeros_for_empty_prompt: bool = True) ->
     )
 
 
-def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **kwargs: Any) -> Path:
-    """Build a tiny ``sd15`` or ``sdxl`` pipeline and ``save_pretrained`` it to ``directory``."""
+def save_tiny_pipeline(
+    kind: str, directory: str | Path, seed: int = 0, fit_vae_steps: int = 0, **kwargs: Any
+) -> Path:
+    """Build a tiny ``sd15`` or ``sdxl`` pipeline and ``save_pretrained`` it to ``directory``
+    (``fit_vae_steps`` > 0: first teach its VAE to reconstruct, see :func:`fit_tiny_vae`)."""
     builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
     if kind not in builders:
         raise ValueError(f"unknown tiny pipeline {kind!r}; expected one of {sorted(builders)}")
     directory = Path(directory)
-    builders[kind](seed=seed, **kwargs).save_pretrained(directory, safe_serialization=True)
+    pipeline = builders[kind](seed=seed, **kwargs)
+    if fit_vae_steps:
+        fit_tiny_vae(pipeline.vae, steps=fit_vae_steps, seed=seed)
+    pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
 
 
@@ -206,3 +212,25 @@ def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def fit_tiny_vae(vae: Any, steps: int = 150, seed: int = 0, lr: float = 2e-3) -> Any:
+    """Train a tiny VAE for a few steps to reconstruct blocky 32x32 images, so that layout survives
+    encode -> decode (a random VAE scrambles it). For tests of the SPM's noising path."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    size = int(vae.config.sample_size)
+    vae.train()
+    for _ in range(steps):
+        x = torch.rand(16, 3, 1, 1, generator=generator) * 0.3 + torch.randn(16, 3, size, size, generator=generator) * 0.05
+        side = size // 3
+        for i in range(16):
+            top, left = torch.randint(0, size - side, (2,), generator=generator).tolist()
+            x[i, :, top : top + side, left : left + side] = torch.rand(3, 1, 1, generator=generator) * 0.5 + 0.5
+        x = x * 2 - 1
+        latents = vae.encode(x).latent_dist.sample(generator)
+        loss = (vae.decode(latents).sample - x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return vae.eval().requires_grad_(False)

@@ -595,6 +595,18 @@ def _value_problems(c: SPOConfig) -> list[str]:
     rule(lg.log_every >= 1, f"logging.log_every must be >= 1, got {lg.log_every!r}")
     rule(lg.checkpoint_every >= 1,
          f"logging.checkpoint_every must be >= 1, got {lg.checkpoint_every!r}")
+    sp = c.spm
+    for name in ("steps", "batch_size", "gradient_accumulation_steps", "validate_every", "checkpoint_every"):
+        rule(getattr(sp, name) >= 1, f"spm.{name} must be >= 1, got {getattr(sp, name)!r}")
+    rule(sp.lr > 0, f"spm.lr must be > 0, got {sp.lr!r}")
+    rule(0 < sp.validation_fraction < 1, f"spm.validation_fraction must be in (0, 1), got {sp.validation_fraction!r}")
+    rule(0 <= sp.relabel_threshold < 1, f"spm.relabel_threshold must be in [0, 1), got {sp.relabel_threshold!r}")
+    rule(len(sp.validation_timesteps) >= 1 and all(t >= 0 for t in sp.validation_timesteps),
+         f"spm.validation_timesteps must be a non-empty list of timesteps >= 0, got {sp.validation_timesteps!r}")
+    if sp.validation_pairs is not None:
+        rule(sp.validation_pairs >= 1, f"spm.validation_pairs must be null or >= 1, got {sp.validation_pairs!r}")
+    if sp.guidance_scale is not None:
+        rule(sp.guidance_scale > 0, f"spm.guidance_scale must be null or > 0, got {sp.guidance_scale!r}")
     rule(lg.keep_checkpoints >= 1,
          f"logging.keep_checkpoints must be >= 1, got {lg.keep_checkpoints!r}")
     if c.train.num_processes is not None:

@@ -340,6 +340,59 @@ class EvalConfig:
     guidance_scale: float | None = None
 
 
+def _default_validation_timesteps() -> list[int]:
+    return [0, 251, 501, 701, 951]
+
+
+@dataclass
+class SPMTrainConfig:
+    """Training a step-aware preference model on noised preference pairs (``spo train-spm``).
+
+    Each pair (caption, jpg_0, jpg_1, label_0, label_1) is encoded with the diffusion model's
+    VAE (``model.*``), noised at one t ~ U{0..T-1} with ONE noise tensor for both images, denoised
+    to the DDIM x0 estimate under classifier-free guidance, decoded, and scored by the SPM at t.
+
+    Attributes:
+        data: Pick-a-Pic-format data: a ``datasets`` directory saved with ``save_to_disk``, or
+            parquet file(s) (a file, a directory of them, or a glob).
+        train_split: Split to train on (a saved ``DatasetDict``); ignored for a single split.
+        validation_split: Split for validation (Pick-a-Pic: ``validation_unique``); ``null``
+            holds out ``validation_fraction`` of the training rows instead.
+        validation_fraction: Share of training rows held out when there is no validation split.
+        steps: Optimiser steps (the release: 8k for SD-1.5, 7k for SDXL, on 4 GPUs).
+        batch_size: Pairs per process per micro-batch.
+        gradient_accumulation_steps: Micro-batches per optimiser step.
+        lr: AdamW learning rate (3e-6 for SD-1.5, 1e-6 for SDXL); betas, weight decay, eps and
+            clipping come from ``optimizer``.
+        guidance_scale: CFG of the x0 estimate; ``null`` = ``sampling.guidance_scale``.
+        validation_timesteps: t at which validation pair accuracy is measured.
+        validation_pairs: At most this many validation pairs (``null`` = all).
+        validate_every: Steps between validations (also run at the end).
+        checkpoint_every: Steps between checkpoints (atomic; ``--resume`` continues exactly).
+        relabel: Optional reward model (CLIPModel directory or hub id) that relabels each pair on
+            its clean images (the release's SDXL recipe); ``null`` keeps the human labels.
+        relabel_threshold: With ``relabel``: a pair whose probability gap is below this is a tie.
+        mixed_precision: Autocast of the SPM forward (the release uses bf16 on GPUs).
+    """
+
+    data: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = "validation_unique"
+    validation_fraction: float = 0.1
+    steps: int = 8000
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 3e-6
+    guidance_scale: float | None = None
+    validation_timesteps: list[int] = field(default_factory=_default_validation_timesteps)
+    validation_pairs: int | None = 500
+    validate_every: int = 500
+    checkpoint_every: int = 500
+    relabel: str | None = None
+    relabel_threshold: float = 0.1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
 @dataclass
 class SPOConfig:
     """Complete configuration of an SPO run.
@@ -357,6 +410,7 @@ class SPOConfig:
         train: The sample-then-train loop (:class:`TrainConfig`).
         logging: Metrics and checkpoints (:class:`LoggingConfig`).
         eval: Evaluation (:class:`EvalConfig`).
+        spm: Step-aware preference model training (:class:`SPMTrainConfig`).
     """
 
     seed: int = 0
@@ -371,3 +425,4 @@ class SPOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    spm: SPMTrainConfig = field(default_factory=SPMTrainConfig)

@@ -94,21 +94,27 @@ class CLIPScorer(nn.Module):
     def clear_cache(self) -> None:
         self._text_cache.clear()
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
-        """Normalised text embeddings, one row per prompt (cached per distinct prompt)."""
+    def _encode_text(self, prompts: Sequence[str]) -> Tensor:
+        max_length = self.tokenizer.model_max_length
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True,
+            max_length=max_length if max_length < 10_000 else 77, return_tensors="pt",
+        ).to(self.device)
+        emb = self.model.get_text_features(**tokens)
+        emb = getattr(emb, "pooler_output", emb)
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    def text_embeddings(self, prompts: Sequence[str], cache: bool = True) -> Tensor:
+        """Normalised text embeddings, one row per prompt. With ``cache`` (sampling) each distinct
+        prompt is encoded once until :meth:`clear_cache`, without gradients; without it
+        (training) the text tower runs with gradients."""
+        if not cache:
+            return self._encode_text(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            tokens = self.tokenizer(
-                missing, padding="max_length", truncation=True,
-                max_length=self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10_000 else 77,
-                return_tensors="pt",
-            ).to(self.device)
-            emb = self.model.get_text_features(**tokens)
-            emb = getattr(emb, "pooler_output", emb)
-            emb = emb / emb.norm(dim=-1, keepdim=True)
-            for p, e in zip(missing, emb):
-                self._text_cache[p] = e
+            with torch.no_grad():
+                for p, e in zip(missing, self._encode_text(missing)):
+                    self._text_cache[p] = e
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def image_embeddings(self, images: Tensor, timesteps: Tensor | None = None) -> Tensor:
@@ -117,10 +123,20 @@ class CLIPScorer(nn.Module):
         emb = getattr(emb, "pooler_output", emb)
         return emb / emb.norm(dim=-1, keepdim=True)
 
-    @torch.no_grad()
-    def forward(self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None) -> Tensor:
+    def score(self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None, *, cache: bool = False) -> Tensor:
+        """exp(logit_scale) * cos(image, text) with gradients (for training)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         img = self.image_embeddings(images, timesteps)
-        txt = self.text_embeddings(prompts).to(img.dtype)
+        txt = self.text_embeddings(prompts, cache=cache).to(img.dtype)
         return (self.model.logit_scale.exp() * (img * txt).sum(dim=-1)).float()
+
+    def forward(
+        self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None, *, grad: bool = False
+    ) -> Tensor:
+        """The sampler's scorer interface: scores without gradients, text embeddings cached.
+        ``grad=True`` (training, e.g. through a DDP wrapper) is :meth:`score` with gradients."""
+        if grad:
+            return self.score(images, prompts, timesteps, cache=False)
+        with torch.no_grad():
+            return self.score(images, prompts, timesteps, cache=True)

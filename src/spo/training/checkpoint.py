@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .seeding import rng_state, set_rng_state
 
-_NAME = re.compile(r"^round-(\d{6,})$")
+_NAME = re.compile(r"^(round|step)-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
 
 
@@ -34,35 +34,40 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those with a trainer state), oldest first."""
+def list_checkpoints(run_dir: str | Path, kind: str = "round") -> list[Path]:
+    """Complete checkpoints (those with a trainer state) named ``{kind}-NNNNNN``, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+    found = []
+    for p in root.iterdir():
+        match = _NAME.match(p.name)
+        if p.is_dir() and match and match.group(1) == kind and (p / STATE_FILE).exists():
+            found.append((int(match.group(2)), p))
+    return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
+def latest_checkpoint(run_dir: str | Path, kind: str = "round") -> Path | None:
+    found = list_checkpoints(run_dir, kind)
     return found[-1] if found else None
 
 
 def save_checkpoint(
     accelerator: Any,
     run_dir: str | Path,
-    rounds_done: int,
+    done: int,
     *,
     trainable: dict[str, torch.Tensor],
     optimizer: Any,
     lr_scheduler: Any,
     state: dict[str, Any],
     keep: int = 2,
+    kind: str = "round",
 ) -> Path:
-    """Write the checkpoint after ``rounds_done`` rounds on every process; returns its path."""
+    """Write the checkpoint after ``done`` rounds (or steps: ``kind="step"``) on every process."""
     root = checkpoint_dir(run_dir)
-    final = root / f"round-{rounds_done:06d}"
-    tmp = root / f".tmp-round-{rounds_done:06d}"
+    final = root / f"{kind}-{done:06d}"
+    tmp = root / f".tmp-{kind}-{done:06d}"
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -75,11 +80,11 @@ def save_checkpoint(
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "rounds_done": rounds_done}, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, f"{kind}s_done": done}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        for old in list_checkpoints(run_dir, kind)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

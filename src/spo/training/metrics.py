@@ -18,9 +18,9 @@ class MetricsLog:
         self.accelerator = accelerator
         self.path = Path(path)
 
-    def truncate_after(self, rounds_done: int) -> None:
-        """Drop lines of rounds >= ``rounds_done`` (written after the checkpoint a run resumes
-        from), so a resumed run's log reads as if it had never stopped."""
+    def truncate_after(self, done: int, key: str = "round") -> None:
+        """Drop lines written after the checkpoint a run resumes from (``round >= done``, or with
+        ``key="step"``: ``step > done``), so a resumed run's log reads as if it never stopped."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return
         kept = []
@@ -29,7 +29,8 @@ class MetricsLog:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the interruption
-            if int(entry.get("round", -1)) < rounds_done:
+            value = int(entry.get(key, -1))
+            if (value < done) if key == "round" else (value <= done):
                 kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept))
 

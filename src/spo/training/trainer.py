@@ -58,10 +58,12 @@ class TrainResult:
 
 
 def build_scorer(config: SPOConfig, device: torch.device) -> Scorer:
-    """The preference scorer the config names (a CLIP/PickScore model)."""
-    from ..preference import CLIPScorer
+    """The preference scorer the config names: the step-aware preference model of
+    ``preference.*`` (a CLIP/PickScore directory or hub id, an SPM directory, and/or the
+    authors' released SPM state dict in ``preference.checkpoint``)."""
+    from ..preference.training import load_preference_model
 
-    return CLIPScorer.from_pretrained(config.preference.pretrained, config.preference.processor, device=device)
+    return load_preference_model(config, device)
 
 
 class SPOTrainer:

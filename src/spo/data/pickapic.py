@@ -1,0 +1,133 @@
+"""Pick-a-Pic-format preference pairs: caption, jpg_0, jpg_1 (encoded image bytes), label_0, label_1.
+
+Loaded with ``datasets`` from a directory written by ``save_to_disk`` or from parquet files.
+Images are decoded lazily; an undecodable image or an unusable label makes its row *bad*: it is
+skipped and counted, never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+
+
+class PreferenceDataError(ValueError):
+    """Preference data that cannot be used (missing path, split or columns, nothing usable)."""
+
+
+def _parquet_files(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*.parquet"))
+    if p.is_file():
+        return [str(p)]
+    return sorted(glob.glob(path))
+
+
+def load_preference_split(path: str, split: str | None) -> Any:
+    """One split of Pick-a-Pic-format data as a ``datasets.Dataset`` (columns checked).
+
+    ``path``: a ``save_to_disk`` directory (a ``Dataset`` or a ``DatasetDict``), or parquet files
+    (a file, a directory or a glob; in a directory, files whose name starts with the split name
+    form that split, else all files form a single split).
+    """
+    import datasets
+
+    p = Path(path).expanduser()
+    if p.is_dir() and any((p / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        try:
+            loaded = datasets.load_from_disk(str(p))
+        except Exception as err:  # noqa: BLE001 - datasets raises IndexError on an empty split
+            raise PreferenceDataError(
+                f"{path}: could not load the saved dataset ({type(err).__name__}: {err}); is a split empty "
+                "or the directory damaged?"
+            ) from err
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise PreferenceDataError(f"{path}: no split {split!r}; available: {sorted(loaded)}")
+            data = loaded[split]
+        else:
+            data = loaded
+    else:
+        files = _parquet_files(path)
+        if not files:
+            raise PreferenceDataError(f"spm.data: {path!r} is neither a saved dataset nor parquet files")
+        if split is not None:
+            named = [f for f in files if Path(f).name.startswith(split)]
+            if named:
+                files = named
+            elif any(Path(f).name.startswith(("train", "validation", "test")) for f in files):
+                raise PreferenceDataError(f"{path}: no parquet files for split {split!r}")
+        data = datasets.load_dataset("parquet", data_files=files, split="train")
+    missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
+    if missing:
+        raise PreferenceDataError(
+            f"{path} ({split}): missing columns {missing}; Pick-a-Pic format needs {list(REQUIRED_COLUMNS)}"
+        )
+    if len(data) == 0:
+        raise PreferenceDataError(f"{path} ({split}): the split is empty")
+    return data
+
+
+def decode_image(data: Any, resolution: int) -> Tensor | None:
+    """Encoded image bytes -> (3, resolution, resolution) in [-1, 1] (resize short side, centre
+    crop); ``None`` when the bytes do not decode."""
+    try:
+        raw = data["bytes"] if isinstance(data, dict) else data
+        if isinstance(raw, Image.Image):
+            image = raw
+        else:
+            image = Image.open(io.BytesIO(raw))
+            image.load()
+        image = image.convert("RGB")
+    except Exception:  # noqa: BLE001 - any undecodable content is a bad row
+        return None
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    h, w = x.shape[-2:]
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return x[:, top : top + resolution, left : left + resolution].clamp(-1, 1)
+
+
+def parse_labels(label_0: Any, label_1: Any) -> tuple[float, float] | None:
+    """Normalised (label_0, label_1), or ``None`` if unusable (missing, negative, zero sum)."""
+    try:
+        a, b = float(label_0), float(label_1)
+    except (TypeError, ValueError):
+        return None
+    if not (a >= 0 and b >= 0 and a + b > 0):
+        return None
+    return a / (a + b), b / (a + b)
+
+
+def caption_weights(data: Any) -> list[float]:
+    """1 / (number of rows sharing the caption), per row of the split."""
+    captions = data["caption"]
+    counts = Counter(captions)
+    return [1.0 / counts[c] for c in captions]
+
+
+def load_pair(data: Any, index: int, resolution: int) -> dict[str, Any] | None:
+    """Row ``index`` as tensors, or ``None`` for a bad row."""
+    row = data[int(index)]
+    labels = parse_labels(row["label_0"], row["label_1"])
+    caption = row["caption"]
+    if labels is None or not isinstance(caption, str):
+        return None
+    image_0, image_1 = decode_image(row["jpg_0"], resolution), decode_image(row["jpg_1"], resolution)
+    if image_0 is None or image_1 is None:
+        return None
+    return {"caption": caption, "images": torch.stack([image_0, image_1]), "labels": labels}

@@ -1,0 +1,332 @@
+"""Training a step-aware preference model on noised preference pairs (``spo train-spm``).
+
+For each pair: VAE-encode both images; draw t ~ U{0..T-1} and ONE noise tensor; noise both
+latents with it; predict with the UNet under classifier-free guidance; take the DDIM x0
+estimate; decode; score both images with the SPM at t; cross-entropy against the labels (tie
+corrected, weighted by 1 / examples sharing the prompt). Validation: pair accuracy at fixed t.
+
+Every draw of step s comes from generators seeded by (seed, purpose, s, rank), and the row order
+from seeded epoch permutations, so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone, Conditioning, load_backbone, resolve_dtype
+from ..config import SPOConfig, save_config
+from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
+from ..diffusion import predict_x0_and_epsilon
+from ..training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..training.metrics import MetricsLog
+from ..training.seeding import derive_seed, generator
+from .clip_scorer import CLIPScorer
+from .loss import pair_accuracy, preference_pair_loss
+from .spm import StepAwarePreferenceModel
+
+
+class SPMTrainingError(RuntimeError):
+    """SPM training cannot go on; nothing was lost."""
+
+
+@dataclass
+class SPMTrainResult:
+    run_dir: Path
+    steps: int
+    skipped_rows: int
+    validation: dict[int, float]
+    spm_path: Path | None
+
+
+def load_preference_model(config: SPOConfig, device: torch.device | str | None = None) -> StepAwarePreferenceModel:
+    """The SPM the ``preference`` section names (also the sampler's scorer in ``spo train``)."""
+    p = config.preference
+    return StepAwarePreferenceModel.from_pretrained(
+        p.pretrained, p.processor, checkpoint=p.checkpoint, variant=p.variant, frequencies=p.time_frequencies,
+        device=device, dtype=resolve_dtype(p.dtype),
+    )
+
+
+@torch.no_grad()
+def noised_x0_images(
+    backbone: Backbone,
+    images: torch.Tensor,
+    cond: Conditioning,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    guidance_scale: float,
+    generator_: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Images (N, 2, 3, H, W) of N pairs -> the decoded DDIM x0 estimates after noising both
+    images of pair i at ``timesteps[i]`` with the SAME ``noise[i]``; returns (N, 2, 3, H, W)."""
+    n = images.shape[0]
+    latents = backbone.encode_images(images.flatten(0, 1), generator=generator_)  # (2N, C, h, w)
+    t = timesteps.repeat_interleave(2).to(latents.device)
+    eps = noise.repeat_interleave(2, dim=0).to(latents)
+    schedule = backbone.schedule(1)
+    abar = schedule.alphas_cumprod[t.cpu()].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * eps
+    out = backbone.predict(x_t, t, cond.repeat_interleave(2), guidance_scale)
+    x0, _ = predict_x0_and_epsilon(out, x_t, abar.flatten(), schedule.prediction_type)
+    return backbone.decode(x0.to(latents.dtype)).view(n, 2, *images.shape[2:])
+
+
+class SPMTrainer:
+    """Trains the SPM of ``config.preference`` on ``config.spm.data`` into ``run_dir``."""
+
+    def __init__(
+        self,
+        config: SPOConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        accelerator: Any = None,
+        progress: bool = True,
+    ) -> None:
+        from accelerate import Accelerator
+
+        cfg = config.spm
+        if not cfg.data:
+            raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
+        if config.preference.variant == "clean":
+            raise SPMTrainingError("preference.variant=clean is the untrained base model: nothing to train")
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.accelerator = acc = accelerator or Accelerator(
+            mixed_precision=cfg.mixed_precision, cpu=config.model.device == "cpu",
+            log_with=(["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else []) or None,
+            project_dir=str(self.run_dir / "logs"),
+        )
+        self.resume_from = self._prepare_run_dir(resume)
+        self.config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_processes=acc.num_processes))
+        if acc.is_main_process:
+            save_config(self.config, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+
+        self.train_data = load_preference_split(cfg.data, cfg.train_split)
+        self.train_rows, self.val_rows, self.val_data = self._splits()
+        self.weights = caption_weights(self.train_data)
+        torch.manual_seed(derive_seed(config.seed, "spm-init"))
+        self.backbone = load_backbone(dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt)
+        self.backbone.unet.requires_grad_(False)
+        self.num_train_timesteps = int(self.backbone.schedule(1).alphas_cumprod.numel())
+        too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]
+        if too_late:
+            raise SPMTrainingError(f"spm.validation_timesteps {too_late} are beyond the schedule (T = {self.num_train_timesteps})")
+        self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else config.sampling.guidance_scale
+        self.spm = load_preference_model(config, acc.device)
+        self.spm.model.requires_grad_(True)
+        self.params = [p for p in self.spm.parameters() if p.requires_grad]
+        self.trainable = {n: p for n, p in self.spm.named_parameters() if p.requires_grad}
+        self.relabeler = (
+            CLIPScorer.from_pretrained(cfg.relabel, config.preference.processor, device=acc.device) if cfg.relabel else None
+        )
+        o = config.optimizer
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        self.policy, self.optimizer = acc.prepare(self.spm, optimizer)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler("constant", self.optimizer.optimizer)
+        self.metrics = MetricsLog(acc, self.run_dir / "metrics.jsonl")
+        self.step, self.skipped_rows = 0, 0
+        self.validation: dict[int, float] = {}
+        if self.resume_from is not None:
+            state = load_checkpoint(acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer,
+                                    lr_scheduler=self.lr_scheduler)
+            self.step, self.skipped_rows = int(state["steps_done"]), int(state.get("skipped_rows", 0))
+            self.metrics.truncate_after(self.step, key="step")
+        if acc.trackers:
+            acc.init_trackers("spm")
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _prepare_run_dir(self, resume: bool) -> Path | None:
+        existing = list_checkpoints(self.run_dir, "step")
+        if existing and not resume:
+            raise SPMTrainingError(f"{self.run_dir} already holds checkpoints ({existing[-1].name}); pass --resume or choose another --output")
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not existing:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return latest_checkpoint(self.run_dir, "step") if resume else None
+
+    def _splits(self) -> tuple[list[int], list[int], Any]:
+        cfg = self.config.spm
+        rows = list(range(len(self.train_data)))
+        if cfg.validation_split is not None:
+            try:
+                val = load_preference_split(cfg.data, cfg.validation_split)  # type: ignore[arg-type]
+            except PreferenceDataError as err:
+                raise PreferenceDataError(f"{err} (set spm.validation_split=null to hold out training rows)") from None
+            return rows, list(range(len(val))), val
+        perm = torch.randperm(len(rows), generator=generator(self.config.seed, "holdout")).tolist()
+        n_val = max(1, int(len(rows) * cfg.validation_fraction))
+        if n_val >= len(rows):
+            raise PreferenceDataError(f"{cfg.data}: {len(rows)} rows are too few to hold out a validation set")
+        return sorted(perm[n_val:]), sorted(perm[:n_val]), self.train_data
+
+    def _row_at(self, position: int) -> int:
+        """Training row at a position of the infinite sequence of seeded epoch permutations."""
+        n = len(self.train_rows)
+        epoch, offset = divmod(position, n)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            self._perm = torch.randperm(n, generator=generator(self.config.seed, "spm-epoch", epoch)).tolist()
+            self._perm_epoch = epoch
+        return self.train_rows[self._perm[offset]]
+
+    # ------------------------------------------------------------------ scoring pairs
+    def _score_pairs(self, captions: list[str], images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                     gen: torch.Generator, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = self.backbone.encode_prompts(captions, with_negative=self.guidance != 1.0)
+        x0_images = noised_x0_images(self.backbone, images.to(self.accelerator.device), cond, timesteps, noise,
+                                     self.guidance, gen)
+        flat = x0_images.flatten(0, 1)
+        prompts = [c for c in captions for _ in range(2)]
+        ts = timesteps.repeat_interleave(2).to(flat.device)
+        with torch.set_grad_enabled(grad), self.accelerator.autocast():
+            # training goes through the (DDP-wrapped) policy so gradients are synchronised
+            scores = self.policy(flat, prompts, ts, grad=True) if grad else self.spm(flat, prompts, ts)
+        scores = scores.view(-1, 2)
+        return scores[:, 0], scores[:, 1]
+
+    def _relabel(self, images: torch.Tensor, captions: list[str], labels: torch.Tensor) -> torch.Tensor:
+        if self.relabeler is None:
+            return labels
+        flat = images.flatten(0, 1).to(self.accelerator.device)
+        s = self.relabeler(flat, [c for c in captions for _ in range(2)], torch.zeros(flat.shape[0]))
+        p = torch.softmax(s.view(-1, 2), dim=-1).cpu()
+        gap = (p[:, 0] - p[:, 1]).abs()
+        winner_0 = (p[:, 0] > p[:, 1]).float()
+        hard = torch.stack([winner_0, 1 - winner_0], dim=-1)
+        return torch.where((gap < self.config.spm.relabel_threshold)[:, None], torch.full_like(hard, 0.5), hard)
+
+    # ------------------------------------------------------------------ training
+    def _micro_batch(self, step: int, micro: int) -> tuple[list[dict[str, Any]], list[float], int]:
+        acc, cfg = self.accelerator, self.config.spm
+        per_step = cfg.batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        start = step * per_step + (micro * acc.num_processes + acc.process_index) * cfg.batch_size
+        pairs, weights, bad = [], [], 0
+        for position in range(start, start + cfg.batch_size):
+            row = self._row_at(position)
+            pair = load_pair(self.train_data, row, self.backbone.resolution)
+            if pair is None:
+                bad += 1
+                continue
+            pairs.append(pair)
+            weights.append(self.weights[row])
+        return pairs, weights, bad
+
+    def train_step(self) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.config.spm
+        self.policy.train()
+        losses, bad_total, used = [], 0, 0
+        for micro in range(cfg.gradient_accumulation_steps):
+            pairs, weights, bad = self._micro_batch(self.step, micro)
+            bad_total += bad
+            gen = generator(self.config.seed, "spm-step", self.step, micro, acc.process_index)
+            last = micro == cfg.gradient_accumulation_steps - 1
+            sync = acc.no_sync(self.policy) if not last else contextlib.nullcontext()
+            with sync:
+                if pairs:
+                    images = torch.stack([p["images"] for p in pairs])
+                    captions = [p["caption"] for p in pairs]
+                    labels = self._relabel(images, captions, torch.tensor([p["labels"] for p in pairs]))
+                    t = torch.randint(0, self.num_train_timesteps, (len(pairs),), generator=gen)
+                    noise = torch.randn(len(pairs), *self.backbone.latent_shape, generator=gen)
+                    s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=True)
+                    loss = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device))
+                    losses.append(float(loss.detach()))
+                    used += len(pairs)
+                else:  # every row of this micro-batch was bad: keep the processes in step
+                    loss = sum(p.sum() for p in self.params) * 0.0
+                acc.backward(loss / cfg.gradient_accumulation_steps)
+        if self.config.optimizer.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        stats = torch.tensor([sum(losses), len(losses), bad_total, used], device=acc.device, dtype=torch.float64)
+        total = acc.reduce(stats, reduction="sum").tolist()
+        if total[3] == 0:
+            raise PreferenceDataError(f"{cfg.data}: no usable pair in step {self.step} ({int(total[2])} bad rows)")
+        self.skipped_rows += int(total[2])
+        entry = {"type": "step", "step": self.step, "loss": total[0] / max(1, total[1]), "pairs": int(total[3]),
+                 "skipped_rows": self.skipped_rows, "lr": self.lr_scheduler.get_last_lr()[0],
+                 "num_processes": acc.num_processes}
+        self.metrics.write(entry, self.step, "spm")
+        return entry
+
+    @torch.no_grad()
+    def validate(self) -> dict[int, float]:
+        """Pair accuracy (non-tied pairs) at each validation timestep, all processes together."""
+        acc, cfg = self.accelerator, self.config.spm
+        self.spm.eval()
+        self.spm.clear_cache()  # the text tower has been trained since the cache was filled
+        rows = self.val_rows[: cfg.validation_pairs] if cfg.validation_pairs else self.val_rows
+        mine = rows[acc.process_index :: acc.num_processes]
+        result: dict[int, float] = {}
+        counts = torch.zeros(len(cfg.validation_timesteps), 3, dtype=torch.float64, device=acc.device)
+        for j, t_value in enumerate(cfg.validation_timesteps):
+            for start in range(0, len(mine), cfg.batch_size):
+                pairs = [load_pair(self.val_data, r, self.backbone.resolution) for r in mine[start : start + cfg.batch_size]]
+                keep = [(r, p) for r, p in zip(mine[start : start + cfg.batch_size], pairs) if p is not None]
+                counts[j, 2] += len(pairs) - len(keep)
+                if not keep:
+                    continue
+                gen = generator(self.config.seed, "spm-val", t_value, start, acc.process_index)
+                images = torch.stack([p["images"] for _, p in keep])
+                t = torch.full((len(keep),), t_value, dtype=torch.long)
+                noise = torch.randn(len(keep), *self.backbone.latent_shape, generator=gen)
+                s0, s1 = self._score_pairs([p["caption"] for _, p in keep], images, t, noise, gen, grad=False)
+                correct, counted = pair_accuracy(s0.cpu(), s1.cpu(), torch.tensor([p["labels"] for _, p in keep]))
+                counts[j, 0] += correct
+                counts[j, 1] += counted
+        counts = acc.reduce(counts, reduction="sum").cpu()
+        for j, t_value in enumerate(cfg.validation_timesteps):
+            result[t_value] = float(counts[j, 0] / counts[j, 1]) if counts[j, 1] > 0 else float("nan")
+        if int(counts[:, 1].sum()) == 0:
+            raise PreferenceDataError(f"{cfg.data}: the validation split has no usable non-tied pair")
+        entry = {"type": "validation", "step": self.step, "pairs": int(counts[0, 1]), "bad_rows": int(counts[0, 2]),
+                 **{f"accuracy_t{t}": v for t, v in result.items()}}
+        self.metrics.write(entry, self.step, "spm_val")
+        self.validation = result
+        return result
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.accelerator, self.run_dir, self.step, trainable=self.trainable, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints, kind="step",
+            state={"skipped_rows": self.skipped_rows, "seed": self.config.seed},
+        )
+
+    def train(self, stop_after: int | None = None) -> SPMTrainResult:
+        acc, cfg = self.accelerator, self.config.spm
+        end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="SPM steps", unit="step",
+                   disable=not (self.progress and acc.is_main_process))
+        start = time.perf_counter()
+        while self.step < end:
+            entry = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", skipped=self.skipped_rows)
+            if self.step % cfg.validate_every == 0 and self.step != cfg.steps:
+                self.validate()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.checkpoint()
+        bar.close()
+        spm_path = None
+        if self.step == cfg.steps:
+            self.validate()
+            if acc.is_main_process:
+                spm_path = self.spm.save(self.run_dir / "spm")
+        acc.wait_for_everyone()
+        if acc.trackers:
+            acc.end_training()
+        self.seconds = time.perf_counter() - start
+        return SPMTrainResult(self.run_dir, self.step, self.skipped_rows, dict(self.validation), spm_path)
