@@ -192,3 +192,13 @@ def test_cli_train_end_to_end(tiny_sd15_path: Path, prompts_file: Path, tmp_path
     assert json.loads((run / "checkpoints" / "round-000002" / "trainer_state.json").read_text())["rounds_done"] == 2
     for name in ("optimizer.pt", "lr_scheduler.pt", "rng-0.pt"):  # plain tensors: loadable without pickled code
         torch.load(run / "checkpoints" / "round-000002" / name, weights_only=True)
+
+
+def test_bf16_mixed_precision_keeps_lora_in_fp32(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    config = _config(tiny_sd15_path, prompts_file, "train.rounds=1", "train.mixed_precision=bf16", "model.dtype=bfloat16")
+    trainer = SPOTrainer(config, tmp_path / "run", scorer=brightness, progress=False)
+    assert trainer.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    first = next(e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["type"] == "step")
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-5) and first["ratio_win"] == 1.0
