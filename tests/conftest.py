@@ -58,3 +58,13 @@ def pickapic_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pickapic_fixture import save_pickapic
 
     return save_pickapic(tmp_path_factory.mktemp("pickapic") / "data", train=96, validation=48, ties=4, corrupt=2)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():  # noqa: ANN202
+    """accelerate keeps one AcceleratorState per process; tests build trainers with different
+    mixed-precision settings, so each test starts from a fresh one (the process group stays)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

@@ -29,10 +29,12 @@ def test_best_worst_and_tie_rule() -> None:
     assert choice.valid.tolist() == [True, False, False, True]
     expected = [_gap(21, 19), _gap(20.3, 20.0), 0.0, _gap(0.62, 0.0)]
     torch.testing.assert_close(choice.gap, torch.tensor(expected), atol=1e-6, rtol=0)
-    # the threshold is strict: a gap equal to it is a tie
+    # the threshold is strict: a gap equal to it is a tie (float64 scores stay float64)
     exact = torch.tensor([[math.atanh(0.3) * 2, 0.0]], dtype=torch.float64)
-    assert not bool(choose_pairs(exact, threshold=0.3 + 1e-5).valid[0])
-    assert bool(choose_pairs(exact, threshold=0.3 - 1e-5).valid[0])
+    gap = float(softmax_gap(exact[:, 0], exact[:, 1])[0])
+    assert gap == pytest.approx(0.3, abs=1e-12)
+    assert not bool(choose_pairs(exact, threshold=gap).valid[0])
+    assert bool(choose_pairs(exact, threshold=math.nextafter(gap, 0.0)).valid[0])
 
 
 def test_threshold_zero_keeps_every_pool_with_distinct_scores() -> None:

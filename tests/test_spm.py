@@ -67,6 +67,42 @@ def test_variants_after_training_the_time_modules(tiny_clip_path: Path) -> None:
     torch.testing.assert_close(clean(images, PROMPTS, torch.zeros(3)), CLIPScorer.from_pretrained(str(tiny_clip_path))(images, PROMPTS))
 
 
+def test_modulation_chunk_order(tiny_clip_path: Path) -> None:
+    """Release order: (shift, scale, gate) for attention, then for the MLP. Zeroing only chunk 2
+    (the attention gate) must remove every attention branch: compare with a hand-written forward
+    of the base CLIP without attention; then scale chunk 4 (MLP scale) only."""
+    base = CLIPScorer.from_pretrained(str(tiny_clip_path))
+    spm = StepAwarePreferenceModel.from_pretrained(str(tiny_clip_path))
+    width = spm.model.config.vision_config.hidden_size
+    with torch.no_grad():
+        for layer in spm.model.vision_model.encoder.layers:
+            layer.adaLN_modulation[1].bias[2 * width : 3 * width] = 0.0
+    images = _images()
+    vision = base.model.vision_model
+    pixels = clip_preprocess(images, base.size, base.mean, base.std)
+    with torch.no_grad():
+        h = vision.pre_layrnorm(vision.embeddings(pixels))
+        for layer in vision.encoder.layers:
+            h = h + layer.mlp(layer.layer_norm2(h))  # no attention branch
+        emb = base.model.visual_projection(vision.post_layernorm(h[:, 0]))
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        txt = base.text_embeddings(PROMPTS)
+        expected = base.model.logit_scale.exp() * (emb * txt).sum(-1)
+    torch.testing.assert_close(spm(images, PROMPTS, torch.full((3,), 500)), expected, rtol=1e-4, atol=1e-4)
+    spm2 = StepAwarePreferenceModel.from_pretrained(str(tiny_clip_path))
+    with torch.no_grad():
+        for layer in spm2.model.vision_model.encoder.layers:
+            layer.adaLN_modulation[1].bias[4 * width : 5 * width] = 1.0  # MLP LayerNorm output x 2
+        h = vision.pre_layrnorm(vision.embeddings(pixels))
+        for layer in vision.encoder.layers:
+            h = h + layer.self_attn(hidden_states=layer.layer_norm1(h))[0]
+            h = h + layer.mlp(layer.layer_norm2(h) * 2.0)
+        emb = base.model.visual_projection(vision.post_layernorm(h[:, 0]))
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        expected = base.model.logit_scale.exp() * (emb * txt).sum(-1)
+    torch.testing.assert_close(spm2(images, PROMPTS, torch.zeros(3)), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_timestep_embedding_closed_form() -> None:
     t = torch.tensor([0.0, 10.0, 999.0])
     emb = timestep_embedding(t, 8)

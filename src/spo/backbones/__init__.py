@@ -14,6 +14,13 @@ BACKBONES: dict[str, type[Backbone]] = {"sd15": SD15Backbone, "sdxl": SDXLBackbo
 
 def load_backbone(model_config: Any, negative_prompt: str | None = None) -> Backbone:
     """Build the backbone a ``ModelConfig`` names, without setting up fine-tuning."""
+    if model_config.backbone == "toy":
+        from ..toy.model import ToyBackbone  # the toy world depends on backbones, not the reverse
+
+        return ToyBackbone.from_pretrained(
+            model_config.pretrained, dtype=model_config.dtype, device=model_config.device,
+            negative_prompt=negative_prompt, resolution=model_config.resolution,
+        )
     try:
         cls = BACKBONES[model_config.backbone]
     except KeyError:

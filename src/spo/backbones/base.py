@@ -229,8 +229,8 @@ class Backbone(ABC):
         self.dtype = resolve_dtype(dtype)
         self.negative_prompt = negative_prompt
         self.unet = pipeline.unet
-        self.vae = pipeline.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae = getattr(pipeline, "vae", None)  # None: a pixel-space model, decode = identity
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.resolution = int(resolution or self.unet.config.sample_size * self.vae_scale_factor)
         self.reference_unet: torch.nn.Module | None = None
         #: the module ``predict`` calls for the policy (a DDP wrapper of ``unet`` in training)
@@ -242,7 +242,7 @@ class Backbone(ABC):
             module.requires_grad_(False)
             module.eval()
         pipeline.to(self.device)
-        if self.vae.dtype != self._vae_dtype():
+        if self.vae is not None and self.vae.dtype != self._vae_dtype():
             self.vae.to(dtype=self._vae_dtype())
 
     # ----------------------------------------------------------------------- loading helpers
@@ -355,6 +355,8 @@ class Backbone(ABC):
     # ----------------------------------------------------------------------- the VAE
     def decode(self, x0: Tensor) -> Tensor:
         """Decode latents (e.g. an x0-prediction) to images in [-1, 1], shape (B, 3, H, W)."""
+        if self.vae is None:
+            return x0.float().clamp(-1, 1)
         config = self.vae.config
         latents = x0.to(self.vae.dtype)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
@@ -369,6 +371,8 @@ class Backbone(ABC):
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Encode images in [-1, 1] to (scaled) latents, sampling the VAE posterior."""
+        if self.vae is None:
+            return images.to(self.device, self.dtype)
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
         config = self.vae.config

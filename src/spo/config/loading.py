@@ -687,8 +687,11 @@ def config_to_yaml(config: SPOConfig) -> str:
 
 
 def save_config(config: SPOConfig, path: str | Path) -> Path:
-    """Write ``config`` as YAML to ``path`` (creating parent folders); return the path."""
+    """Write ``config`` as YAML to ``path`` (creating parent folders; written to a temporary file
+    and renamed, so a reader never sees half a file); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_to_yaml(config), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(config_to_yaml(config), encoding="utf-8")
+    tmp.replace(path)
     return path

@@ -44,7 +44,7 @@ __all__ = [
     "SPOConfig",
 ]
 
-Backbone = Literal["sd15", "sdxl"]
+Backbone = Literal["sd15", "sdxl", "toy"]
 """Supported diffusion backbones."""
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -303,7 +303,8 @@ class LoggingConfig:
     """Metrics, checkpoints and preview samples.
 
     Attributes:
-        log_every: Log training metrics every this many rounds.
+        log_every: Write a step line to metrics.jsonl every this many optimiser steps
+            (round lines are always written).
         checkpoint_every: Save a checkpoint every this many rounds.
         tensorboard: Write TensorBoard event files.
         wandb: Log to Weights & Biases.

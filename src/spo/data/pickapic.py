@@ -122,7 +122,10 @@ def caption_weights(data: Any) -> list[float]:
 
 def load_pair(data: Any, index: int, resolution: int) -> dict[str, Any] | None:
     """Row ``index`` as tensors, or ``None`` for a bad row."""
-    row = data[int(index)]
+    try:  # an image column that datasets itself decodes can fail right here
+        row = data[int(index)]
+    except Exception:  # noqa: BLE001 - any unreadable row is a bad row
+        return None
     labels = parse_labels(row["label_0"], row["label_1"])
     caption = row["caption"]
     if labels is None or not isinstance(caption, str):

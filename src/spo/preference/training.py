@@ -72,9 +72,10 @@ def noised_x0_images(
     t = timesteps.repeat_interleave(2).to(latents.device)
     eps = noise.repeat_interleave(2, dim=0).to(latents)
     schedule = backbone.schedule(1)
-    abar = schedule.alphas_cumprod[t.cpu()].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * eps
-    out = backbone.predict(x_t, t, cond.repeat_interleave(2), guidance_scale)
+    # noising and the x0 estimate in fp32: alpha-bar rounded to fp16 is ~7% off in sqrt(1 - abar) at small t
+    abar = schedule.alphas_cumprod[t.cpu()].to(latents.device, torch.float32).view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents.float() + (1 - abar).sqrt() * eps.float()
+    out = backbone.predict(x_t.to(latents.dtype), t, cond.repeat_interleave(2), guidance_scale)
     x0, _ = predict_x0_and_epsilon(out, x_t, abar.flatten(), schedule.prediction_type)
     return backbone.decode(x0.to(latents.dtype)).view(n, 2, *images.shape[2:])
 
@@ -105,13 +106,15 @@ class SPMTrainer:
             project_dir=str(self.run_dir / "logs"),
         )
         self.resume_from = self._prepare_run_dir(resume)
+        acc.wait_for_everyone()
         self.config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_processes=acc.num_processes))
         if acc.is_main_process:
             save_config(self.config, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
 
-        self.train_data = load_preference_split(cfg.data, cfg.train_split)
-        self.train_rows, self.val_rows, self.val_data = self._splits()
+        with acc.main_process_first():  # one process prepares the datasets cache, then the others read it
+            self.train_data = load_preference_split(cfg.data, cfg.train_split)
+            self.train_rows, self.val_rows, self.val_data = self._splits()
         self.weights = caption_weights(self.train_data)
         torch.manual_seed(derive_seed(config.seed, "spm-init"))
         self.backbone = load_backbone(dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt)
@@ -121,7 +124,9 @@ class SPMTrainer:
         if too_late:
             raise SPMTrainingError(f"spm.validation_timesteps {too_late} are beyond the schedule (T = {self.num_train_timesteps})")
         self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else config.sampling.guidance_scale
-        self.spm = load_preference_model(config, acc.device)
+        # trainable weights in fp32 whatever preference.dtype says (that is the scoring precision);
+        # spm.mixed_precision autocasts the forward
+        self.spm = load_preference_model(config, acc.device).to(torch.float32)
         self.spm.model.requires_grad_(True)
         self.params = [p for p in self.spm.parameters() if p.requires_grad]
         self.trainable = {n: p for n, p in self.spm.named_parameters() if p.requires_grad}
@@ -140,6 +145,10 @@ class SPMTrainer:
         if self.resume_from is not None:
             state = load_checkpoint(acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer,
                                     lr_scheduler=self.lr_scheduler)
+            if int(state.get("num_processes", acc.num_processes)) != acc.num_processes:
+                raise SPMTrainingError(
+                    f"this run used {state['num_processes']} processes; resume with the same number to continue exactly"
+                )
             self.step, self.skipped_rows = int(state["steps_done"]), int(state.get("skipped_rows", 0))
             self.metrics.truncate_after(self.step, key="step")
         if acc.trackers:
@@ -243,8 +252,18 @@ class SPMTrainer:
                     loss = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device))
                     losses.append(float(loss.detach()))
                     used += len(pairs)
-                else:  # every row of this micro-batch was bad: keep the processes in step
-                    loss = sum(p.sum() for p in self.params) * 0.0
+                else:  # every row of this micro-batch was bad: a zero-weight pass through the DDP
+                    # wrapper keeps this process's gradient all-reduce in step with the others
+                    blank = torch.zeros(1, 3, self.backbone.resolution, self.backbone.resolution, device=acc.device)
+                    loss = self.policy(blank, [""], torch.zeros(1, device=acc.device), grad=True).sum() * 0.0
+                if not torch.isfinite(loss.detach()).all():
+                    bad_flag = torch.ones(1, device=acc.device)
+                else:
+                    bad_flag = torch.zeros(1, device=acc.device)
+                if float(acc.reduce(bad_flag, reduction="sum")) > 0:
+                    raise SPMTrainingError(
+                        f"non-finite SPM loss at step {self.step + 1}; the last checkpoint is intact: lower spm.lr, then --resume"
+                    )
                 acc.backward(loss / cfg.gradient_accumulation_steps)
         if self.config.optimizer.max_grad_norm is not None:
             acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
@@ -302,7 +321,8 @@ class SPMTrainer:
         return save_checkpoint(
             self.accelerator, self.run_dir, self.step, trainable=self.trainable, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints, kind="step",
-            state={"skipped_rows": self.skipped_rows, "seed": self.config.seed},
+            state={"skipped_rows": self.skipped_rows, "seed": self.config.seed,
+                   "num_processes": self.accelerator.num_processes},
         )
 
     def train(self, stop_after: int | None = None) -> SPMTrainResult:

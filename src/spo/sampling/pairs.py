@@ -28,7 +28,8 @@ class PairChoice:
 
 def softmax_gap(score_a: Tensor, score_b: Tensor) -> Tensor:
     """softmax([a, b])[0] - softmax([a, b])[1] over two raw scores (logits)."""
-    probs = torch.softmax(torch.stack([score_a, score_b], dim=-1).float(), dim=-1)
+    logits = torch.stack([score_a, score_b], dim=-1)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return probs[..., 0] - probs[..., 1]
 
 

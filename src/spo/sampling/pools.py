@@ -163,7 +163,7 @@ class PoolSampler:
             images = self.backbone.decode(x0[start : start + chunk])
             stats.decoded += images.shape[0]
             ts = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
-            scores.append(self.scorer(images, list(prompts[start : start + chunk]), ts).float())
+            scores.append(self.scorer(images, list(prompts[start : start + chunk]), ts).float().to(x0.device))
             stats.scored += images.shape[0]
         return torch.cat(scores)
 

@@ -78,6 +78,8 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        if getattr(accelerator, "scaler", None) is not None:  # fp16 loss scale: resume exactly
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({**state, f"{kind}s_done": done}, indent=2))
@@ -115,6 +117,8 @@ def load_checkpoint(
             param.copy_(saved[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    if getattr(accelerator, "scaler", None) is not None and (path / "scaler.pt").exists():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if not rng_file.exists():
         raise CheckpointError(f"checkpoint {path} has no RNG state for process {accelerator.process_index}")

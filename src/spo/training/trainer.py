@@ -106,6 +106,7 @@ class SPOTrainer:
         )
         acc = self.accelerator
         self.resume_from = self._prepare_run_dir(resume)
+        acc.wait_for_everyone()  # every process has read the old config.yaml before it is rewritten
         self.config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, num_processes=acc.num_processes)
         )
@@ -192,6 +193,11 @@ class SPOTrainer:
                     f"{acc.num_processes}; resume with the same number to continue exactly"
                 )
             changed = _changed_keys(config_to_dict(saved), config_to_dict(self.config))
+            if "train.rounds" in changed and self.config.optimizer.lr_scheduler != "constant":
+                raise CheckpointError(
+                    f"--resume with train.rounds changed would reshape the {self.config.optimizer.lr_scheduler} "
+                    "learning-rate schedule; keep train.rounds, or use optimizer.lr_scheduler=constant"
+                )
             changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
             if changed:
                 raise CheckpointError(
