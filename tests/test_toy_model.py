@@ -1,0 +1,56 @@
+"""The toy world's pixel-space text-to-image model behind the backbone interface."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spo.backbones import LoRASettings, load_backbone
+from spo.config import load_config
+from spo.objectives import SPOObjective
+from spo.sampling import PoolSampler, ddim_sample
+from spo.toy import training_prompts
+from spo.toy.model import ToyBackbone, build_toy_pipeline, build_toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def toy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_toy_pipeline(seed=0).save_pretrained(tmp_path_factory.mktemp("toy"))
+
+
+def test_tokenizer_has_one_token_per_toy_word() -> None:
+    tokenizer = build_toy_tokenizer()
+    prompt = "two large purple triangles on a white background"
+    assert tokenizer.tokenize(prompt) == [w + "</w>" for w in prompt.split()]
+    assert len(tokenizer("a zebra")["input_ids"]) > 3  # unknown words fall back to bytes
+
+
+def test_toy_backbone_loads_samples_and_trains(toy_path: Path) -> None:
+    config = load_config("sd15", ["model.backbone=toy", f"model.pretrained={toy_path}", "model.resolution=32",
+                                  "model.device=cpu"])
+    backbone = load_backbone(config.model)
+    assert isinstance(backbone, ToyBackbone) and backbone.vae is None and backbone.latent_shape == (3, 32, 32)
+    prompts = training_prompts()[:2]
+    x = ddim_sample(backbone, prompts, num_inference_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(backbone.decode(x), x.clamp(-1, 1))  # pixel space: decode = identity
+    backbone.attach_lora(LoRASettings(rank=4))
+    sampler = PoolSampler(backbone, lambda im, p, t: im.mean(dim=(1, 2, 3)) * 100, num_inference_steps=6,
+                          k=3, threshold=0.0, divert_start_step=2)
+    records = sampler.rollout(prompts, torch.Generator().manual_seed(1)).records
+    assert len(records) == 4 * 2
+    out = SPOObjective(guidance_scale=3.0)(backbone, sampler.schedule(), records)
+    assert float(out.loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_missing_toy_model_is_a_clear_error(tmp_path: Path) -> None:
+    from spo.backbones import BackboneLoadError
+
+    with pytest.raises(BackboneLoadError, match="no such directory"):
+        ToyBackbone.from_pretrained(str(tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneLoadError, match="not a toy model"):
+        ToyBackbone.from_pretrained(str(tmp_path / "empty"))
