@@ -54,3 +54,37 @@ def test_missing_toy_model_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(BackboneLoadError, match="not a toy model"):
         ToyBackbone.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_pretraining_in_miniature(tmp_path: Path) -> None:
+    """`spo toy pretrain` with a tiny budget: runs, lowers the loss, writes base + snapshots,
+    and the same seed gives the same weights."""
+    from safetensors.torch import load_file
+
+    from spo.toy.pretrain import PretrainSettings, pretrain
+
+    settings = PretrainSettings(steps=12, batch_size=8, snapshots=[0.5])
+    summary = pretrain(tmp_path / "a", settings, progress=False)
+    assert (tmp_path / "a" / "base" / "toy_model.json").exists()
+    assert (tmp_path / "a" / "snapshot-00006" / "unet").is_dir()
+    assert summary["loss_last_100"] <= summary["loss_first_100"] * 1.05
+    pretrain(tmp_path / "b", settings, progress=False)
+    a = load_file(str(tmp_path / "a" / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    backbone = ToyBackbone.from_pretrained(str(tmp_path / "a" / "base"), device="cpu")
+    assert backbone.unet.conv_in.weight.shape[1] == 3
+
+
+def test_toy_score_cli(toy_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spo.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a small red circle on a black background\n")
+    assert main(["toy", "score", str(toy_path), "--prompts", str(prompts), "--seeds", "2",
+                 "--grid", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "alignment" in out and "aesthetic" in out and (tmp_path / "g.png").exists()
+    prompts.write_text("a small red dog\n")
+    assert main(["toy", "score", str(toy_path), "--prompts", str(prompts)]) == 2
+    assert "a small red dog" in capsys.readouterr().err

@@ -142,6 +142,38 @@ def format_accuracy_table(after: dict[int, float], before: dict[int, float] | No
     return "\n".join(lines)
 
 
+def cmd_toy_pretrain(args: argparse.Namespace) -> int:
+    from .toy.pretrain import PretrainSettings, pretrain
+
+    settings = PretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    summary = pretrain(args.output, settings)
+    _summary([
+        ("output", f"{args.output}/base (and snapshots)"),
+        ("steps", str(settings.steps)),
+        ("seconds", str(summary["seconds"])),
+        ("loss first / last 100 steps", f"{summary['loss_first_100']:.4f} / {summary['loss_last_100']:.4f}"),
+    ])
+    return 0
+
+
+def cmd_toy_score(args: argparse.Namespace) -> int:
+    from .data import load_prompts
+    from .images import image_grid, to_pil
+    from .toy.evaluate import sample_and_score
+    from .toy.grammar import validation_prompts
+    from .toy.model import ToyBackbone
+
+    backbone = ToyBackbone.from_pretrained(args.model, device="cpu")
+    prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
+    images, scores = sample_and_score(backbone, prompts, seeds=args.seeds, guidance_scale=args.guidance)
+    rows = [(f"{name} (mean [95% interval], n={est.n})", str(est)) for name, est in scores.items()]
+    if args.grid:
+        image_grid(to_pil(images), cols=len(prompts), cell=64).save(args.grid)
+        rows.append(("grid", args.grid))
+    _summary(rows)
+    return 0
+
+
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
     from .backbones.tiny import save_tiny_pipeline
 
@@ -236,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     spm.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     spm.set_defaults(func=cmd_train_spm)
 
+    toy = sub.add_parser("toy", help="the toy world (in progress): pretrain its base model, score samples")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    pre = toy_sub.add_parser("pretrain", help="train the pixel-space toy base model from scratch")
+    pre.add_argument("--output", "-o", required=True)
+    pre.add_argument("--steps", type=_positive_int, default=3600)
+    pre.add_argument("--batch-size", type=_positive_int, default=64)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=cmd_toy_pretrain, config=[])
+    score = toy_sub.add_parser("score", help="sample a toy model and score with the oracles")
+    score.add_argument("model", help="a toy model directory")
+    score.add_argument("--prompts", help="prompts file (default: the built-in validation prompts)")
+    score.add_argument("--seeds", type=_positive_int, default=3)
+    score.add_argument("--guidance", type=float, default=3.0)
+    score.add_argument("--grid", help="write a PNG grid of the samples here")
+    score.set_defaults(func=cmd_toy_score, config=[])
+
     tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")
     tiny.add_argument("kind", choices=["sd15", "sdxl"])
     tiny.add_argument("output")
@@ -256,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import ModelLoadError
     from .data import PreferenceDataError
     from .preference.training import SPMTrainingError
+    from .toy.grammar import PromptGrammarError
     from .training import CheckpointError, TrainingError
 
     parser = build_parser()
@@ -270,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
-            SPMTrainingError) as err:
+            SPMTrainingError, PromptGrammarError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -28,9 +28,21 @@ MAX_LENGTH = 16
 RESOLUTION = 32
 
 
+TOKENIZER_DIR = Path(__file__).with_name("tokenizer")
+
+
 def build_toy_tokenizer() -> Any:
-    """A CLIPTokenizer in which every toy word is one token (BPE merges learnt from the grammar's
-    words) and any other text falls back to byte tokens."""
+    """The shipped toy tokenizer (``spo/toy/tokenizer``): a CLIPTokenizer in which every toy word
+    is one token and any other text falls back to byte tokens. Shipped as files because the BPE
+    trainer that made it (:func:`train_toy_tokenizer`) breaks frequency ties differently from
+    one process to the next."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def train_toy_tokenizer() -> Any:
+    """Learn BPE merges from the grammar's words (how the shipped tokenizer was made, once)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
@@ -101,8 +113,8 @@ def build_toy_pipeline(seed: int = 0) -> ToyPipeline:
     unet = UNet2DConditionModel(
         sample_size=RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1,
         block_out_channels=(32, 48, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
     )
     # SD's conventions (1000 steps, epsilon, leading spacing + offset 1), with the linear beta
