@@ -24,6 +24,9 @@ from ..backbones.tiny import _bytes_to_unicode
 from .grammar import vocabulary
 
 MARKER = "toy_model.json"
+#: the shipped, pretrained toy base model (``spo toy pretrain``, seed 0, 3600 steps) and snapshots
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+BASE_MODEL = WEIGHTS_DIR / "base"
 MAX_LENGTH = 16
 RESOLUTION = 32
 
