@@ -101,3 +101,44 @@ def test_shipped_base_model_loads_and_draws_the_layout() -> None:
     images, scores = sample_and_score(backbone, validation_prompts()[:8], seeds=1, num_inference_steps=10)
     assert images.shape == (8, 3, 32, 32) and images.abs().max() <= 1
     assert scores["alignment"].mean > 0.4  # an untrained model scores about 0.2 (background by chance)
+
+
+def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SPO trains on the shipped toy base model (a fixed brightness scorer here: the toy SPM has not
+    shipped yet) and `spo eval` compares base and fine-tuned with the same seeds."""
+    import json
+
+    from spo.cli import main
+    from spo.toy.model import BASE_MODEL
+    from spo.training import SPOTrainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(training_prompts()[:6]) + "\n")
+    config = load_config("sd15", [
+        "model.backbone=toy", f"model.pretrained={BASE_MODEL}", "model.resolution=32", "model.device=cpu",
+        f"data.prompts={prompts}", "train.rounds=2", "train.prompts_per_round=2", "train.batch_size=8",
+        "sampling.num_inference_steps=8", "sampling.guidance_scale=3.0", "pools.threshold=0.0",
+        "optimizer.lr=1e-2", "objective.eps=null", "logging.tensorboard=false",
+    ])
+    SPOTrainer(config, tmp_path / "run", scorer=lambda im, p, t: im.mean(dim=(1, 2, 3)) * 100, progress=False).train()
+    eval_prompts = tmp_path / "eval.txt"
+    eval_prompts.write_text("a small red circle on a black background\ntwo large blue squares on a white background\n")
+    assert main(["eval", str(tmp_path / "run"), "--prompts", str(eval_prompts), "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fine_tuned" in out and "alignment" in out and "aesthetic" in out
+    result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert result["base"]["alignment"]["n"] == result["fine_tuned"]["alignment"]["n"] == 4
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "eval" / "grid.png").size == (2 * 64, 4 * 64)  # 2 seeds x (base, tuned)
+    # the fine-tuned model really is the base plus the run's LoRA
+    base = ToyBackbone.from_pretrained(str(BASE_MODEL), device="cpu")
+    tuned = ToyBackbone.from_pretrained(str(BASE_MODEL), device="cpu")
+    tuned.unet.load_lora_adapter(str(tmp_path / "run" / "lora"), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    cond = base.encode_prompts(["a small red circle on a black background"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert float((tuned.predict(x, 501, cond, 3.0) - base.predict(x, 501, cond, 3.0)).abs().max()) > 1e-3
+    eval_prompts.write_text("a small red dog\n")
+    assert main(["eval", str(BASE_MODEL), "--prompts", str(eval_prompts), "--output", str(tmp_path / "e")]) == 2
+    assert "a small red dog" in capsys.readouterr().err

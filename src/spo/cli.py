@@ -174,6 +174,20 @@ def cmd_toy_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_prompts
+    from .toy.eval_run import evaluate_run, format_table
+    from .toy.grammar import validation_prompts
+
+    prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
+    output = args.output or str(Path(args.target) / "eval")
+    result = evaluate_run(args.target, prompts, output, seeds=args.seeds, guidance_scale=args.guidance)
+    print(format_table(result))
+    print(f"mean [95% interval] over {len(prompts)} prompts x {args.seeds} seeds; "
+          f"grid: {result['grid']}; json: {Path(output) / 'eval.json'}")
+    return 0
+
+
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
     from .backbones.tiny import save_tiny_pipeline
 
@@ -283,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--guidance", type=float, default=3.0)
     score.add_argument("--grid", help="write a PNG grid of the samples here")
     score.set_defaults(func=cmd_toy_score, config=[])
+
+    ev = sub.add_parser("eval", help="toy world: base vs an SPO run, same prompts and seeds, oracle scores")
+    ev.add_argument("target", help="a toy model directory or an SPO run directory (config.yaml + lora/)")
+    ev.add_argument("--prompts", help="prompts file, one per line (default: the built-in validation prompts)")
+    ev.add_argument("--seeds", type=_positive_int, default=3)
+    ev.add_argument("--guidance", type=float, default=3.0)
+    ev.add_argument("--output", help="default: TARGET/eval")
+    ev.set_defaults(func=cmd_eval, config=[])
 
     tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")
     tiny.add_argument("kind", choices=["sd15", "sdxl"])
