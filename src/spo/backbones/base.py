@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import DDIMSchedule
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, local_path
 from .lora import LoRASettings, attach_lora, lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -129,12 +129,9 @@ def check_model_path(path: str, what: str = "model.pretrained") -> None:
 
     Anything that is not an existing local path and looks like ``owner/name`` is treated as a hub id.
     """
-    p = Path(path).expanduser()
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") > 1
-    if not looks_local:
+    p = local_path(path, what, BackboneLoadError)
+    if p is None:
         return
-    if not p.exists():
-        raise BackboneLoadError(f"{what}: no such directory {str(p)!r}")
     if p.is_dir() and not (p / "model_index.json").exists():
         raise BackboneLoadError(
             f"{what}: {str(p)!r} is not a diffusers pipeline directory (no model_index.json); "
@@ -145,9 +142,7 @@ def check_model_path(path: str, what: str = "model.pretrained") -> None:
 def _load_vae(path: str, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderKL
 
-    p = Path(path).expanduser()
-    if (p.is_absolute() or path.startswith((".", "~"))) and not p.exists():
-        raise BackboneLoadError(f"model.vae: no such directory {str(p)!r}")
+    local_path(path, "model.vae", BackboneLoadError)
     try:
         return AutoencoderKL.from_pretrained(path, **dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
@@ -236,6 +231,7 @@ class Backbone(ABC):
         #: the module ``predict`` calls for the policy (a DDP wrapper of ``unet`` in training)
         self.policy_forward: torch.nn.Module | None = None
         self._reference_active = False
+        self._schedules: dict[int, DDIMSchedule] = {}
         self.lora_settings: LoRASettings | None = None
         self._adapter_name: str | None = None
         for module in self._frozen_modules():
@@ -265,8 +261,10 @@ class Backbone(ABC):
         return (int(self.unet.config.in_channels), side, side)
 
     def schedule(self, num_inference_steps: int) -> DDIMSchedule:
-        """The model's DDIM schedule (from its own scheduler config)."""
-        return DDIMSchedule.from_config(self.pipeline.scheduler.config, num_inference_steps)
+        """The model's DDIM schedule (from its own scheduler config), built once per step count."""
+        if num_inference_steps not in self._schedules:
+            self._schedules[num_inference_steps] = DDIMSchedule.from_config(self.pipeline.scheduler.config, num_inference_steps)
+        return self._schedules[num_inference_steps]
 
     def initial_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """x_T ~ N(0, I), drawn exactly as the diffusers pipelines draw it."""
@@ -357,15 +355,9 @@ class Backbone(ABC):
         """Decode latents (e.g. an x0-prediction) to images in [-1, 1], shape (B, 3, H, W)."""
         if self.vae is None:
             return x0.float().clamp(-1, 1)
-        config = self.vae.config
         latents = x0.to(self.vae.dtype)
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-            latents = latents * std_t / config.scaling_factor + mean_t
-        else:
-            latents = latents / config.scaling_factor
+        scale, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
+        latents = latents * stats[1] / scale + stats[0] if stats else latents / scale
         images = self.vae.decode(latents, return_dict=False)[0]
         return images.clamp(-1, 1)
 
@@ -375,13 +367,18 @@ class Backbone(ABC):
             return images.to(self.device, self.dtype)
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-            return ((latents - mean_t) * config.scaling_factor / std_t).to(self.dtype)
-        return (latents * config.scaling_factor).to(self.dtype)
+        scale, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
+        scaled = (latents - stats[0]) * scale / stats[1] if stats else latents * scale
+        return scaled.to(self.dtype)
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The VAE's per-channel ``latents_mean`` / ``latents_std`` (shaped (1, C, 1, 1)), if declared."""
+        mean = getattr(self.vae.config, "latents_mean", None)
+        std = getattr(self.vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        as_tensor = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # noqa: E731
+        return as_tensor(mean), as_tensor(std)
 
     # ----------------------------------------------------------------------- fine-tuning
     def attach_lora(self, settings: LoRASettings, adapter_name: str = "spo") -> list[torch.nn.Parameter]:

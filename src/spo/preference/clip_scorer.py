@@ -13,17 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, local_path
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-
-
-def _check_path(path: str, what: str) -> None:
-    p = Path(path).expanduser()
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") > 1
-    if looks_local and not p.exists():
-        raise ModelLoadError(f"{what}: no such file or directory {str(p)!r}")
 
 
 def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str = "preference.pretrained") -> tuple[Any, Any, dict[str, Any]]:
@@ -34,7 +27,7 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
     """
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    _check_path(pretrained, what)
+    local_path(pretrained, what, noun="file or directory")
     try:
         model = CLIPModel.from_pretrained(pretrained)
     except (OSError, ValueError) as err:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelLoadError
 from .clip_scorer import CLIPScorer, load_clip_parts
+from .preprocess import clip_preprocess
 
 Variant = Literal["step_aware", "step_agnostic", "clean"]
 VARIANTS: tuple[str, ...] = ("step_aware", "step_agnostic", "clean")
@@ -210,8 +211,6 @@ class StepAwarePreferenceModel(CLIPScorer):
     def image_embeddings(self, images: Tensor, timesteps: Tensor | None = None) -> Tensor:
         if self.variant == "clean":
             return super().image_embeddings(images, timesteps)
-        from .preprocess import clip_preprocess
-
         clip = self.model
         vision = clip.vision_model
         pixels = clip_preprocess(images.to(self.device), self.size, self.mean, self.std).to(clip.dtype)

@@ -27,8 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone, LoRASettings, load_backbone
-from ..config import SPOConfig, config_to_dict, save_config
-from ..config.loading import load_config
+from ..config import SPOConfig, config_to_dict, load_config, save_config
 from ..data import load_prompts
 from ..objectives import SPOObjective
 from ..sampling import PoolSampler, Scorer
