@@ -191,10 +191,14 @@ def test_full_finetuning_keeps_a_frozen_reference(tiny_sd15_path: Path) -> None:
     torch.testing.assert_close(backbone.predict(x, 301, cond, 5.0, reference=True), base)
 
 
-def test_saved_lora_loads_into_diffusers_and_changes_output(tiny_path: tuple[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "to_out.0"], ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]],
+                         ids=["attention", "attention+conv"])
+def test_saved_lora_loads_into_diffusers_and_changes_output(tiny_path: tuple[str, Path], tmp_path: Path,
+                                                            targets: list[str]) -> None:
     kind, path = tiny_path
     backbone = _load(kind, path)
-    backbone.attach_lora(LoRASettings(rank=4, alpha=8))  # alpha != rank must survive the round trip
+    # alpha != rank must survive the round trip; convolutions too (the toy preset adapts them)
+    backbone.attach_lora(LoRASettings(rank=4, alpha=8, target_modules=targets))
     with torch.no_grad():
         for n, p in backbone.unet.named_parameters():
             if "lora_B" in n:

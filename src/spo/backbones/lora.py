@@ -67,9 +67,10 @@ def attach_lora(
 
 
 def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "spo") -> dict[str, Tensor]:
-    """Adapter weights with diffusers-format keys, as ``save_lora_weights(unet_lora_layers=...)`` takes."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """Adapter weights with peft keys (``...lora_A.weight``), as ``save_lora_weights(unet_lora_layers=...)``
+    takes them and ``load_lora_weights`` reads them back. Not converted to the older
+    ``lora.down``/``lora.up`` naming: that conversion renames attention layers only, and a file
+    mixing both namings silently loses the attention adapters when targets include convolutions."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return convert_state_dict_to_diffusers(state)
+    return get_peft_model_state_dict(unet, adapter_name=adapter_name)
