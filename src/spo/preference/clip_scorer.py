@@ -6,6 +6,7 @@ a time-conditioned vision tower. Any CLIPModel directory or hub id loads.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..builtin import BuiltinError, resolve_weights
 from ..errors import ModelLoadError, local_path
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
@@ -27,6 +29,11 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
     """
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+    try:
+        pretrained = resolve_weights(pretrained)
+        processor = resolve_weights(processor) if processor else processor
+    except BuiltinError as err:
+        raise ModelLoadError(f"{what}: {err}") from None
     local_path(pretrained, what, noun="file or directory")
     try:
         model = CLIPModel.from_pretrained(pretrained)
@@ -47,11 +54,15 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
         "std": OPENAI_CLIP_STD,
     }
     try:
-        image_processor = CLIPImageProcessor.from_pretrained(source)
-        crop = image_processor.crop_size
+        local_config = Path(source).expanduser() / "preprocessor_config.json"
+        if local_config.is_file():  # read directly: the processor class itself wants torchvision
+            processor_config = json.loads(local_config.read_text())
+            crop, mean, std = processor_config["crop_size"], processor_config["image_mean"], processor_config["image_std"]
+        else:
+            image_processor = CLIPImageProcessor.from_pretrained(source)
+            crop, mean, std = image_processor.crop_size, image_processor.image_mean, image_processor.image_std
         settings["size"] = int(crop["height"] if isinstance(crop, dict) else crop)
-        settings["mean"] = tuple(image_processor.image_mean)
-        settings["std"] = tuple(image_processor.image_std)
+        settings["mean"], settings["std"] = tuple(mean), tuple(std)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no preprocessor_config.json: CLIP defaults at the model's image size
     return model, tokenizer, settings

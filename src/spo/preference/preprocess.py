@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,3 +39,20 @@ def clip_preprocess(
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def save_clip_image_config(directory: str | Path, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                           std: Sequence[float] = OPENAI_CLIP_STD) -> Path:
+    """Write ``preprocessor_config.json`` as ``CLIPImageProcessor`` reads it (bicubic resize of the
+    short side to ``size``, centre crop, CLIP normalisation), without instantiating the processor
+    (which wants torchvision)."""
+    path = Path(directory) / "preprocessor_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
+        "do_convert_rgb": True,
+    }
+    path.write_text(json.dumps(config, indent=2))
+    return path

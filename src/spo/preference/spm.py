@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..builtin import BuiltinError, resolve_weights
 from ..errors import ModelLoadError
 from .clip_scorer import CLIPScorer, load_clip_parts
-from .preprocess import clip_preprocess
+from .preprocess import clip_preprocess, save_clip_image_config
 
 Variant = Literal["step_aware", "step_agnostic", "clean"]
 VARIANTS: tuple[str, ...] = ("step_aware", "step_agnostic", "clean")
@@ -136,6 +137,10 @@ class StepAwarePreferenceModel(CLIPScorer):
     ) -> "StepAwarePreferenceModel":
         """From a CLIPModel directory or hub id (time modules at identity), from this project's
         saved SPM directory, and/or with the authors' released state dict (``checkpoint``)."""
+        try:
+            pretrained = resolve_weights(pretrained)
+        except BuiltinError as err:
+            raise ModelLoadError(f"preference.pretrained: {err}") from None
         local = Path(pretrained).expanduser()
         if (local / SPM_CONFIG).exists():
             spm = cls.load(local, variant=None if variant == "step_aware" else variant)
@@ -188,6 +193,25 @@ class StepAwarePreferenceModel(CLIPScorer):
         meta = {"variant": self.variant, "frequencies": self.frequencies, "size": self.size,
                 "mean": list(self.mean), "std": list(self.std)}
         (directory / SPM_CONFIG).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    def time_modules(self) -> list[nn.Module]:
+        """The modules the SPM adds to CLIP (time embedder, adaLN modulations)."""
+        vision = self.model.vision_model
+        return [self.model.t_embedder, *(layer.adaLN_modulation for layer in vision.encoder.layers), vision.adaLN_modulation]
+
+    def save_clip(self, directory: str | Path) -> Path:
+        """Write the plain CLIP (without the time modules) as a CLIPModel directory with its
+        tokenizer and image processor, the layout PickScore ships in: a clean reward model that
+        ``preference.pretrained=DIR`` turns into a fresh SPM (time modules at identity)."""
+        directory = Path(directory)
+        added = {id(p) for m in self.time_modules() for p in m.parameters()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.named_parameters() if id(v) not in added}
+        state.update({k: v.detach().contiguous().cpu() for k, v in self.model.named_buffers()
+                      if not k.endswith("position_ids")})
+        self.model.save_pretrained(directory, state_dict=state)
+        self.tokenizer.save_pretrained(directory)
+        save_clip_image_config(directory, self.size, self.mean, self.std)
         return directory
 
     @classmethod

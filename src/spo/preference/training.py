@@ -5,6 +5,11 @@ latents with it; predict with the UNet under classifier-free guidance; take the 
 estimate; decode; score both images with the SPM at t; cross-entropy against the labels (tie
 corrected, weighted by 1 / examples sharing the prompt). Validation: pair accuracy at fixed t.
 
+With ``preference.variant=clean`` the same trainer fits a clean-image reward model instead
+(PickScore's recipe: the plain CLIP scores the pair's images as they are, no noising, no
+diffusion model loaded) and saves it as a CLIPModel directory (``RUN_DIR/reward``) from which an
+SPM is then built, as the paper builds its SPM from PickScore.
+
 Every draw of step s comes from generators seeded by (seed, purpose, s, rank), and the row order
 from seeded epoch permutations, so ``--resume`` continues exactly.
 """
@@ -97,8 +102,7 @@ class SPMTrainer:
         cfg = config.spm
         if not cfg.data:
             raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
-        if config.preference.variant == "clean":
-            raise SPMTrainingError("preference.variant=clean is the untrained base model: nothing to train")
+        self.clean = config.preference.variant == "clean"  # a clean-image reward model (PickScore-style)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.accelerator = acc = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision, cpu=config.model.device == "cpu",
@@ -117,17 +121,26 @@ class SPMTrainer:
             self.train_rows, self.val_rows, self.val_data = self._splits()
         self.weights = caption_weights(self.train_data)
         torch.manual_seed(derive_seed(config.seed, "spm-init"))
-        self.backbone = load_backbone(dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt)
-        self.backbone.unet.requires_grad_(False)
-        self.num_train_timesteps = int(self.backbone.schedule(1).alphas_cumprod.numel())
-        too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]
-        if too_late:
-            raise SPMTrainingError(f"spm.validation_timesteps {too_late} are beyond the schedule (T = {self.num_train_timesteps})")
+        self.backbone: Backbone | None = None
+        if self.clean:  # scored as they are: no diffusion model, one "timestep"
+            self.num_train_timesteps, self.validation_timesteps = 1, [0]
+        else:
+            self.backbone = load_backbone(dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt)
+            self.backbone.unet.requires_grad_(False)
+            self.num_train_timesteps = int(self.backbone.schedule(1).alphas_cumprod.numel())
+            self.validation_timesteps = list(cfg.validation_timesteps)
+            too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]
+            if too_late:
+                raise SPMTrainingError(f"spm.validation_timesteps {too_late} are beyond the schedule (T = {self.num_train_timesteps})")
         self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else config.sampling.guidance_scale
         # trainable weights in fp32 whatever preference.dtype says (that is the scoring precision);
         # spm.mixed_precision autocasts the forward
         self.spm = load_preference_model(config, acc.device).to(torch.float32)
         self.spm.model.requires_grad_(True)
+        if self.clean:  # the time modules are unused: frozen (DDP wants every trainable weight used)
+            for module in self.spm.time_modules():
+                module.requires_grad_(False)
+        self.resolution = self.spm.size if self.clean else self.backbone.resolution
         self.params = [p for p in self.spm.parameters() if p.requires_grad]
         self.trainable = {n: p for n, p in self.spm.named_parameters() if p.requires_grad}
         self.relabeler = (
@@ -190,11 +203,19 @@ class SPMTrainer:
         return self.train_rows[self._perm[offset]]
 
     # ------------------------------------------------------------------ scoring pairs
+    def _noise(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        if self.backbone is None:
+            return torch.zeros(n, 1)
+        return torch.randn(n, *self.backbone.latent_shape, generator=gen)
+
     def _score_pairs(self, captions: list[str], images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                      gen: torch.Generator, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = self.backbone.encode_prompts(captions, with_negative=self.guidance != 1.0)
-        x0_images = noised_x0_images(self.backbone, images.to(self.accelerator.device), cond, timesteps, noise,
-                                     self.guidance, gen)
+        if self.backbone is None:  # a clean reward model scores the images themselves
+            x0_images = images.to(self.accelerator.device)
+        else:
+            cond = self.backbone.encode_prompts(captions, with_negative=self.guidance != 1.0)
+            x0_images = noised_x0_images(self.backbone, images.to(self.accelerator.device), cond, timesteps, noise,
+                                         self.guidance, gen)
         flat = x0_images.flatten(0, 1)
         prompts = [c for c in captions for _ in range(2)]
         ts = timesteps.repeat_interleave(2).to(flat.device)
@@ -223,7 +244,7 @@ class SPMTrainer:
         pairs, weights, bad = [], [], 0
         for position in range(start, start + cfg.batch_size):
             row = self._row_at(position)
-            pair = load_pair(self.train_data, row, self.backbone.resolution)
+            pair = load_pair(self.train_data, row, self.resolution)
             if pair is None:
                 bad += 1
                 continue
@@ -247,14 +268,14 @@ class SPMTrainer:
                     captions = [p["caption"] for p in pairs]
                     labels = self._relabel(images, captions, torch.tensor([p["labels"] for p in pairs]))
                     t = torch.randint(0, self.num_train_timesteps, (len(pairs),), generator=gen)
-                    noise = torch.randn(len(pairs), *self.backbone.latent_shape, generator=gen)
+                    noise = self._noise(len(pairs), gen)
                     s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=True)
                     loss = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device))
                     losses.append(float(loss.detach()))
                     used += len(pairs)
                 else:  # every row of this micro-batch was bad: a zero-weight pass through the DDP
                     # wrapper keeps this process's gradient all-reduce in step with the others
-                    blank = torch.zeros(1, 3, self.backbone.resolution, self.backbone.resolution, device=acc.device)
+                    blank = torch.zeros(1, 3, self.resolution, self.resolution, device=acc.device)
                     loss = self.policy(blank, [""], torch.zeros(1, device=acc.device), grad=True).sum() * 0.0
                 if not torch.isfinite(loss.detach()).all():
                     bad_flag = torch.ones(1, device=acc.device)
@@ -290,10 +311,10 @@ class SPMTrainer:
         rows = self.val_rows[: cfg.validation_pairs] if cfg.validation_pairs else self.val_rows
         mine = rows[acc.process_index :: acc.num_processes]
         result: dict[int, float] = {}
-        counts = torch.zeros(len(cfg.validation_timesteps), 3, dtype=torch.float64, device=acc.device)
-        for j, t_value in enumerate(cfg.validation_timesteps):
+        counts = torch.zeros(len(self.validation_timesteps), 3, dtype=torch.float64, device=acc.device)
+        for j, t_value in enumerate(self.validation_timesteps):
             for start in range(0, len(mine), cfg.batch_size):
-                pairs = [load_pair(self.val_data, r, self.backbone.resolution) for r in mine[start : start + cfg.batch_size]]
+                pairs = [load_pair(self.val_data, r, self.resolution) for r in mine[start : start + cfg.batch_size]]
                 keep = [(r, p) for r, p in zip(mine[start : start + cfg.batch_size], pairs) if p is not None]
                 counts[j, 2] += len(pairs) - len(keep)
                 if not keep:
@@ -301,13 +322,13 @@ class SPMTrainer:
                 gen = generator(self.config.seed, "spm-val", t_value, start, acc.process_index)
                 images = torch.stack([p["images"] for _, p in keep])
                 t = torch.full((len(keep),), t_value, dtype=torch.long)
-                noise = torch.randn(len(keep), *self.backbone.latent_shape, generator=gen)
+                noise = self._noise(len(keep), gen)
                 s0, s1 = self._score_pairs([p["caption"] for _, p in keep], images, t, noise, gen, grad=False)
                 correct, counted = pair_accuracy(s0.cpu(), s1.cpu(), torch.tensor([p["labels"] for _, p in keep]))
                 counts[j, 0] += correct
                 counts[j, 1] += counted
         counts = acc.reduce(counts, reduction="sum").cpu()
-        for j, t_value in enumerate(cfg.validation_timesteps):
+        for j, t_value in enumerate(self.validation_timesteps):
             result[t_value] = float(counts[j, 0] / counts[j, 1]) if counts[j, 1] > 0 else float("nan")
         if int(counts[:, 1].sum()) == 0:
             raise PreferenceDataError(f"{cfg.data}: the validation split has no usable non-tied pair")
@@ -344,7 +365,7 @@ class SPMTrainer:
         if self.step == cfg.steps:
             self.validate()
             if acc.is_main_process:
-                spm_path = self.spm.save(self.run_dir / "spm")
+                spm_path = self.spm.save_clip(self.run_dir / "reward") if self.clean else self.spm.save(self.run_dir / "spm")
         acc.wait_for_everyone()
         if acc.trackers:
             acc.end_training()
