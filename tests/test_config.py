@@ -21,7 +21,7 @@ from spo.config import (
     validate,
 )
 
-PRESETS = ["sd15", "sdxl"]
+PRESETS = ["sd15", "sdxl", "toy"]
 
 
 def write_yaml(path: Path, text: str) -> Path:

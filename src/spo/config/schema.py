@@ -176,7 +176,8 @@ class PreferenceConfig:
     Attributes:
         pretrained: CLIPModel directory or hub id the SPM is built on
             (PickScore).
-        processor: CLIP processor / tokenizer directory or hub id.
+        processor: CLIP processor / tokenizer directory or hub id, used when
+            ``pretrained`` ships none (``null``: ``pretrained`` must hold them).
         checkpoint: Optional path of a released SPM state dict loaded over
             ``pretrained``.
         variant: ``"step_aware"`` scores the noisy ``x_{t-1}`` conditioned on
@@ -189,7 +190,7 @@ class PreferenceConfig:
     """
 
     pretrained: str = "yuvalkirstain/PickScore_v1"
-    processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     checkpoint: str | None = None
     variant: Literal["step_aware", "step_agnostic", "clean"] = "step_aware"
     dtype: DType = "float32"

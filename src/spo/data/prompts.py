@@ -13,8 +13,16 @@ class PromptsError(ValueError):
 def load_prompts(path: str | Path) -> list[str]:
     """Read prompts from ``path``: a ``.json`` file holding a list of strings, else one per line.
 
-    Blank lines are skipped. Any problem raises :class:`PromptsError` naming the file.
+    Blank lines are skipped. Any problem raises :class:`PromptsError` naming the file. The
+    built-in sets ``toy:training-prompts`` and ``toy:validation-prompts`` are the toy grammar's.
     """
+    from ..builtin import BuiltinError, builtin_prompts, is_builtin
+
+    if is_builtin(path):
+        try:
+            return builtin_prompts(str(path))
+        except BuiltinError as err:
+            raise PromptsError(str(err)) from None
     p = Path(path).expanduser()
     if not p.exists():
         raise PromptsError(f"prompts file {str(p)!r} does not exist")

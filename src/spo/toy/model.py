@@ -21,11 +21,12 @@ import torch
 
 from ..backbones.base import Backbone, BackboneLoadError, Conditioning, resolve_device, resolve_dtype
 from ..backbones.tiny import _bytes_to_unicode
+from ..builtin import TOY_WEIGHTS, BuiltinError, resolve_weights
 from .grammar import vocabulary
 
 MARKER = "toy_model.json"
 #: the shipped, pretrained toy base model (``spo toy pretrain``, seed 0, 3600 steps) and snapshots
-WEIGHTS_DIR = Path(__file__).with_name("weights")
+WEIGHTS_DIR = TOY_WEIGHTS
 BASE_MODEL = WEIGHTS_DIR / "base"
 MAX_LENGTH = 16
 RESOLUTION = 32
@@ -163,6 +164,10 @@ class ToyBackbone(Backbone):
         resolution: int | None = None,
         **_: Any,
     ) -> "ToyBackbone":
+        try:
+            pretrained = resolve_weights(pretrained)
+        except BuiltinError as err:
+            raise BackboneLoadError(f"model.pretrained: {err}") from None
         path = Path(pretrained).expanduser()
         if not path.exists():
             raise BackboneLoadError(f"model.pretrained: no such directory {str(path)!r}")

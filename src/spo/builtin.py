@@ -1,0 +1,49 @@
+"""Built-in references: ``toy:NAME`` names the toy world's shipped weights and prompt sets.
+
+They let a preset point at files inside the installed package: ``model.pretrained: toy:base``,
+``preference.pretrained: toy:spm``, ``data.prompts: toy:training-prompts``. Anything else passes
+through unchanged (a local path or a hub id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREFIX = "toy:"
+#: the shipped toy weights (``spo toy build`` writes the same layout)
+TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+TOY_WEIGHT_NAMES = ("base", "pickscore", "spm", "clip")
+TOY_PROMPT_SETS = ("training-prompts", "validation-prompts")
+
+
+class BuiltinError(ValueError):
+    """An unknown ``toy:`` reference."""
+
+
+def is_builtin(ref: str | Path | None) -> bool:
+    return isinstance(ref, str) and ref.startswith(PREFIX)
+
+
+def resolve_weights(ref: str) -> str:
+    """``toy:NAME`` -> the shipped directory's path; any other string unchanged."""
+    if not is_builtin(ref):
+        return ref
+    name = ref[len(PREFIX):]
+    if name not in TOY_WEIGHT_NAMES:
+        raise BuiltinError(f"unknown built-in weights {ref!r}; expected one of {[PREFIX + n for n in TOY_WEIGHT_NAMES]}")
+    path = TOY_WEIGHTS / name
+    if not path.is_dir():
+        raise BuiltinError(f"{ref!r}: the shipped weights are missing from this installation ({path})")
+    return str(path)
+
+
+def builtin_prompts(ref: str) -> list[str]:
+    """``toy:training-prompts`` / ``toy:validation-prompts`` -> the toy grammar's prompt split."""
+    from .toy.grammar import training_prompts, validation_prompts
+
+    name = ref[len(PREFIX):]
+    if name == "training-prompts":
+        return training_prompts()
+    if name == "validation-prompts":
+        return validation_prompts()
+    raise BuiltinError(f"unknown built-in prompt set {ref!r}; expected one of {[PREFIX + n for n in TOY_PROMPT_SETS]}")
