@@ -1,0 +1,220 @@
+"""``spo toy build``: regenerate every shipped toy weight from seeds, stage by stage.
+
+Stages (each writes under OUTPUT; a finished stage is not redone, an interrupted training stage
+resumes from its last checkpoint):
+
+1. ``pretrain``  the base model and two weaker snapshots (``base/``, ``snapshot-*/``);
+2. ``data``      the generic preference set in Pick-a-Pic format (``preference-data/``);
+3. ``clip``      the toy CLIP, contrastive on renders (``clip/``);
+4. ``pickscore`` the toy PickScore: the toy CLIP fine-tuned on the generic pairs, clean images,
+                 through ``spo train-spm preference.variant=clean`` (``pickscore/``);
+5. ``spm``       the toy SPM built from the toy PickScore through ``spo train-spm``, noised with
+                 the base model (``spm/``), the same code path as Pick-a-Pic and SD.
+
+``OUTPUT/build.json`` records each stage's settings, wall time and summary. Shipping is a copy:
+``base``, the snapshots, ``clip``, ``pickscore`` and ``spm`` are what ``src/spo/toy/weights`` holds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .clip import ToyCLIPSettings, pretrain_toy_clip
+from .preference_data import PreferenceDataSettings, build_preference_data
+from .pretrain import PretrainSettings, pretrain
+
+STAGES = ("pretrain", "data", "clip", "pickscore", "spm")
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on (nothing finished is lost)."""
+
+
+@dataclass
+class PreferenceTraining:
+    """One ``spo train-spm`` run of the build (toy PickScore or toy SPM)."""
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 1e-4
+    validate_every: int = 100
+    checkpoint_every: int = 100
+
+
+@dataclass
+class BuildSettings:
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    data: PreferenceDataSettings = field(default_factory=PreferenceDataSettings)
+    clip: ToyCLIPSettings = field(default_factory=ToyCLIPSettings)
+    pickscore: PreferenceTraining = field(default_factory=lambda: PreferenceTraining(steps=400))
+    spm: PreferenceTraining = field(default_factory=lambda: PreferenceTraining(steps=600))
+
+    @classmethod
+    def tiny(cls) -> "BuildSettings":
+        """Minutes-scale budgets for tests: every stage runs for real, briefly."""
+        pre = PretrainSettings(steps=20, batch_size=8, snapshots=[0.15, 0.4])
+        snapshots = [f"snapshot-{max(1, int(f * pre.steps)):05d}" for f in pre.snapshots]
+        return cls(
+            pretrain=pre,
+            data=PreferenceDataSettings(models=[*snapshots, "base"], images_per_model=2, pairs_per_prompt=3,
+                                        prompts=20, num_inference_steps=4, validation_prompts=0.2),
+            clip=ToyCLIPSettings(steps=10, batch_size=16),
+            pickscore=PreferenceTraining(steps=4, batch_size=4, lr=1e-3, validate_every=2, checkpoint_every=2),
+            spm=PreferenceTraining(steps=4, batch_size=4, lr=1e-3, validate_every=2, checkpoint_every=2),
+        )
+
+
+def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, overrides: list[str], seed: int,
+                       progress: bool) -> list[str]:
+    return [
+        "train-spm", "toy", "--output", str(run), *(["--resume"] if (run / "checkpoints").exists() else []),
+        f"spm.data={output / 'preference-data'}", f"spm.steps={settings.steps}", f"spm.batch_size={settings.batch_size}",
+        f"spm.lr={settings.lr}", f"spm.validate_every={settings.validate_every}",
+        f"spm.checkpoint_every={settings.checkpoint_every}", "spm.validation_pairs=null", f"seed={seed}",
+        "model.device=cpu", "logging.tensorboard=false", *overrides,
+    ]
+
+
+def _run_cli(argv: list[str]) -> None:
+    from ..cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise BuildError(f"`spo {' '.join(argv)}` failed (exit {code}); fix the cause and rerun the build: finished stages are kept")
+
+
+def _read_validation(run: Path) -> dict[str, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [entry for entry in lines if entry.get("type") == "validation"]
+    return {k: v for k, v in last[-1].items() if k.startswith("accuracy_")} if last else {}
+
+
+class ToyBuild:
+    """Runs the stages that are not finished yet; see the module docstring."""
+
+    def __init__(self, output: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.output = Path(output)
+        self.settings = settings or BuildSettings()
+        self.progress, self.log = progress, log
+        self.record_path = self.output / "build.json"
+        self.record: dict[str, Any] = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        recorded = self.record.get("settings")
+        wanted = json.loads(json.dumps(asdict(self.settings)))
+        if recorded is not None and recorded != wanted:
+            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+            raise BuildError(f"{self.output} was built with other settings (stages {changed} differ); "
+                             "use a new --output, or the settings recorded in build.json")
+        self.record["settings"] = wanted
+        self.record.setdefault("stages", {})
+
+    # ------------------------------------------------------------------ stage outputs
+    def done(self, stage: str) -> bool:
+        o = self.output
+        return {
+            "pretrain": (o / "pretrain.json").exists() and (o / "base" / "toy_model.json").exists(),
+            "data": (o / "preference-data" / "statistics.json").exists(),
+            "clip": (o / "clip" / "toy_clip.json").exists(),
+            "pickscore": (o / "pickscore" / "config.json").exists(),
+            "spm": (o / "spm" / "spm_config.json").exists(),
+        }[stage]
+
+    def _save_record(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2))
+        tmp.replace(self.record_path)
+
+    # ------------------------------------------------------------------ stages
+    def _pretrain(self) -> dict[str, Any]:
+        return pretrain(self.output, self.settings.pretrain, progress=self.progress)
+
+    def _data(self) -> dict[str, Any]:
+        target = self.output / "preference-data"
+        if target.exists():  # an interrupted save: sampling is redone from the same seeds
+            shutil.rmtree(target)
+        return build_preference_data(self.output, target, self.settings.data, progress=self.progress)
+
+    def _clip(self) -> dict[str, Any]:
+        return pretrain_toy_clip(self.output / "clip", self.settings.clip, progress=self.progress)
+
+    def _pickscore(self) -> dict[str, Any]:
+        run = self.output / "pickscore-run"
+        s = self.settings.pickscore
+        _run_cli(_train_spm_command(self.output, run, s, [
+            f"preference.pretrained={self.output / 'clip'}", "preference.variant=clean",
+        ], self.settings.pretrain.seed, self.progress))
+        shutil.copytree(run / "reward", self.output / "pickscore", dirs_exist_ok=True)
+        return {"run": str(run), "validation": _read_validation(run)}
+
+    def _spm(self) -> dict[str, Any]:
+        run = self.output / "spm-run"
+        s = self.settings.spm
+        _run_cli(_train_spm_command(self.output, run, s, [
+            f"model.pretrained={self.output / 'base'}", f"preference.pretrained={self.output / 'pickscore'}",
+            "preference.variant=step_aware",
+        ], self.settings.pretrain.seed, self.progress))
+        shutil.copytree(run / "spm", self.output / "spm", dirs_exist_ok=True)
+        return {"run": str(run), "validation": _read_validation(run)}
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+        """Run the unfinished ``stages`` in order; returns the record (also in build.json)."""
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise BuildError(f"unknown stages {unknown}; the stages are {list(STAGES)}")
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            entry = self.record["stages"].get(stage)
+            if self.done(stage):
+                if entry is None:  # finished by an earlier command (e.g. `spo toy pretrain`)
+                    self.record["stages"][stage] = {"status": "found", "seconds": self._found_seconds(stage)}
+                    self._save_record()
+                self.log(f"[{stage}] finished earlier: kept")
+                continue
+            self.log(f"[{stage}] running")
+            start = time.perf_counter()
+            summary = getattr(self, f"_{stage}")()
+            self.record["stages"][stage] = {"status": "built", "seconds": round(time.perf_counter() - start, 1),
+                                            "summary": summary}
+            self._save_record()
+        return self.record
+
+    def _found_seconds(self, stage: str) -> float | None:
+        source = {"pretrain": self.output / "pretrain.json", "data": self.output / "preference-data" / "statistics.json",
+                  "clip": self.output / "clip" / "toy_clip.json"}.get(stage)
+        if source is None or not source.exists():
+            return None
+        return json.loads(source.read_text()).get("seconds")
+
+
+def format_build_summary(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows: each stage's wall time, the preference data's label statistics, accuracies."""
+    rows: list[tuple[str, str]] = []
+    stages = record.get("stages", {})
+    for stage in STAGES:
+        entry = stages.get(stage)
+        if entry is None:
+            rows.append((f"{stage}", "not run"))
+            continue
+        seconds = entry.get("seconds")
+        how = "built now" if entry["status"] == "built" else "found, built earlier"
+        rows.append((f"{stage}", f"{how}, {seconds:.1f} s" if seconds is not None else how))
+    data = stages.get("data", {}).get("summary")
+    if data:
+        labels = data["labels"]
+        rows.append(("preference pairs (train / validation)", f"{data['rows']['train']} / {data['rows']['validation_unique']}"))
+        rows.append(("tie rate", f"{labels['tie_rate']:.3f}"))
+        rows.append(("generic label vs aesthetic-only: disagreement",
+                     f"{labels['disagreement_with_aesthetic']:.3f} (of {labels['pairs_compared_aesthetic']} pairs)"))
+    for stage in ("pickscore", "spm"):
+        validation = stages.get(stage, {}).get("summary", {}).get("validation")
+        if validation:
+            rows.append((f"{stage} validation accuracy",
+                         ", ".join(f"{k.removeprefix('accuracy_')}: {v:.3f}" for k, v in validation.items())))
+    return rows
