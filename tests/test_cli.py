@@ -54,12 +54,13 @@ def test_sample_from_prompts_file(tiny_sd15_path: Path, tmp_path: Path) -> None:
     assert (out / "images" / "image_0004.png").read_bytes() == (tmp_path / "again" / "images" / "image_0004.png").read_bytes()
 
 
-def test_demo_writes_a_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--output", str(tmp_path)]) == 0
-    assert (tmp_path / "tiny-sd15" / "model_index.json").exists()
-    grid = Image.open(tmp_path / "samples" / "grid.png")
-    assert grid.size == (4 * 96, 2 * 96)
-    assert "grid" in capsys.readouterr().out
+def test_sample_with_no_preset_uses_the_toy_world(tmp_path: Path) -> None:
+    assert main(["sample", "sampling.num_inference_steps=6", "--output", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "generation.json").read_text())
+    from spo.toy.grammar import validation_prompts
+
+    assert meta["model"] == "toy:base" and meta["prompts"] == validation_prompts()  # eval.prompts of the preset
+    assert Image.open(tmp_path / "out" / "grid.png").size == (24 * 32, 32)
 
 
 def test_tiny_pipeline_command(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_shipped_base_model_loads_and_draws_the_layout() -> None:
     from spo.toy.model import BASE_MODEL
 
     backbone = ToyBackbone.from_pretrained(str(BASE_MODEL), device="cpu")
-    images, scores = sample_and_score(backbone, validation_prompts()[:8], seeds=1, num_inference_steps=10)
+    images, scores, _ = sample_and_score(backbone, validation_prompts()[:8], seeds=1, num_inference_steps=10)
     assert images.shape == (8, 3, 32, 32) and images.abs().max() <= 1
     assert scores["alignment"].mean > 0.4  # an untrained model scores about 0.2 (background by chance)
 
@@ -125,7 +125,7 @@ def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.Captu
     eval_prompts.write_text("a small red circle on a black background\ntwo large blue squares on a white background\n")
     assert main(["eval", str(tmp_path / "run"), "--prompts", str(eval_prompts), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "fine_tuned" in out and "alignment" in out and "aesthetic" in out
+    assert "fine-tuned (SPO)" in out and "alignment" in out and "aesthetic" in out and "pickscore" in out
     result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert result["base"]["alignment"]["n"] == result["fine_tuned"]["alignment"]["n"] == 4
     from PIL import Image

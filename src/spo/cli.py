@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEMO_PROMPTS = [
-    "a red circle on a white background",
-    "a blue square",
-    "two green triangles",
-    "a yellow star in the sky",
+    "a small red circle on a white background",
+    "two large blue squares on a black background",
+    "a large green triangle on a gray background",
+    "two small yellow circles on a white background",
 ]
 
 
@@ -31,11 +31,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: what `spo train` (and friends) use when no preset or file is named: the toy world
+DEFAULT_PRESET = "toy"
+
+
 def _load(values: Sequence[str]):  # noqa: ANN202
     from .config import load_config
 
     source, overrides = _split_positionals(values)
-    return load_config(source, overrides)
+    return load_config(source or DEFAULT_PRESET, overrides)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -159,13 +163,15 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
 def cmd_toy_score(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .images import image_grid, to_pil
+    from .toy.eval_run import default_reward, load_reward
     from .toy.evaluate import sample_and_score
     from .toy.grammar import validation_prompts
     from .toy.model import ToyBackbone
 
     backbone = ToyBackbone.from_pretrained(args.model, device="cpu")
     prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
-    images, scores = sample_and_score(backbone, prompts, seeds=args.seeds, guidance_scale=args.guidance)
+    reward = load_reward(default_reward())
+    images, scores, _ = sample_and_score(backbone, prompts, seeds=args.seeds, guidance_scale=args.guidance, reward=reward)
     rows = [(f"{name} (mean [95% interval], n={est.n})", str(est)) for name, est in scores.items()]
     if args.grid:
         image_grid(to_pil(images), cols=len(prompts), cell=64).save(args.grid)
@@ -188,6 +194,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy_build(args: argparse.Namespace) -> int:
+    from .toy.build import STAGES, BuildSettings, ToyBuild, format_build_summary
+
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    settings = BuildSettings.tiny() if args.tiny else BuildSettings()
+    record = ToyBuild(args.output, settings).run(stages)
+    _summary([("output", args.output), *format_build_summary(record)])
+    return 0
+
+
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
     from .backbones.tiny import save_tiny_pipeline
 
@@ -201,28 +217,28 @@ def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until SPO training and the toy world land: sample through a tiny random SD-1.5 pipeline."""
-    from .backbones.tiny import save_tiny_pipeline
-    from .config import load_config
-    from .evaluation import generate
+    """The main job: SPO on the toy world from the shipped weights, then base vs fine-tuned."""
+    from .toy.demo import run_demo
+    from .toy.eval_run import format_table
 
-    output = Path(args.output)
-    model_dir = output / "tiny-sd15"
-    if not (model_dir / "model_index.json").exists():
-        print(f"building a tiny random SD-1.5-shaped pipeline in {model_dir}")
-        save_tiny_pipeline("sd15", model_dir, seed=0)
-    config = load_config("sd15", [f"model.pretrained={model_dir}", "model.resolution=32", "model.device=cpu",
-                                  f"seed={args.seed}"])
-    result = generate(config, DEMO_PROMPTS, output / "samples", seeds=2, grid_cell=96)
-    _summary(
-        [
-            ("pipeline", f"{model_dir} (tiny, random weights: the images are noise-like by design)"),
-            ("sampler", "DDIM 20 steps, eta 1.0, CFG 5.0 (the SPO release's sampling settings)"),
-            ("images", f"{result.num_images} ({len(DEMO_PROMPTS)} prompts x 2 seeds)"),
-            ("seconds", f"{result.seconds:.1f}"),
-            ("grid", str(result.grid)),
-        ]
-    )
+    _, overrides = _split_positionals(args.config)
+    if _split_positionals(args.config)[0] is not None:
+        raise SystemExit("error: spo demo runs the toy preset; give only key=value overrides")
+    out = run_demo(args.output, [f"seed={args.seed}", *overrides], eval_seeds=args.seeds, eval_prompts=args.eval_prompts)
+    ev, train = out["eval"], out["train"]
+    print(format_table(ev))
+    print(f"mean [95% interval] over {len(ev['prompts'])} validation prompts x {ev['seeds']} seeds "
+          f"(difference: fine-tuned - base on the same prompt and seed)")
+    last = train.last_round or {}
+    _summary([
+        ("SPO run", f"{out['run_dir']} ({train.rounds} rounds, {train.steps} optimiser steps, {out['train_seconds']:.0f} s)"),
+        ("last round: valid-pair rate / loss",
+         f"{last.get('valid_pair_rate', float('nan')):.3f} / {last.get('loss', float('nan')):.4f}" if last else "(resumed: see metrics.jsonl)"),
+        ("evaluation", f"{ev['reward_model'] or 'no reward model'} + oracles, {out['eval_seconds']:.0f} s"),
+        ("image grid (rows: base, SPO per seed)", ev["grid"]),
+        ("scores", str(Path(ev["grid"]).with_name("eval.json"))),
+        ("TensorBoard", f"tensorboard --logdir {out['run_dir'] / 'logs'}"),
+    ])
     return 0
 
 
@@ -282,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     spm.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     spm.set_defaults(func=cmd_train_spm)
 
-    toy = sub.add_parser("toy", help="the toy world (in progress): pretrain its base model, score samples")
+    toy = sub.add_parser("toy", help="the toy world: build its weights from seeds, pretrain, score samples")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="train the pixel-space toy base model from scratch")
     pre.add_argument("--output", "-o", required=True)
@@ -297,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--guidance", type=float, default=3.0)
     score.add_argument("--grid", help="write a PNG grid of the samples here")
     score.set_defaults(func=cmd_toy_score, config=[])
+
+    build = toy_sub.add_parser(
+        "build", help="regenerate every toy weight from seeds: pretrain, data, clip, pickscore, spm",
+        description="Runs the unfinished stages in order (a finished stage is kept; an interrupted training "
+        "stage resumes). Wall times and label statistics go to OUTPUT/build.json and the summary.",
+    )
+    build.add_argument("--output", "-o", default="runs/toy-build")
+    build.add_argument("--stages", help="comma-separated subset of pretrain,data,clip,pickscore,spm")
+    build.add_argument("--tiny", action="store_true", help="minutes-scale budgets (tests): every stage, briefly")
+    build.set_defaults(func=cmd_toy_build, config=[])
 
     ev = sub.add_parser("eval", help="toy world: base vs an SPO run, same prompts and seeds, oracle scores")
     ev.add_argument("target", help="a toy model directory or an SPO run directory (config.yaml + lora/)")
@@ -313,9 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--clip", action="store_true", help="also save a tiny CLIPModel to OUTPUT/clip (a scorer)")
     tiny.set_defaults(func=cmd_tiny_pipeline)
 
-    demo = sub.add_parser("demo", help="the main job for now: tiny pipeline -> DDIM samples -> image grid")
+    demo = sub.add_parser(
+        "demo", help="the main job: SPO on the toy world from the shipped weights, then base vs fine-tuned",
+        description="Fine-tunes the shipped toy base model with SPO (the toy preset, plus any key=value "
+        "overrides) into OUTPUT/spo, then evaluates base vs fine-tuned on the validation prompts with the same "
+        "seeds (toy PickScore, aesthetic and alignment oracles) into OUTPUT/eval. Rerunning resumes.",
+    )
+    demo.add_argument("config", nargs="*", metavar="key=value")
     demo.add_argument("--output", "-o", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="training seed")
+    demo.add_argument("--seeds", type=_positive_int, default=None, help="evaluation seeds (default: eval.seeds = 3)")
+    demo.add_argument("--eval-prompts", type=_positive_int, default=None, help="evaluate on the first N validation prompts")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -326,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import ModelLoadError
     from .data import PreferenceDataError
     from .preference.training import SPMTrainingError
+    from .builtin import BuiltinError
+    from .toy.build import BuildError
     from .toy.grammar import PromptGrammarError
     from .training import CheckpointError, TrainingError
 
@@ -341,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
-            SPMTrainingError, PromptGrammarError) as err:
+            SPMTrainingError, PromptGrammarError, BuildError, BuiltinError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

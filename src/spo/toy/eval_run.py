@@ -1,8 +1,8 @@
 """``spo eval``: a base toy model against an SPO run's fine-tuned model, same prompts, same seeds.
 
-Scores with the toy world's oracles (alignment, aesthetic); the toy PickScore column joins when
-the toy reward model ships (issue 5). Writes ``eval.json`` and a side-by-side grid (rows: base
-and fine-tuned for each seed, same noise).
+Scores with the toy PickScore (the generic reward, the paper's PickScore column), the aesthetic
+oracle (for the LAION aesthetic score) and the alignment oracle (for GenEval). Writes
+``eval.json`` and a side-by-side grid (rows: base and fine-tuned for each seed, same noise).
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ from typing import Any
 import torch
 
 from ..backbones.base import BackboneLoadError
+from ..builtin import TOY_WEIGHTS, BuiltinError, resolve_weights
 from ..images import image_grid, to_pil
+from ..preference.clip_scorer import CLIPScorer
 from .evaluate import Estimate, sample_and_score
 from .model import MARKER, ToyBackbone
 
 
 def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
     """(base model dir, LoRA dir or None) for a toy model directory or an SPO run directory."""
-    target = Path(target).expanduser()
+    try:
+        target = Path(resolve_weights(str(target))).expanduser()
+    except BuiltinError as err:
+        raise BackboneLoadError(str(err)) from None
     if (target / MARKER).exists():
         return target, None
     config_file, lora = target / "config.yaml", target / "lora" / "pytorch_lora_weights.safetensors"
@@ -33,8 +38,20 @@ def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
         config = load_config(config_file)
         if config.model.backbone != "toy":
             raise BackboneLoadError(f"{target}: spo eval scores toy-world runs; this run trained {config.model.backbone!r}")
-        return Path(config.model.pretrained), lora.parent
+        return Path(resolve_weights(config.model.pretrained)), lora.parent
     raise BackboneLoadError(f"{target}: neither a toy model directory nor a finished SPO run (config.yaml + lora/)")
+
+
+def load_reward(reward: str | None) -> CLIPScorer | None:
+    """The toy PickScore (or any CLIPModel directory); ``None`` when it has not shipped."""
+    if reward is None:
+        return None
+    return CLIPScorer.from_pretrained(reward, device="cpu")
+
+
+def default_reward() -> str | None:
+    """``toy:pickscore`` when this installation ships it."""
+    return "toy:pickscore" if (TOY_WEIGHTS / "pickscore").is_dir() else None
 
 
 def evaluate_run(
@@ -45,22 +62,35 @@ def evaluate_run(
     seeds: int = 3,
     guidance_scale: float = 3.0,
     num_inference_steps: int = 20,
+    reward: str | None = "default",
 ) -> dict[str, Any]:
+    """Sample base (and fine-tuned) with the same seeds; score with the toy PickScore, the
+    aesthetic and the alignment oracle; write ``eval.json`` and ``grid.png`` into ``output``.
+
+    With a fine-tuned model, ``difference`` holds the paired difference fine-tuned - base (same
+    prompt, same seed) with its 95% interval."""
     base_dir, lora_dir = resolve_models(target)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(seeds=seeds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+    reward = default_reward() if reward == "default" else reward
+    scorer = load_reward(reward)
+    kwargs = dict(seeds=seeds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, reward=scorer)
     base = ToyBackbone.from_pretrained(str(base_dir), device="cpu")
-    base_images, base_scores = sample_and_score(base, prompts, **kwargs)
+    base_images, base_scores, base_values = sample_and_score(base, prompts, **kwargs)
     result: dict[str, Any] = {"prompts": list(prompts), "seeds": seeds, "guidance_scale": guidance_scale,
+                              "num_inference_steps": num_inference_steps, "reward_model": reward,
+                              "base_model": str(base_dir), "lora": str(lora_dir) if lora_dir else None,
                               "base": {k: asdict(v) for k, v in base_scores.items()}}
     rows = [base_images.view(seeds, len(prompts), *base_images.shape[1:])]
     if lora_dir is not None:
         tuned = ToyBackbone.from_pretrained(str(base_dir), device="cpu")
         tuned.unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
         tuned.unet.requires_grad_(False)
-        tuned_images, tuned_scores = sample_and_score(tuned, prompts, **kwargs)
+        tuned_images, tuned_scores, tuned_values = sample_and_score(tuned, prompts, **kwargs)
         result["fine_tuned"] = {k: asdict(v) for k, v in tuned_scores.items()}
+        result["difference"] = {
+            k: asdict(Estimate.of([t - b for t, b in zip(tuned_values[k], base_values[k])])) for k in base_values
+        }
         rows.append(tuned_images.view(seeds, len(prompts), *tuned_images.shape[1:]))
     grid = torch.stack(rows, dim=1).flatten(0, 2)  # seed-major: base row, fine-tuned row, ...
     image_grid(to_pil(grid), cols=len(prompts), cell=64).save(output / "grid.png")
@@ -70,9 +100,14 @@ def evaluate_run(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    models = [m for m in ("base", "fine_tuned") if m in result]
-    lines = ["metric     | " + " | ".join(f"{m:<24}" for m in models), "-" * (13 + 27 * len(models))]
+    """Rows: metrics; columns: base, fine-tuned and their paired difference (mean [95% interval])."""
+    columns = [c for c in ("base", "fine_tuned", "difference") if c in result]
+    names = {"base": "base", "fine_tuned": "fine-tuned (SPO)", "difference": "difference (paired)"}
+    lines = ["metric     | " + " | ".join(f"{names[c]:<26}" for c in columns), "-" * (13 + 29 * len(columns))]
     for metric in result["base"]:
-        cells = [str(Estimate(**result[m][metric])) for m in models]
-        lines.append(f"{metric:<10} | " + " | ".join(f"{c:<24}" for c in cells))
+        cells = []
+        for c in columns:
+            e = Estimate(**result[c][metric])
+            cells.append(f"{e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]" if c == "difference" else str(e))
+        lines.append(f"{metric:<10} | " + " | ".join(f"{cell:<26}" for cell in cells))
     return "\n".join(lines)

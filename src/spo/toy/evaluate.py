@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,10 +46,13 @@ def sample_and_score(
     guidance_scale: float = 3.0,
     eta: float = 1.0,
     base_seed: int = 0,
-) -> tuple[torch.Tensor, dict[str, Estimate]]:
-    """Sample every prompt once per seed (fixed generators) and score with both oracles.
+    reward: Any = None,
+) -> tuple[torch.Tensor, dict[str, Estimate], dict[str, list[float]]]:
+    """Sample every prompt once per seed (fixed generators) and score with both oracles and, when
+    given, a ``reward`` model (a :class:`~spo.preference.CLIPScorer`: the toy PickScore).
 
-    Returns the images (seeds x prompts, in [-1, 1]) and the estimates."""
+    Returns the images (seeds x prompts, in [-1, 1]), the estimates and the per-image scores
+    (seed-major, for paired comparisons)."""
     for p in prompts:
         parse_prompt(p)  # a prompt outside the grammar fails here, named
     images = []
@@ -59,8 +63,9 @@ def sample_and_score(
     all_images = torch.cat(images)
     pictures = [from_tensor_range(x.numpy()) for x in all_images]
     all_prompts = list(prompts) * seeds
-    scores = {
-        "alignment": Estimate.of([alignment(img, p) for img, p in zip(pictures, all_prompts)]),
-        "aesthetic": Estimate.of([aesthetic(img) for img in pictures]),
-    }
-    return all_images, scores
+    values: dict[str, list[float]] = {}
+    if reward is not None:
+        values["pickscore"] = [float(v) for v in reward(all_images, all_prompts)]
+    values["aesthetic"] = [aesthetic(img) for img in pictures]
+    values["alignment"] = [alignment(img, p) for img, p in zip(pictures, all_prompts)]
+    return all_images, {name: Estimate.of(v) for name, v in values.items()}, values
