@@ -4,9 +4,12 @@ For every scene of the grammar (x --seeds renders): a clean render against (a) t
 degraded in detail (each kind at strength 0.5) and (b) a render with one layout attribute
 changed. Reports, for the toy CLIP (contrastive only), the toy PickScore (fine-tuned on the
 generic pairs) and the toy SPM at t = 0, the share of pairs in which the clean / aligned image
-scores higher; and the generic-label ceiling on the preference data's validation split.
+scores higher. With ``--data`` (a built preference set), also the accuracy on its validation pairs
+of the noise-free blend (0.7 alignment + 0.3 aesthetic, a perfect model of the labels' mean):
+the ceiling a reward model can be expected to approach, since the labels carry noise.
 
-    python benchmarks/toy_reward_models.py --output benchmarks/results/toy-reward-models.json
+    python benchmarks/toy_reward_models.py --data runs/toy-build/preference-data \
+        --output benchmarks/results/toy-reward-models.json
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2, help="renders per scene")
     parser.add_argument("--strength", type=float, default=0.5)
+    parser.add_argument("--data", type=Path, default=None, help="a built preference set (spo toy build)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     models = {
@@ -55,6 +59,19 @@ def main() -> None:
         for kind in DEGRADATIONS:
             degraded = [degrade(x, kind, args.strength, rng, np.array(COLOURS[s.colour]) / 255) for x, s in zip(clean, scenes)]
             result["clean_over_degraded"][name][kind] = preferred_share(model, clean, degraded, prompts)
+    if args.data is not None:
+        from spo.data import load_preference_split
+        from spo.toy.preference_data import AESTHETIC_WEIGHT, ALIGNMENT_WEIGHT
+
+        val = load_preference_split(str(args.data), "validation_unique")
+        decided = [r for r in val.remove_columns(["jpg_0", "jpg_1"]) if r["label_0"] != r["label_1"]]
+        g = [(ALIGNMENT_WEIGHT * r["alignment_0"] + AESTHETIC_WEIGHT * r["aesthetic_0"],
+              ALIGNMENT_WEIGHT * r["alignment_1"] + AESTHETIC_WEIGHT * r["aesthetic_1"]) for r in decided]
+        agree = [(g0 > g1) == (r["label_0"] > r["label_1"]) for (g0, g1), r in zip(g, decided)]
+        result["validation_pairs_non_tied"] = len(decided)
+        result["noise_free_blend_accuracy"] = round(float(np.mean(agree)), 4)
+        result["aesthetic_only_accuracy"] = round(float(np.mean(
+            [(r["aesthetic_0"] > r["aesthetic_1"]) == (r["label_0"] > r["label_1"]) for r in decided])), 4)
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

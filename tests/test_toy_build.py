@@ -146,6 +146,24 @@ def test_build_is_rerunnable_stage_by_stage(tiny_build: Path, capsys: pytest.Cap
     assert spm_file.stat().st_mtime_ns == before
 
 
+def test_build_is_deterministic(tiny_build: Path, tmp_path: Path) -> None:
+    """Same seeds, same software: the later stages rebuilt from the same base model give the same bytes."""
+    import shutil
+
+    for name in ["pretrain.json", "base", "snapshot-00003", "snapshot-00008"]:
+        source = tiny_build / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    record = ToyBuild(tmp_path, BuildSettings.tiny(), progress=False, log=lambda _: None).run()
+    assert record["stages"]["pretrain"]["status"] == "found"
+    for stage in ("data", "clip", "pickscore", "spm"):
+        assert record["stages"][stage]["status"] == "built"
+    for relative in ("clip/model.safetensors", "pickscore/model.safetensors", "spm/spm.safetensors"):
+        assert (tmp_path / relative).read_bytes() == (tiny_build / relative).read_bytes(), relative
+    original = json.loads((tiny_build / "preference-data" / "statistics.json").read_text())
+    rebuilt = json.loads((tmp_path / "preference-data" / "statistics.json").read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "seconds"} == {k: v for k, v in original.items() if k != "seconds"}
+
+
 def test_build_refuses_other_settings(tiny_build: Path) -> None:
     settings = BuildSettings.tiny()
     settings.clip.steps += 1
