@@ -221,13 +221,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .toy.demo import run_demo
     from .toy.eval_run import format_table
 
-    _, overrides = _split_positionals(args.config)
-    if _split_positionals(args.config)[0] is not None:
-        raise SystemExit("error: spo demo runs the toy preset; give only key=value overrides")
+    source, overrides = _split_positionals(args.config)
+    if source is not None:
+        raise SystemExit(f"error: spo demo runs the toy preset; give only key=value overrides, not {source!r}")
     out = run_demo(args.output, [f"seed={args.seed}", *overrides], eval_seeds=args.seeds, eval_prompts=args.eval_prompts)
     ev, train = out["eval"], out["train"]
     print(format_table(ev))
-    print(f"mean [95% interval] over {len(ev['prompts'])} validation prompts x {ev['seeds']} seeds "
+    print(f"mean [95% interval] over {len(ev['prompts'])} prompts x {ev['seeds']} seeds "
           f"(difference: fine-tuned - base on the same prompt and seed)")
     last = train.last_round or {}
     _summary([

@@ -27,7 +27,7 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
     The tokenizer and image settings come from ``pretrained`` when it holds them, else from
     ``processor`` (PickScore ships none: the release takes laion's CLIP-ViT-H-14 processor).
     """
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     try:
         pretrained = resolve_weights(pretrained)
@@ -58,7 +58,9 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
         if local_config.is_file():  # read directly: the processor class itself wants torchvision
             processor_config = json.loads(local_config.read_text())
             crop, mean, std = processor_config["crop_size"], processor_config["image_mean"], processor_config["image_std"]
-        else:
+        else:  # a hub id: let transformers fetch and parse it
+            from transformers import CLIPImageProcessor
+
             image_processor = CLIPImageProcessor.from_pretrained(source)
             crop, mean, std = image_processor.crop_size, image_processor.image_mean, image_processor.image_std
         settings["size"] = int(crop["height"] if isinstance(crop, dict) else crop)

@@ -309,7 +309,7 @@ class SPOTrainer:
             steps = self.train_on(everything.index(mine), round_index)
             entry["skipped"] = False
         with warnings.catch_warnings():  # a skipped round has no optimizer.step(); the schedule still advances
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
             self.lr_scheduler.step()
         entry.update(
             optimizer_steps=len(steps), sampling_seconds=round(t_sample, 3),
