@@ -5,7 +5,7 @@ seeded uniform noise instead of the toy SPM, so win/lose pairs are random; then 
 exactly as ``spo demo`` does. Whatever this run changes in the evaluation metrics is the effect
 of moving the LoRA with uninformative pairs; SPO's effect beyond it is the SPM's.
 
-    python benchmarks/toy_spo_random_scorer.py --seed 0 --output-dir runs/toy-spo-random \\
+    python benchmarks/toy_spo_control_scorers.py --scorer random --seed 0 --output-dir runs/toy-spo-random \\
         --output benchmarks/results/toy-spo-random-scorer.json
 """
 
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from spo.config import load_config
-from spo.data import load_prompts
-from spo.toy.eval_run import evaluate_run, format_table
-from spo.training import SPOTrainer
-from spo.training.checkpoint import list_checkpoints
+from spo.toy.demo import run_demo
+from spo.toy.eval_run import format_table
 
 
 class RandomScorer:
@@ -43,21 +39,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    config = load_config("toy", [f"seed={args.seed}", *args.overrides])
-    run_dir = args.output_dir / "spo"
-    start = time.perf_counter()
-    SPOTrainer(config, run_dir, scorer=RandomScorer(args.seed), resume=bool(list_checkpoints(run_dir))).train()
-    seconds = time.perf_counter() - start
-    result = evaluate_run(run_dir, load_prompts(config.eval.prompts), args.output_dir / "eval", seeds=config.eval.seeds,
-                          guidance_scale=config.eval.guidance_scale, num_inference_steps=config.sampling.num_inference_steps)
+    out = run_demo(args.output_dir, [f"seed={args.seed}", *args.overrides], scorer=RandomScorer(args.seed))
+    result = out["eval"]
     print(format_table(result))
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in (out["run_dir"] / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rounds = [r for r in lines if r.get("type") == "round"]
     report = {
         "scorer": args.scorer, "seed": args.seed, "overrides": args.overrides,
         "valid_pair_rate": round(sum(r["valid_pair_rate"] for r in rounds) / len(rounds), 3),
         "optimizer_steps": sum(1 for r in lines if r.get("type") == "step"),
-        "seconds_this_invocation": round(seconds, 1),  # a finished run is only resumed
+        "seconds_this_invocation": round(out["train_seconds"] + out["eval_seconds"], 1),  # a finished run is only resumed
         **{k: result[k] for k in ("base", "fine_tuned", "difference")},
     }
     if args.output:

@@ -128,22 +128,36 @@ def test_tiny_build_runs_every_stage(tiny_build: Path) -> None:
     assert StepAwarePreferenceModel.from_pretrained(str(tiny_build / "spm")).variant == "step_aware"
 
 
-def test_build_is_rerunnable_stage_by_stage(tiny_build: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_build_is_rerunnable_stage_by_stage(tiny_build: Path) -> None:
     spm_file = tiny_build / "spm" / "spm.safetensors"
     before = spm_file.stat().st_mtime_ns
     record = ToyBuild(tiny_build, BuildSettings.tiny(), progress=False).run()
     assert spm_file.stat().st_mtime_ns == before  # nothing redone
     assert all(e["status"] == "built" for e in record["stages"].values())
-    # a lost stage output is rebuilt (the training stage resumes from its checkpoints), later ones kept
+    # a lost stage output is placed again from its finished run (no training step redone), later ones kept
     import shutil
 
+    def steps(run: Path) -> int:
+        return (run / "metrics.jsonl").read_text().count('"type": "step"')
+
     reward_weights = (tiny_build / "pickscore" / "model.safetensors").read_bytes()
+    pickscore_steps = steps(tiny_build / "pickscore-run")
     shutil.rmtree(tiny_build / "pickscore")
     logs: list[str] = []
     ToyBuild(tiny_build, BuildSettings.tiny(), progress=False, log=logs.append).run()
     assert "[pickscore] running" in logs and "[spm] finished earlier: kept" in logs
     assert (tiny_build / "pickscore" / "model.safetensors").read_bytes() == reward_weights
+    assert steps(tiny_build / "pickscore-run") == pickscore_steps
     assert spm_file.stat().st_mtime_ns == before
+    # an interrupted SPM run resumes from its checkpoint: only the steps after it are trained again
+    spm_run = tiny_build / "spm-run"
+    shutil.rmtree(tiny_build / "spm")
+    shutil.rmtree(spm_run / "spm")
+    shutil.rmtree(spm_run / "checkpoints" / "step-000004")
+    ToyBuild(tiny_build, BuildSettings.tiny(), progress=False, log=lambda _: None).run()
+    lines = [json.loads(line) for line in (spm_run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if e.get("type") == "step"] == [1, 2, 3, 4]  # steps 3 and 4 redone, once
+    assert (tiny_build / "spm" / "spm.safetensors").read_bytes() == spm_file.read_bytes()
 
 
 def test_build_is_deterministic(tiny_build: Path, tmp_path: Path) -> None:
@@ -164,7 +178,24 @@ def test_build_is_deterministic(tiny_build: Path, tmp_path: Path) -> None:
     assert {k: v for k, v in rebuilt.items() if k != "seconds"} == {k: v for k, v in original.items() if k != "seconds"}
 
 
-def test_build_refuses_other_settings(tiny_build: Path) -> None:
+def test_build_refuses_other_settings(tiny_build: Path, tmp_path: Path) -> None:
+    # outputs found on disk must come from this build's settings
+    import shutil
+
+    shutil.copytree(tiny_build / "base", tmp_path / "base")
+    pretrain_record = json.loads((tiny_build / "pretrain.json").read_text())
+    pretrain_record["settings"]["steps"] = 21
+    (tmp_path / "pretrain.json").write_text(json.dumps(pretrain_record))
+    with pytest.raises(BuildError, match="pretrain.json was made with other settings"):
+        ToyBuild(tmp_path, BuildSettings.tiny(), progress=False, log=lambda _: None).run()
+    (tmp_path / "build.json").unlink(missing_ok=True)
+    (tmp_path / "pretrain.json").unlink()
+    (tmp_path / "build.json").write_text("{not json")
+    with pytest.raises(BuildError, match="unreadable"):
+        ToyBuild(tmp_path, BuildSettings.tiny())
+    (tmp_path / "build.json").unlink()
+    with pytest.raises(BuildError, match="no source model"):
+        ToyBuild(tmp_path, BuildSettings.tiny(), progress=False, log=lambda _: None).run(("data",))
     settings = BuildSettings.tiny()
     settings.clip.steps += 1
     with pytest.raises(BuildError, match="other settings.*clip"):
@@ -235,9 +266,10 @@ def test_demo_reduced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         diff = result["fine_tuned"][metric]["mean"] - result["base"][metric]["mean"]
         assert result["difference"][metric]["mean"] == pytest.approx(diff, abs=1e-9)
     lora = tmp_path / "spo" / "lora" / "pytorch_lora_weights.safetensors"
-    stamp = lora.stat().st_mtime_ns
+    weights = lora.read_bytes()
     metrics = (tmp_path / "spo" / "metrics.jsonl").read_text()
-    # rerun: the finished run is resumed, not retrained
+    # rerun: the finished run is resumed, not retrained, and evaluates the same
     assert main(args) == 0
     assert (tmp_path / "spo" / "metrics.jsonl").read_text() == metrics
-    assert lora.exists() and stamp <= lora.stat().st_mtime_ns
+    assert lora.read_bytes() == weights
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result

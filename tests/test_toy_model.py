@@ -104,8 +104,9 @@ def test_shipped_base_model_loads_and_draws_the_layout() -> None:
 
 
 def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """SPO trains on the shipped toy base model (a fixed brightness scorer here: the toy SPM has not
-    shipped yet) and `spo eval` compares base and fine-tuned with the same seeds."""
+    """SPO trains on the shipped toy base model (with a fixed brightness scorer, so that a few
+    rounds at a high learning rate surely move the LoRA) and `spo eval` compares base and
+    fine-tuned with the same seeds."""
     import json
 
     from spo.cli import main

@@ -186,7 +186,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .toy.grammar import validation_prompts
 
     prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
-    output = args.output or str(Path(args.target) / "eval")
+    from .builtin import PREFIX, is_builtin
+
+    default = Path("runs") / f"eval-{args.target[len(PREFIX):]}" if is_builtin(args.target) else Path(args.target) / "eval"
+    output = args.output or str(default)
     result = evaluate_run(args.target, prompts, output, seeds=args.seeds, guidance_scale=args.guidance)
     print(format_table(result))
     print(f"mean [95% interval] over {len(prompts)} prompts x {args.seeds} seeds; "
@@ -316,20 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = toy_sub.add_parser(
         "build", help="regenerate every toy weight from seeds: pretrain, data, clip, pickscore, spm",
-        description="Runs the unfinished stages in order (a finished stage is kept; an interrupted training "
-        "stage resumes). Wall times and label statistics go to OUTPUT/build.json and the summary.",
+        description="Runs the unfinished stages in order (a finished stage is kept; an interrupted pickscore or "
+        "spm stage resumes from its checkpoint, the others start again). Wall times and label statistics go to "
+        "OUTPUT/build.json and the summary.",
     )
     build.add_argument("--output", "-o", default="runs/toy-build")
     build.add_argument("--stages", help="comma-separated subset of pretrain,data,clip,pickscore,spm")
     build.add_argument("--tiny", action="store_true", help="minutes-scale budgets (tests): every stage, briefly")
     build.set_defaults(func=cmd_toy_build, config=[])
 
-    ev = sub.add_parser("eval", help="toy world: base vs an SPO run, same prompts and seeds, oracle scores")
+    ev = sub.add_parser("eval", help="toy world: base vs an SPO run, same prompts and seeds: toy PickScore and oracle scores")
     ev.add_argument("target", help="a toy model directory or an SPO run directory (config.yaml + lora/)")
     ev.add_argument("--prompts", help="prompts file, one per line (default: the built-in validation prompts)")
     ev.add_argument("--seeds", type=_positive_int, default=3)
     ev.add_argument("--guidance", type=float, default=3.0)
-    ev.add_argument("--output", help="default: TARGET/eval")
+    ev.add_argument("--output", help="default: TARGET/eval (runs/eval-NAME for toy:NAME)")
     ev.set_defaults(func=cmd_eval, config=[])
 
     tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")

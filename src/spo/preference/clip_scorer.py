@@ -58,6 +58,8 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
         if local_config.is_file():  # read directly: the processor class itself wants torchvision
             processor_config = json.loads(local_config.read_text())
             crop, mean, std = processor_config["crop_size"], processor_config["image_mean"], processor_config["image_std"]
+        elif Path(source).expanduser().is_dir():
+            raise OSError("a local directory without preprocessor_config.json")
         else:  # a hub id: let transformers fetch and parse it
             from transformers import CLIPImageProcessor
 

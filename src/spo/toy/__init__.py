@@ -1,7 +1,10 @@
 """The toy world: a procedural text-to-image domain with known ground truth (docs/toy-world.md).
 
-Done so far: the prompt grammar, the renderer and its detail degradations, and the two oracles.
-The pixel-space base model, its pretraining, the preference data and the shipped weights follow.
+Modules: ``grammar`` (prompts, scenes, the fixed split), ``render`` (scenes and detail
+degradations), ``oracles`` (alignment, aesthetic), ``model`` (the pixel-space model, ``toy``
+backbone), ``pretrain``, ``preference_data`` (the toy Pick-a-Pic), ``clip`` (the toy CLIP),
+``build`` (``spo toy build``), ``evaluate`` / ``eval_run`` (``spo eval``) and ``demo`` (the
+main job). The shipped weights live in ``toy/weights`` (``toy:`` references, spo.builtin).
 """
 
 from .grammar import PromptGrammarError, Scene, all_scenes, parse_prompt, training_prompts, validation_prompts, vocabulary

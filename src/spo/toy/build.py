@@ -1,7 +1,8 @@
 """``spo toy build``: regenerate every shipped toy weight from seeds, stage by stage.
 
-Stages (each writes under OUTPUT; a finished stage is not redone, an interrupted training stage
-resumes from its last checkpoint):
+Stages (each writes under OUTPUT; a finished stage is not redone; an interrupted ``pickscore``
+or ``spm`` stage resumes from its last checkpoint, an interrupted ``pretrain``, ``data`` or
+``clip`` stage starts that stage again, as they keep no checkpoints):
 
 1. ``pretrain``  the base model and two weaker snapshots (``base/``, ``snapshot-*/``);
 2. ``data``      the generic preference set in Pick-a-Pic format (``preference-data/``);
@@ -11,7 +12,9 @@ resumes from its last checkpoint):
 5. ``spm``       the toy SPM built from the toy PickScore through ``spo train-spm``, noised with
                  the base model (``spm/``), the same code path as Pick-a-Pic and SD.
 
-``OUTPUT/build.json`` records each stage's settings, wall time and summary. Shipping is a copy:
+``OUTPUT/build.json`` records the settings, each stage's wall time and summary; outputs found
+on disk (e.g. from ``spo toy pretrain``) must have been made with the same settings. A stage's
+final directory appears by an atomic rename, so a half-copied one never counts as done. Shipping is a copy:
 ``base``, the snapshots, ``clip``, ``pickscore`` and ``spm`` are what ``src/spo/toy/weights`` holds.
 """
 
@@ -58,10 +61,9 @@ class BuildSettings:
     def tiny(cls) -> "BuildSettings":
         """Minutes-scale budgets for tests: every stage runs for real, briefly."""
         pre = PretrainSettings(steps=20, batch_size=8, snapshots=[0.15, 0.4])
-        snapshots = [f"snapshot-{max(1, int(f * pre.steps)):05d}" for f in pre.snapshots]
         return cls(
             pretrain=pre,
-            data=PreferenceDataSettings(models=[*snapshots, "base"], images_per_model=2, pairs_per_prompt=3,
+            data=PreferenceDataSettings(models=[*pre.snapshot_names(), "base"], images_per_model=2, pairs_per_prompt=3,
                                         prompts=20, num_inference_steps=4, validation_prompts=0.2),
             clip=ToyCLIPSettings(steps=10, batch_size=16),
             pickscore=PreferenceTraining(steps=4, batch_size=4, lr=1e-3, validate_every=2, checkpoint_every=2),
@@ -69,8 +71,7 @@ class BuildSettings:
         )
 
 
-def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, overrides: list[str], seed: int,
-                       progress: bool) -> list[str]:
+def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, overrides: list[str], seed: int) -> list[str]:
     return [
         "train-spm", "toy", "--output", str(run), *(["--resume"] if (run / "checkpoints").exists() else []),
         f"spm.data={output / 'preference-data'}", f"spm.steps={settings.steps}", f"spm.batch_size={settings.batch_size}",
@@ -103,7 +104,10 @@ class ToyBuild:
         self.settings = settings or BuildSettings()
         self.progress, self.log = progress, log
         self.record_path = self.output / "build.json"
-        self.record: dict[str, Any] = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        try:
+            self.record: dict[str, Any] = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        except (OSError, ValueError) as err:
+            raise BuildError(f"{self.record_path} is unreadable ({err}); move it away to rebuild the record") from None
         recorded = self.record.get("settings")
         wanted = json.loads(json.dumps(asdict(self.settings)))
         if recorded is not None and recorded != wanted:
@@ -120,7 +124,7 @@ class ToyBuild:
             "pretrain": (o / "pretrain.json").exists() and (o / "base" / "toy_model.json").exists(),
             "data": (o / "preference-data" / "statistics.json").exists(),
             "clip": (o / "clip" / "toy_clip.json").exists(),
-            "pickscore": (o / "pickscore" / "config.json").exists(),
+            "pickscore": (o / "pickscore" / "preprocessor_config.json").exists(),  # placed by one rename
             "spm": (o / "spm" / "spm_config.json").exists(),
         }[stage]
 
@@ -135,6 +139,9 @@ class ToyBuild:
         return pretrain(self.output, self.settings.pretrain, progress=self.progress)
 
     def _data(self) -> dict[str, Any]:
+        missing = [m for m in self.settings.data.models if not (self.output / m / "toy_model.json").exists()]
+        if missing:
+            raise BuildError(f"{self.output}: no source model {missing} for the preference data; run the pretrain stage")
         target = self.output / "preference-data"
         if target.exists():  # an interrupted save: sampling is redone from the same seeds
             shutil.rmtree(target)
@@ -143,24 +150,48 @@ class ToyBuild:
     def _clip(self) -> dict[str, Any]:
         return pretrain_toy_clip(self.output / "clip", self.settings.clip, progress=self.progress)
 
-    def _pickscore(self) -> dict[str, Any]:
-        run = self.output / "pickscore-run"
-        s = self.settings.pickscore
-        _run_cli(_train_spm_command(self.output, run, s, [
-            f"preference.pretrained={self.output / 'clip'}", "preference.variant=clean",
-        ], self.settings.pretrain.seed, self.progress))
-        shutil.copytree(run / "reward", self.output / "pickscore", dirs_exist_ok=True)
+    def _train_and_place(self, run: Path, settings: PreferenceTraining, overrides: list[str], saved: str,
+                         marker: str, target: Path) -> dict[str, Any]:
+        """Run ``spo train-spm`` into ``run`` unless its final model ``run/saved`` is complete (the
+        file ``marker`` is written last), then move a copy into ``target`` with one rename."""
+        if not (run / saved / marker).exists():
+            _run_cli(_train_spm_command(self.output, run, settings, overrides, self.settings.pretrain.seed))
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(run / saved, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
         return {"run": str(run), "validation": _read_validation(run)}
 
+    def _pickscore(self) -> dict[str, Any]:
+        # save_clip writes preprocessor_config.json last
+        return self._train_and_place(self.output / "pickscore-run", self.settings.pickscore, [
+            f"preference.pretrained={self.output / 'clip'}", "preference.variant=clean",
+        ], "reward", "preprocessor_config.json", self.output / "pickscore")
+
     def _spm(self) -> dict[str, Any]:
-        run = self.output / "spm-run"
-        s = self.settings.spm
-        _run_cli(_train_spm_command(self.output, run, s, [
+        # StepAwarePreferenceModel.save writes spm_config.json last
+        return self._train_and_place(self.output / "spm-run", self.settings.spm, [
             f"model.pretrained={self.output / 'base'}", f"preference.pretrained={self.output / 'pickscore'}",
             "preference.variant=step_aware",
-        ], self.settings.pretrain.seed, self.progress))
-        shutil.copytree(run / "spm", self.output / "spm", dirs_exist_ok=True)
-        return {"run": str(run), "validation": _read_validation(run)}
+        ], "spm", "spm_config.json", self.output / "spm")
+
+    def _check_found(self, stage: str) -> None:
+        """Outputs made by an earlier command must come from the settings of this build."""
+        source, wanted = {
+            "pretrain": (self.output / "pretrain.json", self.record["settings"]["pretrain"]),
+            "data": (self.output / "preference-data" / "statistics.json", self.record["settings"]["data"]),
+            "clip": (self.output / "clip" / "toy_clip.json", self.record["settings"]["clip"]),
+        }.get(stage, (None, None))
+        if source is None:
+            return
+        try:
+            found = json.loads(source.read_text()).get("settings")
+        except (OSError, ValueError) as err:
+            raise BuildError(f"{source} is unreadable ({err}); remove the {stage} stage's output to rebuild it") from None
+        if found != wanted:
+            raise BuildError(f"{source} was made with other settings than this build's {stage} stage "
+                             f"({found} vs {wanted}); use another --output")
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
         """Run the unfinished ``stages`` in order; returns the record (also in build.json)."""
@@ -173,6 +204,7 @@ class ToyBuild:
             entry = self.record["stages"].get(stage)
             if self.done(stage):
                 if entry is None:  # finished by an earlier command (e.g. `spo toy pretrain`)
+                    self._check_found(stage)
                     self.record["stages"][stage] = {"status": "found", "seconds": self._found_seconds(stage)}
                     self._save_record()
                 self.log(f"[{stage}] finished earlier: kept")

@@ -15,18 +15,21 @@ from typing import Any
 
 from ..config import load_config
 from ..data import load_prompts
+from ..sampling import Scorer
 from ..training import SPOTrainer
 from ..training.checkpoint import list_checkpoints
 from .eval_run import evaluate_run
 
 
 def run_demo(output: str | Path, overrides: Sequence[str] = (), *, eval_seeds: int | None = None,
-             eval_prompts: int | None = None, progress: bool = True) -> dict[str, Any]:
+             eval_prompts: int | None = None, progress: bool = True, scorer: Scorer | None = None) -> dict[str, Any]:
+    """Train into ``OUTPUT/spo`` (resuming what is there) and evaluate into ``OUTPUT/eval``;
+    ``scorer`` replaces the preset's SPM (benchmarks' controls)."""
     output = Path(output)
     config = load_config("toy", list(overrides))
     run_dir = output / "spo"
     start = time.perf_counter()
-    trainer = SPOTrainer(config, run_dir, resume=bool(list_checkpoints(run_dir)), progress=progress)
+    trainer = SPOTrainer(config, run_dir, scorer=scorer, resume=bool(list_checkpoints(run_dir)), progress=progress)
     result = trainer.train()
     train_seconds = time.perf_counter() - start
     prompts = load_prompts(config.eval.prompts or "toy:validation-prompts")

@@ -43,7 +43,7 @@ def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_reward(reward: str | None) -> CLIPScorer | None:
-    """The toy PickScore (or any CLIPModel directory); ``None`` when it has not shipped."""
+    """A CLIPScorer for ``reward`` (the toy PickScore, or any CLIPModel directory); ``None`` for ``None``."""
     if reward is None:
         return None
     return CLIPScorer.from_pretrained(reward, device="cpu")

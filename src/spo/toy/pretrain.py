@@ -42,6 +42,13 @@ class PretrainSettings:
     snapshots: list[float] = field(default_factory=lambda: [0.15, 0.4])
     seed: int = 0
 
+    def snapshot_steps(self) -> list[int]:
+        return sorted({max(1, int(f * self.steps)) for f in self.snapshots})
+
+    def snapshot_names(self) -> list[str]:
+        """The snapshot directories the run writes (``snapshot-00540`` ... for the defaults)."""
+        return [f"snapshot-{step:05d}" for step in self.snapshot_steps()]
+
 
 def training_batch(rng: np.random.Generator, size: int, settings: PretrainSettings) -> tuple[torch.Tensor, list[str]]:
     """``size`` (image, prompt) pairs of the base model's training distribution."""
@@ -81,7 +88,7 @@ def pretrain(output: str | Path, settings: PretrainSettings | None = None, progr
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     alphas = pipeline.scheduler.alphas_cumprod
-    snapshot_steps = {max(1, int(f * settings.steps)) for f in settings.snapshots}
+    snapshot_steps = set(settings.snapshot_steps())
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(1, settings.steps + 1), desc="toy pretraining", unit="step", disable=not progress)
