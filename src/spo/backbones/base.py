@@ -432,11 +432,14 @@ class Backbone(ABC):
         """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # rank, alpha and targets travel with the weights: alpha != rank reloads correctly; sets
+        # become sorted lists so the same weights give the same file in every process
+        metadata = {k: sorted(v) if isinstance(v, set) else v
+                    for k, v in self.unet.peft_config[self._adapter_name].to_dict().items()}
         type(self.pipeline).save_lora_weights(
             save_directory=str(directory),
             unet_lora_layers=self.lora_state_dict(),
             safe_serialization=True,
-            # rank, alpha and targets travel with the weights: alpha != rank reloads correctly
-            unet_lora_adapter_metadata=self.unet.peft_config[self._adapter_name].to_dict(),
+            unet_lora_adapter_metadata=metadata,
         )
         return directory / "pytorch_lora_weights.safetensors"
