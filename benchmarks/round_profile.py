@@ -36,6 +36,8 @@ from spo.objectives import SPOObjective
 from spo.preference import CLIPScorer
 from spo.sampling import PoolSampler
 
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
+
 
 def sd15_sized_backbone() -> SD15Backbone:
     """SD-1.5's UNet architecture with random weights; tiny text encoder (width 768) and VAE."""
@@ -212,11 +214,7 @@ def main() -> None:
     }
     result["round_seconds"] = round(sampling_total + training_total, 4)
     result["round_ratio_to_floor"] = round((sampling_total + training_total) / (sampling_floor + train_floor), 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    write_report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ runs `spo train-spm` for 40 steps and writes the accuracy before and after, per 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from spo.backbones.tiny import save_tiny_clip, save_tiny_pipeline  # noqa: E402
 from spo.cli import format_accuracy_table  # noqa: E402
 from spo.config import load_config  # noqa: E402
 from spo.preference.training import SPMTrainer  # noqa: E402
+
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
 
 def main() -> None:
@@ -51,10 +52,7 @@ def main() -> None:
     print(format_accuracy_table(result.validation, before))
     out = {"steps": result.steps, "seconds": round(seconds, 1), "skipped_rows": result.skipped_rows,
            "accuracy_before": before, "accuracy_after": result.validation}
-    print(json.dumps(out, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(out, indent=2) + "\n")
+    write_report(out, args.output)
 
 
 if __name__ == "__main__":

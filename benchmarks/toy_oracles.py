@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from spo.toy import DEGRADATIONS, aesthetic, alignment, all_scenes, degrade, misalign, render
 from spo.toy.grammar import COLOURS
+
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
 
 def main() -> None:
@@ -49,11 +50,7 @@ def main() -> None:
                 "below_clean_share": round(float((a_arr < clean_aesthetic - 1e-3).mean()), 4),
                 "alignment_mean": round(float(np.mean(al)), 4),
             }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    write_report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ the ceiling a reward model can be expected to approach, since the labels carry n
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from spo.preference import CLIPScorer, StepAwarePreferenceModel
 from spo.toy import DEGRADATIONS, all_scenes, degrade, misalign, render
 from spo.toy.render import to_tensor_range
 from spo.toy.grammar import COLOURS
+
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
 
 def preferred_share(model, a: list[np.ndarray], b: list[np.ndarray], prompts: list[str]) -> float:
@@ -72,10 +73,7 @@ def main() -> None:
         result["noise_free_blend_accuracy"] = round(float(np.mean(agree)), 4)
         result["aesthetic_only_accuracy"] = round(float(np.mean(
             [(r["aesthetic_0"] > r["aesthetic_1"]) == (r["label_0"] > r["label_1"]) for r in decided])), 4)
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(result, args.output)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import torch
 from spo.toy.demo import run_demo
 from spo.toy.eval_run import format_table
 
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
+
 
 class RandomScorer:
     """Uniform scores from a seeded generator: every pool's best and worst are random."""
@@ -51,9 +53,7 @@ def main() -> None:
         "seconds_this_invocation": round(out["train_seconds"] + out["eval_seconds"], 1),  # a finished run is only resumed
         **{k: result[k] for k in ("base", "fine_tuned", "difference")},
     }
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.output, shown=report["difference"])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,10 +59,7 @@ def main() -> None:
             "per_seed_difference": {str(s): runs[s]["difference"][m] for s in args.seeds},
         }
     report = {"seeds": args.seeds, "overrides": args.overrides, "runs": runs, "summary": summary}
-    print(json.dumps(summary, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.output, shown=summary)
 
 
 if __name__ == "__main__":

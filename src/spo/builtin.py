@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ModelLoadError
+
 PREFIX = "toy:"
 #: the shipped toy weights (``spo toy build`` writes the same layout)
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
@@ -16,24 +18,26 @@ TOY_WEIGHT_NAMES = ("base", "pickscore", "spm", "clip")
 TOY_PROMPT_SETS = ("training-prompts", "validation-prompts")
 
 
-class BuiltinError(ValueError):
-    """An unknown ``toy:`` reference."""
+class BuiltinError(ModelLoadError):
+    """An unknown ``toy:`` reference (a model-loading error: the CLI prints it without a traceback)."""
 
 
 def is_builtin(ref: str | Path | None) -> bool:
     return isinstance(ref, str) and ref.startswith(PREFIX)
 
 
-def resolve_weights(ref: str) -> str:
-    """``toy:NAME`` -> the shipped directory's path; any other string unchanged."""
+def resolve_weights(ref: str, what: str = "weights") -> str:
+    """``toy:NAME`` -> the shipped directory's path; any other string unchanged. ``what`` (the
+    config field, e.g. ``model.pretrained``) leads the error message."""
     if not is_builtin(ref):
         return ref
     name = ref[len(PREFIX):]
     if name not in TOY_WEIGHT_NAMES:
-        raise BuiltinError(f"unknown built-in weights {ref!r}; expected one of {[PREFIX + n for n in TOY_WEIGHT_NAMES]}")
+        raise BuiltinError(f"{what}: unknown built-in weights {ref!r}; expected one of "
+                           f"{[PREFIX + n for n in TOY_WEIGHT_NAMES]}")
     path = TOY_WEIGHTS / name
     if not path.is_dir():
-        raise BuiltinError(f"{ref!r}: the shipped weights are missing from this installation ({path})")
+        raise BuiltinError(f"{what}: {ref!r}: the shipped weights are missing from this installation ({path})")
     return str(path)
 
 

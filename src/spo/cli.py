@@ -163,14 +163,14 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
 def cmd_toy_score(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .images import image_grid, to_pil
-    from .toy.eval_run import default_reward, load_reward
+    from .toy.eval_run import load_reward
     from .toy.evaluate import sample_and_score
     from .toy.grammar import validation_prompts
     from .toy.model import ToyBackbone
 
     backbone = ToyBackbone.from_pretrained(args.model, device="cpu")
     prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
-    reward = load_reward(default_reward())
+    reward = load_reward("toy:pickscore")
     images, scores, _ = sample_and_score(backbone, prompts, seeds=args.seeds, guidance_scale=args.guidance, reward=reward)
     rows = [(f"{name} (mean [95% interval], n={est.n})", str(est)) for name, est in scores.items()]
     if args.grid:
@@ -364,7 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import ModelLoadError
     from .data import PreferenceDataError
     from .preference.training import SPMTrainingError
-    from .builtin import BuiltinError
     from .toy.build import BuildError
     from .toy.grammar import PromptGrammarError
     from .training import CheckpointError, TrainingError
@@ -381,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
-            SPMTrainingError, PromptGrammarError, BuildError, BuiltinError) as err:
+            SPMTrainingError, PromptGrammarError, BuildError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..builtin import BuiltinError, resolve_weights
+from ..builtin import resolve_weights
 from ..errors import ModelLoadError, local_path
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
@@ -29,11 +29,8 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
     """
     from transformers import AutoTokenizer, CLIPModel
 
-    try:
-        pretrained = resolve_weights(pretrained)
-        processor = resolve_weights(processor) if processor else processor
-    except BuiltinError as err:
-        raise ModelLoadError(f"{what}: {err}") from None
+    pretrained = resolve_weights(pretrained, what)
+    processor = resolve_weights(processor, "preference.processor") if processor else processor
     local_path(pretrained, what, noun="file or directory")
     try:
         model = CLIPModel.from_pretrained(pretrained)
@@ -53,20 +50,17 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
         "mean": OPENAI_CLIP_MEAN,
         "std": OPENAI_CLIP_STD,
     }
+    local_dir = Path(source).expanduser()
     try:
-        local_config = Path(source).expanduser() / "preprocessor_config.json"
-        if local_config.is_file():  # read directly: the processor class itself wants torchvision
-            processor_config = json.loads(local_config.read_text())
-            crop, mean, std = processor_config["crop_size"], processor_config["image_mean"], processor_config["image_std"]
-        elif Path(source).expanduser().is_dir():
-            raise OSError("a local directory without preprocessor_config.json")
+        if local_dir.is_dir():  # read the file directly: the processor class itself wants torchvision
+            image_config = json.loads((local_dir / "preprocessor_config.json").read_text())
         else:  # a hub id: let transformers fetch and parse it
             from transformers import CLIPImageProcessor
 
-            image_processor = CLIPImageProcessor.from_pretrained(source)
-            crop, mean, std = image_processor.crop_size, image_processor.image_mean, image_processor.image_std
+            image_config = CLIPImageProcessor.from_pretrained(source).to_dict()
+        crop = image_config["crop_size"]
         settings["size"] = int(crop["height"] if isinstance(crop, dict) else crop)
-        settings["mean"], settings["std"] = tuple(mean), tuple(std)
+        settings["mean"], settings["std"] = tuple(image_config["image_mean"]), tuple(image_config["image_std"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no preprocessor_config.json: CLIP defaults at the model's image size
     return model, tokenizer, settings

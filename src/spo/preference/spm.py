@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..builtin import BuiltinError, resolve_weights
+from ..builtin import resolve_weights
 from ..errors import ModelLoadError
 from .clip_scorer import CLIPScorer, load_clip_parts
 from .preprocess import clip_preprocess, save_clip_image_config
@@ -137,10 +137,7 @@ class StepAwarePreferenceModel(CLIPScorer):
     ) -> "StepAwarePreferenceModel":
         """From a CLIPModel directory or hub id (time modules at identity), from this project's
         saved SPM directory, and/or with the authors' released state dict (``checkpoint``)."""
-        try:
-            pretrained = resolve_weights(pretrained)
-        except BuiltinError as err:
-            raise ModelLoadError(f"preference.pretrained: {err}") from None
+        pretrained = resolve_weights(pretrained, "preference.pretrained")
         local = Path(pretrained).expanduser()
         if (local / SPM_CONFIG).exists():
             spm = cls.load(local, variant=None if variant == "step_aware" else variant)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..backbones.base import BackboneLoadError
-from ..builtin import TOY_WEIGHTS, BuiltinError, resolve_weights
+from ..builtin import resolve_weights
 from ..images import image_grid, to_pil
 from ..preference.clip_scorer import CLIPScorer
 from .evaluate import Estimate, sample_and_score
@@ -25,10 +25,7 @@ from .model import MARKER, ToyBackbone
 
 def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
     """(base model dir, LoRA dir or None) for a toy model directory or an SPO run directory."""
-    try:
-        target = Path(resolve_weights(str(target))).expanduser()
-    except BuiltinError as err:
-        raise BackboneLoadError(str(err)) from None
+    target = Path(resolve_weights(str(target), "spo eval")).expanduser()
     if (target / MARKER).exists():
         return target, None
     config_file, lora = target / "config.yaml", target / "lora" / "pytorch_lora_weights.safetensors"
@@ -38,7 +35,7 @@ def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
         config = load_config(config_file)
         if config.model.backbone != "toy":
             raise BackboneLoadError(f"{target}: spo eval scores toy-world runs; this run trained {config.model.backbone!r}")
-        return Path(resolve_weights(config.model.pretrained)), lora.parent
+        return Path(resolve_weights(config.model.pretrained, "model.pretrained")), lora.parent
     raise BackboneLoadError(f"{target}: neither a toy model directory nor a finished SPO run (config.yaml + lora/)")
 
 
@@ -49,11 +46,6 @@ def load_reward(reward: str | None) -> CLIPScorer | None:
     return CLIPScorer.from_pretrained(reward, device="cpu")
 
 
-def default_reward() -> str | None:
-    """``toy:pickscore`` when this installation ships it."""
-    return "toy:pickscore" if (TOY_WEIGHTS / "pickscore").is_dir() else None
-
-
 def evaluate_run(
     target: str | Path,
     prompts: Sequence[str],
@@ -62,7 +54,7 @@ def evaluate_run(
     seeds: int = 3,
     guidance_scale: float = 3.0,
     num_inference_steps: int = 20,
-    reward: str | None = "default",
+    reward: str | None = "toy:pickscore",
 ) -> dict[str, Any]:
     """Sample base (and fine-tuned) with the same seeds; score with the toy PickScore, the
     aesthetic and the alignment oracle; write ``eval.json`` and ``grid.png`` into ``output``.
@@ -72,7 +64,6 @@ def evaluate_run(
     base_dir, lora_dir = resolve_models(target)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    reward = default_reward() if reward == "default" else reward
     scorer = load_reward(reward)
     kwargs = dict(seeds=seeds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, reward=scorer)
     base = ToyBackbone.from_pretrained(str(base_dir), device="cpu")

@@ -21,7 +21,7 @@ import torch
 
 from ..backbones.base import Backbone, BackboneLoadError, Conditioning, resolve_device, resolve_dtype
 from ..backbones.tiny import _bytes_to_unicode
-from ..builtin import TOY_WEIGHTS, BuiltinError, resolve_weights
+from ..builtin import TOY_WEIGHTS, resolve_weights
 from .grammar import vocabulary
 
 MARKER = "toy_model.json"
@@ -164,11 +164,7 @@ class ToyBackbone(Backbone):
         resolution: int | None = None,
         **_: Any,
     ) -> "ToyBackbone":
-        try:
-            pretrained = resolve_weights(pretrained)
-        except BuiltinError as err:
-            raise BackboneLoadError(f"model.pretrained: {err}") from None
-        path = Path(pretrained).expanduser()
+        path = Path(resolve_weights(pretrained, "model.pretrained")).expanduser()
         if not path.exists():
             raise BackboneLoadError(f"model.pretrained: no such directory {str(path)!r}")
         pipeline = load_toy_pipeline(path, resolve_dtype(dtype))
