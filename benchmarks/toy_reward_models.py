@@ -54,6 +54,8 @@ def main() -> None:
     wrong = [render(misalign(s, rng), rng) for s in scenes]
     result: dict = {"pairs_per_comparison": len(scenes), "strength": args.strength, "clean_over_misaligned": {},
                     "clean_over_degraded": {}}
+    # the scale of the scores (the tie threshold of SPO acts on softmax gaps of these)
+    result["exp_logit_scale"] = {name: round(float(m.model.logit_scale.exp()), 3) for name, m in models.items()}
     for name, model in models.items():
         result["clean_over_misaligned"][name] = preferred_share(model, clean, wrong, prompts)
         result["clean_over_degraded"][name] = {}
