@@ -13,8 +13,7 @@ import torch
 from ..backbones import Backbone
 from ..sampling import ddim_sample
 from .grammar import parse_prompt
-from .oracles import aesthetic, alignment
-from .render import from_tensor_range
+from .batched_oracles import aesthetic_batch, alignment_batch, to_oracle_images
 
 
 @dataclass
@@ -61,11 +60,11 @@ def sample_and_score(
                               guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(base_seed + seed))
         images.append(backbone.decode(latents).cpu())
     all_images = torch.cat(images)
-    pictures = [from_tensor_range(x.numpy()) for x in all_images]
+    pictures = to_oracle_images(all_images)
     all_prompts = list(prompts) * seeds
     values: dict[str, list[float]] = {}
     if reward is not None:
         values["pickscore"] = [float(v) for v in reward(all_images, all_prompts)]
-    values["aesthetic"] = [aesthetic(img) for img in pictures]
-    values["alignment"] = [alignment(img, p) for img, p in zip(pictures, all_prompts)]
+    values["aesthetic"] = aesthetic_batch(pictures).tolist()
+    values["alignment"] = alignment_batch(pictures, all_prompts).tolist()
     return all_images, {name: Estimate.of(v) for name, v in values.items()}, values

@@ -32,7 +32,7 @@ from ..sampling import ddim_sample
 from ..training.seeding import derive_seed
 from .grammar import training_prompts
 from .model import ToyBackbone
-from .oracles import aesthetic, alignment
+from .batched_oracles import aesthetic_batch, alignment_batch
 
 #: the fixed label blend of docs/toy-world.md (not tuned after seeing results)
 ALIGNMENT_WEIGHT, AESTHETIC_WEIGHT, LABEL_NOISE, TIE_GAP = 0.7, 0.3, 0.05, 0.03
@@ -104,12 +104,13 @@ def make_pairs(prompts: list[str], images: dict[str, np.ndarray], settings: Pref
     """Random pairs of distinct images of the same prompt, labelled by the blend; ground truth kept."""
     rng = np.random.default_rng(derive_seed(settings.seed, "toy-pair-draws"))
     pool = [(m, i) for m in settings.models for i in range(settings.images_per_model)]
+    oracle = {}  # (model, i) -> (alignment, aesthetic) per prompt, batched over the prompts
+    for m, i in pool:
+        pictures = torch.from_numpy(images[m][i].astype(np.float32) / 255.0)
+        oracle[(m, i)] = (alignment_batch(pictures, prompts).tolist(), aesthetic_batch(pictures).tolist())
     rows = []
     for p_index, prompt in enumerate(prompts):
-        scores = {}
-        for m, i in pool:
-            picture = images[m][i, p_index].astype(np.float32) / 255.0
-            scores[(m, i)] = (alignment(picture, prompt), aesthetic(picture))
+        scores = {key: (al[p_index], ae[p_index]) for key, (al, ae) in oracle.items()}
         for _ in range(settings.pairs_per_prompt):
             a, b = rng.choice(len(pool), size=2, replace=False)
             (m0, i0), (m1, i1) = pool[int(a)], pool[int(b)]
