@@ -4,7 +4,8 @@ For every scene of the grammar (x --seeds renders): a clean render against (a) t
 degraded in detail (each kind at strength 0.5) and (b) a render with one layout attribute
 changed. Reports, for the toy CLIP (contrastive only), the toy PickScore (fine-tuned on the
 generic pairs) and the toy SPM at t = 0, the share of pairs in which the clean / aligned image
-scores higher. With ``--data`` (a built preference set), also the accuracy on its validation pairs
+scores higher (``--models``: by default each shipped build's toy CLIP, toy PickScore and toy
+SPM). With ``--data`` (a built preference set), also the accuracy on its validation pairs
 of the noise-free blend (0.7 alignment + 0.3 aesthetic, a perfect model of the labels' mean):
 the ceiling a reward model can be expected to approach, since the labels carry noise.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spo.preference import CLIPScorer, StepAwarePreferenceModel
+from spo.toy.judges import JUDGES, load_judge
 from spo.toy import DEGRADATIONS, all_scenes, degrade, misalign, render
 from spo.toy.render import to_tensor_range
 from spo.toy.grammar import COLOURS
@@ -40,13 +41,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="renders per scene")
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--data", type=Path, default=None, help="a built preference set (spo toy build)")
+    parser.add_argument("--models", nargs="+", default=[n for n, (_, how) in JUDGES.items() if how != "control"],
+                        help="judges of spo.toy.judges.JUDGES or reward-model directories (an SPM scores at t = 0)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    models = {
-        "toy_clip": CLIPScorer.from_pretrained("toy:clip"),
-        "toy_pickscore": CLIPScorer.from_pretrained("toy:pickscore"),
-        "toy_spm_t0": StepAwarePreferenceModel.from_pretrained("toy:spm"),
-    }
+    models = {name: load_judge(name) for name in args.models}
     rng = np.random.default_rng(0)
     scenes = [s for s in all_scenes() for _ in range(args.seeds)]
     prompts = [s.prompt for s in scenes]

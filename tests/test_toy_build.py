@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,29 @@ def test_builtin_references() -> None:
         load_prompts("toy:prompts")
 
 
+def test_versioned_reward_models_and_builds() -> None:
+    from spo.builtin import TOY_DEFAULT_VERSION, TOY_REWARD_VERSIONS
+
+    for version in TOY_REWARD_VERSIONS:
+        for model in ("clip", "pickscore", "spm"):
+            assert Path(resolve_weights(f"toy:{model}-{version}")).is_dir()
+    assert resolve_weights("toy:spm") == resolve_weights(f"toy:spm-{TOY_DEFAULT_VERSION}")
+    with pytest.raises(BuiltinError, match="toy:spm-v1"):
+        resolve_weights("toy:spm-v0")
+    # v1's settings are the defaults the shipped v1 was built with (its build.json records them)
+    shipped = json.loads((Path(resolve_weights("toy:spm-v1")).parent / "build.json").read_text())["settings"]
+    v1 = json.loads(json.dumps(asdict(BuildSettings.for_version("v1"))))
+    for stage in ("pretrain", "clip"):
+        assert v1[stage] == shipped[stage]
+    for stage in ("data", "pickscore", "spm"):  # fields added since default to what v1 did
+        assert {k: v for k, v in v1[stage].items() if k in shipped[stage]} == shipped[stage]
+    v2 = BuildSettings.for_version("v2")
+    assert asdict(v2.pretrain) == asdict(BuildSettings().pretrain)  # same world, same base model
+    assert v2.data.pairs_per_prompt > v1["data"]["pairs_per_prompt"] and v2.data.images_per_model > v1["data"]["images_per_model"]
+    with pytest.raises(BuildError, match="unknown build version"):
+        BuildSettings.for_version("v9")
+
+
 def test_no_preset_means_the_toy_world(capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
@@ -260,7 +284,7 @@ def test_demo_reduced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     for word in ("pickscore", "aesthetic", "alignment", "difference (paired)", "grid"):
         assert word in out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["reward_model"] == "toy:pickscore" and result["num_inference_steps"] == 6
+    assert result["reward_model"] == "toy:pickscore-v1" and result["num_inference_steps"] == 6
     for metric in ("pickscore", "aesthetic", "alignment"):
         # paired difference of means = difference of means
         diff = result["fine_tuned"][metric]["mean"] - result["base"][metric]["mean"]

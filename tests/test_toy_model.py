@@ -120,6 +120,8 @@ def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.Captu
         f"data.prompts={prompts}", "train.rounds=2", "train.prompts_per_round=2", "train.batch_size=8",
         "sampling.num_inference_steps=8", "sampling.guidance_scale=3.0", "pools.threshold=0.0",
         "optimizer.lr=1e-2", "objective.eps=null", "logging.tensorboard=false",
+        # the toy preset's choices: conv adapters, a channels-last UNet (strided conv weights must still save)
+        "lora.target_modules=[to_q, to_k, to_v, to_out.0, conv1, conv2]", "model.channels_last=true",
     ])
     SPOTrainer(config, tmp_path / "run", scorer=lambda im, p, t: im.mean(dim=(1, 2, 3)) * 100, progress=False).train()
     eval_prompts = tmp_path / "eval.txt"

@@ -2,7 +2,8 @@
 
 They let a preset point at files inside the installed package: ``model.pretrained: toy:base``,
 ``preference.pretrained: toy:spm``, ``data.prompts: toy:training-prompts``. Anything else passes
-through unchanged (a local path or a hub id).
+through unchanged (a local path or a hub id). The reward models ship in versions
+(``toy:spm-v1``); the unversioned name is :data:`TOY_DEFAULT_VERSION`'s.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ from pathlib import Path
 from .errors import ModelLoadError
 
 PREFIX = "toy:"
-#: the shipped toy weights (``spo toy build`` writes the same layout)
+#: the shipped toy weights (``spo toy build`` writes the same layout): the base model at the top,
+#: each build of the reward models (toy CLIP, toy PickScore, toy SPM) in a folder of its version
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
-TOY_WEIGHT_NAMES = ("base", "pickscore", "spm", "clip")
+TOY_REWARD_MODELS = ("pickscore", "spm", "clip")
+#: the builds ``spo toy build --version`` knows; the shipped ones (weights/VERSION) are named by ``toy:MODEL-VERSION``
+TOY_BUILD_VERSIONS = ("v1", "v2")
+TOY_REWARD_VERSIONS = ("v1",)
+#: the version that ``toy:pickscore`` / ``toy:spm`` / ``toy:clip`` name (``toy:spm-v1`` names one)
+TOY_DEFAULT_VERSION = "v1"
+TOY_WEIGHT_NAMES = ("base", *TOY_REWARD_MODELS,
+                    *(f"{m}-{v}" for v in TOY_REWARD_VERSIONS for m in TOY_REWARD_MODELS))
 TOY_PROMPT_SETS = ("training-prompts", "validation-prompts")
 
 
@@ -35,7 +44,8 @@ def resolve_weights(ref: str, what: str = "weights") -> str:
     if name not in TOY_WEIGHT_NAMES:
         raise BuiltinError(f"{what}: unknown built-in weights {ref!r}; expected one of "
                            f"{[PREFIX + n for n in TOY_WEIGHT_NAMES]}")
-    path = TOY_WEIGHTS / name
+    model, _, version = name.partition("-")
+    path = TOY_WEIGHTS / name if model == "base" else TOY_WEIGHTS / (version or TOY_DEFAULT_VERSION) / model
     if not path.is_dir():
         raise BuiltinError(f"{what}: {ref!r}: the shipped weights are missing from this installation ({path})")
     return str(path)

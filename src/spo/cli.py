@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .builtin import TOY_BUILD_VERSIONS
+
 DEMO_PROMPTS = [
     "a small red circle on a white background",
     "two large blue squares on a black background",
@@ -163,14 +165,14 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
 def cmd_toy_score(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .images import image_grid, to_pil
-    from .toy.eval_run import load_reward
+    from .toy.eval_run import EVAL_REWARD, load_reward
     from .toy.evaluate import sample_and_score
     from .toy.grammar import validation_prompts
     from .toy.model import ToyBackbone
 
     backbone = ToyBackbone.from_pretrained(args.model, device="cpu")
     prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
-    reward = load_reward("toy:pickscore")
+    reward = load_reward(EVAL_REWARD)
     images, scores, _ = sample_and_score(backbone, prompts, seeds=args.seeds, guidance_scale=args.guidance, reward=reward)
     rows = [(f"{name} (mean [95% interval], n={est.n})", str(est)) for name, est in scores.items()]
     if args.grid:
@@ -201,9 +203,9 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
     from .toy.build import STAGES, BuildSettings, ToyBuild, format_build_summary
 
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    settings = BuildSettings.tiny() if args.tiny else BuildSettings()
-    record = ToyBuild(args.output, settings).run(stages)
-    _summary([("output", args.output), *format_build_summary(record)])
+    settings = BuildSettings.tiny() if args.tiny else BuildSettings.for_version(args.version)
+    record = ToyBuild(args.output, settings, version="tiny" if args.tiny else args.version).run(stages)
+    _summary([("output", args.output), ("version", record["version"]), *format_build_summary(record)])
     return 0
 
 
@@ -326,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", "-o", default="runs/toy-build")
     build.add_argument("--stages", help="comma-separated subset of pretrain,data,clip,pickscore,spm")
     build.add_argument("--tiny", action="store_true", help="minutes-scale budgets (tests): every stage, briefly")
+    build.add_argument("--version", choices=TOY_BUILD_VERSIONS, default=TOY_BUILD_VERSIONS[-1],
+                       help=f"which build's settings (default {TOY_BUILD_VERSIONS[-1]}; docs/toy-world.md)")
     build.set_defaults(func=cmd_toy_build, config=[])
 
     ev = sub.add_parser("eval", help="toy world: base vs an SPO run, same prompts and seeds: toy PickScore and oracle scores")

@@ -70,7 +70,9 @@ def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "spo") -> dict[st
     """Adapter weights with peft keys (``...lora_A.weight``), as ``save_lora_weights(unet_lora_layers=...)``
     takes them and ``load_lora_weights`` reads them back. Not converted to the older
     ``lora.down``/``lora.up`` naming: that conversion renames attention layers only, and a file
-    mixing both namings silently loses the attention adapters when targets include convolutions."""
+    mixing both namings silently loses the attention adapters when targets include convolutions.
+    Tensors come back contiguous (a UNet held channels-last has strided conv weights, which
+    safetensors refuses)."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}

@@ -78,6 +78,10 @@ class ModelConfig:
             frozen reference copy.
         gradient_checkpointing: Recompute UNet activations in the backward
             pass to save memory.
+        channels_last: Hold the UNet in the channels-last memory format during
+            training (faster convolutions on most hardware; the toy UNet's
+            rounds take about 25% less time on 2 CPU cores). Numerically
+            equivalent up to float rounding.
     """
 
     backbone: Backbone = "sd15"
@@ -90,6 +94,7 @@ class ModelConfig:
     resolution: int = 512
     finetune: Literal["lora", "full"] = "lora"
     gradient_checkpointing: bool = False
+    channels_last: bool = False
 
 
 @dataclass

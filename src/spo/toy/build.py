@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..builtin import TOY_BUILD_VERSIONS
 from .clip import ToyCLIPSettings, pretrain_toy_clip
 from .preference_data import PreferenceDataSettings, build_preference_data
 from .pretrain import PretrainSettings, pretrain
 
 STAGES = ("pretrain", "data", "clip", "pickscore", "spm")
+VERSIONS = TOY_BUILD_VERSIONS  # see BuildSettings.for_version
 
 
 class BuildError(RuntimeError):
@@ -47,6 +49,7 @@ class PreferenceTraining:
     lr: float = 1e-4
     validate_every: int = 100
     checkpoint_every: int = 100
+    validation_pairs: int | None = None  # None: every decided validation pair
 
 
 @dataclass
@@ -56,6 +59,22 @@ class BuildSettings:
     clip: ToyCLIPSettings = field(default_factory=ToyCLIPSettings)
     pickscore: PreferenceTraining = field(default_factory=lambda: PreferenceTraining(steps=400))
     spm: PreferenceTraining = field(default_factory=lambda: PreferenceTraining(steps=600))
+
+    @classmethod
+    def for_version(cls, version: str) -> "BuildSettings":
+        """The settings of a shipped build (:data:`VERSIONS`). The world and the base model are the
+        same in every version; what changes is what would change in the real world: the volume of
+        generic preference pairs and the reward models' training (docs/toy-world.md)."""
+        if version == "v1":
+            return cls()
+        if version == "v2":  # pre-registered in docs/toy-world.md before it was trained
+            return cls(
+                data=PreferenceDataSettings(images_per_model=12, pairs_per_prompt=96, batch_size=32, channels_last=True),
+                pickscore=PreferenceTraining(steps=3000, batch_size=32, validate_every=500, checkpoint_every=500),
+                spm=PreferenceTraining(steps=3000, batch_size=16, validate_every=500, checkpoint_every=500,
+                                       validation_pairs=512),
+            )
+        raise BuildError(f"unknown build version {version!r}; expected one of {list(VERSIONS)}")
 
     @classmethod
     def tiny(cls) -> "BuildSettings":
@@ -76,7 +95,8 @@ def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, ov
         "train-spm", "toy", "--output", str(run), *(["--resume"] if (run / "checkpoints").exists() else []),
         f"spm.data={output / 'preference-data'}", f"spm.steps={settings.steps}", f"spm.batch_size={settings.batch_size}",
         f"spm.lr={settings.lr}", f"spm.validate_every={settings.validate_every}",
-        f"spm.checkpoint_every={settings.checkpoint_every}", "spm.validation_pairs=null", f"seed={seed}",
+        f"spm.checkpoint_every={settings.checkpoint_every}",
+        f"spm.validation_pairs={'null' if settings.validation_pairs is None else settings.validation_pairs}", f"seed={seed}",
         "model.device=cpu", "logging.tensorboard=false", *overrides,
     ]
 
@@ -99,7 +119,7 @@ class ToyBuild:
     """Runs the stages that are not finished yet; see the module docstring."""
 
     def __init__(self, output: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, version: str | None = None) -> None:
         self.output = Path(output)
         self.settings = settings or BuildSettings()
         self.progress, self.log = progress, log
@@ -115,6 +135,7 @@ class ToyBuild:
             raise BuildError(f"{self.output} was built with other settings (stages {changed} differ); "
                              "use a new --output, or the settings recorded in build.json")
         self.record["settings"] = wanted
+        self.record["version"] = version or self.record.get("version") or "custom"
         self.record.setdefault("stages", {})
 
     # ------------------------------------------------------------------ stage outputs

@@ -23,6 +23,11 @@ from .evaluate import Estimate, sample_and_score
 from .model import MARKER, ToyBackbone
 
 
+#: the evaluation's generic reward: the v1 toy PickScore, fixed so that every run is measured by
+#: the same yardstick (later builds' reward models are judges, not the metric)
+EVAL_REWARD = "toy:pickscore-v1"
+
+
 def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
     """(base model dir, LoRA dir or None) for a toy model directory or an SPO run directory."""
     target = Path(resolve_weights(str(target), "spo eval")).expanduser()
@@ -54,20 +59,41 @@ def evaluate_run(
     seeds: int = 3,
     guidance_scale: float = 3.0,
     num_inference_steps: int = 20,
-    reward: str | None = "toy:pickscore",
+    reward: str | None = EVAL_REWARD,
+    lora: str | Path | None = None,
+    base_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample base (and fine-tuned) with the same seeds; score with the toy PickScore, the
     aesthetic and the alignment oracle; write ``eval.json`` and ``grid.png`` into ``output``.
 
-    With a fine-tuned model, ``difference`` holds the paired difference fine-tuned - base (same
-    prompt, same seed) with its 95% interval."""
+    ``lora`` (a directory holding ``pytorch_lora_weights.safetensors``) replaces the run's final
+    LoRA, e.g. a copy kept from an earlier point of the run. ``base_cache`` (a file) keeps the
+    base model's images and scores for these settings, so that many runs of one base model are
+    evaluated against one sampling of it. With a fine-tuned model,
+    ``difference`` holds the paired difference fine-tuned - base (same prompt, same seed) with
+    its 95% interval."""
     base_dir, lora_dir = resolve_models(target)
+    if lora is not None:
+        lora_dir = Path(lora)
+        if not (lora_dir / "pytorch_lora_weights.safetensors").exists():
+            raise BackboneLoadError(f"{lora_dir}: no pytorch_lora_weights.safetensors")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     scorer = load_reward(reward)
     kwargs = dict(seeds=seeds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, reward=scorer)
-    base = ToyBackbone.from_pretrained(str(base_dir), device="cpu")
-    base_images, base_scores, base_values = sample_and_score(base, prompts, **kwargs)
+    key = {"base_model": str(base_dir), "prompts": list(prompts), "seeds": seeds, "guidance_scale": guidance_scale,
+           "num_inference_steps": num_inference_steps, "reward_model": reward}
+    cached = torch.load(base_cache, weights_only=True) if base_cache and Path(base_cache).exists() else None
+    if cached is not None and cached["key"] == key:
+        base_images, base_values = cached["images"], cached["values"]
+        base_scores = {k: Estimate.of(v) for k, v in base_values.items()}
+    else:
+        base = ToyBackbone.from_pretrained(str(base_dir), device="cpu")
+        base_images, base_scores, base_values = sample_and_score(base, prompts, **kwargs)
+        if base_cache:
+            Path(base_cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "images": base_images, "values": base_values}, Path(base_cache).with_suffix(".tmp"))
+            Path(base_cache).with_suffix(".tmp").replace(base_cache)
     result: dict[str, Any] = {"prompts": list(prompts), "seeds": seeds, "guidance_scale": guidance_scale,
                               "num_inference_steps": num_inference_steps, "reward_model": reward,
                               "base_model": str(base_dir), "lora": str(lora_dir) if lora_dir else None,

@@ -1,9 +1,9 @@
 """Judges for the toy world's experiments: who scores a pool's candidates.
 
 A judge is a :data:`spo.sampling.Scorer` (images in [-1, 1], prompts, timesteps -> raw scores,
-read by the tie rule as logits). Besides the shipped reward models (any ``toy:`` reference or
-model directory, loaded as a step-aware preference model of the given variant) there are two
-controls, never a default of any command:
+read by the tie rule as logits), named in :data:`JUDGES`: each shipped build's toy CLIP and toy
+PickScore (clean: every image scored as at t = 0) and toy SPM (step-aware), and two controls,
+never a default of any command:
 
 - ``ideal-aesthetic``: the aesthetic oracle itself, score = log aesthetic (minus the sum of its
   scaled defects), so the tie rule compares aesthetic *ratios*: with the toy threshold 0.07 a pair
@@ -15,17 +15,46 @@ controls, never a default of any command:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..builtin import TOY_REWARD_VERSIONS
 from .batched_oracles import aesthetic_defects_batch, to_oracle_images
 from .oracles import EXCESS_SCALE, NOISE_SCALE, OFF_LINE_SCALE
 
 #: controls by name; everything else is a reward model (see :func:`load_judge`)
 CONTROL_JUDGES = ("ideal-aesthetic", "random")
+#: the judges of the toy world's experiments: a control, or (reward model, how it scores)
+JUDGES: dict[str, tuple[str, str]] = {
+    "ideal-aesthetic": ("ideal-aesthetic", "control"),
+    "random": ("random", "control"),
+    **{f"{model}-{version}": (f"toy:{model}-{version}", "step_aware" if model == "spm" else "clean")
+       for version in TOY_REWARD_VERSIONS for model in ("clip", "pickscore", "spm")},
+}
+#: the toy preset's tie threshold: the release's 0.3 carried to the v1 toy SPM's logit scale, kept
+#: for the controls (the ideal judge's score is log aesthetic: 0.07 means a 15% higher aesthetic)
+TOY_THRESHOLD = 0.07
+#: the release's tie threshold 0.3 on the softmax gap at PickScore's logit scale 100, as a cosine gap
+RELEASE_COSINE_GAP = 2 * math.atanh(0.3) / 100
+
+
+def tie_threshold(logit_scale: float) -> float:
+    """The release's tie rule at another logit scale: the softmax gap of the same cosine gap
+    (0.3 at PickScore's scale 100; 0.067 at the v1 toy SPM's 21.7, which the toy preset rounds to 0.07)."""
+    return round(math.tanh(logit_scale * RELEASE_COSINE_GAP / 2), 3)
+
+
+def judge_threshold(name: str, judge: Any) -> float:
+    """The tie threshold SPO uses with judge ``name``: the preset's for the controls and the v1 SPM,
+    else :func:`tie_threshold` at the reward model's own logit scale."""
+    if name in CONTROL_JUDGES or name == "spm-v1":
+        return TOY_THRESHOLD
+    return tie_threshold(float(judge.model.logit_scale.exp()))
 
 
 class AestheticOracleJudge:
@@ -47,14 +76,21 @@ class RandomJudge:
         return (torch.rand(images.shape[0], generator=self.generator) * 10).to(images.device)
 
 
-def load_judge(name: str, *, variant: str = "step_aware", seed: int = 0, device: str = "cpu") -> Any:
-    """A judge by name: ``ideal-aesthetic``, ``random`` (seeded by ``seed``), or a reward model
-    (``toy:spm``, ``toy:pickscore``, a directory...) loaded as a step-aware preference model of
-    ``variant`` (``clean`` scores every image as at t = 0: the clean reward model)."""
+def load_judge(name: str, *, seed: int = 0, device: str = "cpu") -> Any:
+    """A judge of :data:`JUDGES` by name (``random`` seeded by ``seed``), or a reward model's
+    directory (an SPM directory scores step-aware, a CLIPModel directory clean); a reward model
+    loads as a step-aware preference model of its variant (``clean`` scores every image as at t = 0)."""
+    from ..preference import StepAwarePreferenceModel
+    from ..preference.spm import SPM_CONFIG
+
+    if name not in JUDGES:
+        if Path(name).is_dir():
+            variant = "step_aware" if (Path(name) / SPM_CONFIG).exists() else "clean"
+            return StepAwarePreferenceModel.from_pretrained(name, None, variant=variant, device=device)
+        raise ValueError(f"unknown judge {name!r}; expected one of {list(JUDGES)} or a reward model's directory")
     if name == "ideal-aesthetic":
         return AestheticOracleJudge()
     if name == "random":
         return RandomJudge(seed)
-    from ..preference import StepAwarePreferenceModel
-
-    return StepAwarePreferenceModel.from_pretrained(name, None, variant=variant, device=device)
+    reference, variant = JUDGES[name]
+    return StepAwarePreferenceModel.from_pretrained(reference, None, variant=variant, device=device)

@@ -51,6 +51,7 @@ class PreferenceDataSettings:
     guidance_scale: float = 3.0
     batch_size: int = 96
     seed: int = 0
+    channels_last: bool = False  # sample with the UNet in channels-last memory (faster on CPU; other rounding)
 
 
 def generic_label(g0: float, g1: float) -> tuple[float, float]:
@@ -84,6 +85,8 @@ def sample_models(models_dir: Path, prompts: list[str], settings: PreferenceData
     bar = tqdm(total=total, desc="sampling preference images", unit="batch", disable=not progress)
     for model in settings.models:
         backbone = ToyBackbone.from_pretrained(str(models_dir / model), device="cpu")
+        if settings.channels_last:
+            backbone.unet.to(memory_format=torch.channels_last)
         per_seed = []
         for i in range(settings.images_per_model):
             chunks = []

@@ -123,6 +123,8 @@ class SPOTrainer:
             params = self.backbone.enable_full_finetuning()
         if config.model.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
+        if config.model.channels_last:
+            self.backbone.unet.to(memory_format=torch.channels_last)
         self.params = params
         self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
         self.scorer = scorer if scorer is not None else build_scorer(config, acc.device)

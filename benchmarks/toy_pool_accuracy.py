@@ -1,0 +1,90 @@
+"""Pool accuracy on the toy world: does a judge's best/worst pair inside an SPO pool point towards
+the better outcome? (spo.toy.pool_accuracy; docs/toy-world.md, "What a judge knows inside a pool")
+
+From the shipped base model, ``--prompts`` training prompts, pools of k candidates x_{t-1} at each
+``--timesteps`` t, each candidate finished ``--continuations`` times and labelled by the mean
+oracle scores of its finished images; then each judge scores the candidates' x0-hat as SPO does.
+The pools are cached (``--cache``), so judges added later are measured on the same pools.
+
+    python benchmarks/toy_pool_accuracy.py --output benchmarks/results/toy-pool-accuracy.json
+    python benchmarks/toy_pool_accuracy.py --prompts 4 --continuations 2 --timesteps 451 51   # minutes -> seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from spo.builtin import resolve_weights
+from spo.toy.judges import JUDGES, judge_threshold, load_judge
+from spo.toy.model import ToyBackbone
+from spo.toy.pool_accuracy import PoolAccuracySettings, draw_pools, load_pools, measure, pool_prompts, save_pools
+
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
+
+DEFAULT_JUDGES = [name for name in JUDGES if name.endswith(("-v1", "-v2"))] + ["random", "ideal-aesthetic"]
+
+
+def table(result: dict) -> str:
+    """Agreement with the aesthetic and blend labels and the aesthetic rank correlation, per t."""
+    judges = list(result["per_t"][0]["judges"])
+    lines = ["t    | " + " | ".join(f"{j:>22}" for j in judges),
+             "     | " + " | ".join(f"{'agr ae / blend, rho ae':>22}" for _ in judges)]
+    for entry in result["per_t"]:
+        cells = []
+        for j in judges:
+            m = entry["judges"][j]
+            cells.append(f"{m['aesthetic']['agreement'][0]:.2f} / {m['blend']['agreement'][0]:.2f}, "
+                         f"{m['aesthetic']['spearman'][0]:+.2f}")
+        lines.append(f"{entry['t']:<4} | " + " | ".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    defaults = PoolAccuracySettings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=defaults.prompts)
+    parser.add_argument("--continuations", type=int, default=defaults.continuations)
+    parser.add_argument("--k", type=int, default=defaults.k)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=defaults.timesteps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--judges", nargs="+", default=[j for j in DEFAULT_JUDGES if j in JUDGES])
+    parser.add_argument("--cache", type=Path, default=None, help="default: REPO/runs/pool-accuracy/pools-P-C-k-seed.pt")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    unknown = [j for j in args.judges if j not in JUDGES]
+    if unknown:
+        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)}")
+    settings = PoolAccuracySettings(prompts=args.prompts, continuations=args.continuations, k=args.k,
+                                    timesteps=args.timesteps, seed=args.seed)
+    cache = args.cache or Path(__file__).parent.parent / "runs" / "pool-accuracy" / f"pools-{args.prompts}-{args.continuations}-{args.k}-{args.seed}.pt"
+    start = time.perf_counter()
+    pools = load_pools(cache, settings)
+    drawn = pools is None
+    if pools is None:
+        backbone = ToyBackbone.from_pretrained(resolve_weights("toy:base"), device="cpu")
+        pools = draw_pools(backbone, settings)
+        save_pools(pools, settings, cache)
+    draw_seconds = time.perf_counter() - start
+    judges = {}
+    for name in args.judges:
+        judge = load_judge(name, seed=args.seed)
+        judges[name] = (judge, judge_threshold(name, judge))
+    result = measure(judges, pools, pool_prompts(settings))
+    result = {
+        "settings": vars(settings) | {"base_model": "toy:base"},
+        "device": f"CPU, {torch.get_num_threads()} threads ({platform.machine()})",
+        "seconds_drawing_pools": round(draw_seconds, 1) if drawn else None,
+        "thresholds": {name: threshold for name, (_, threshold) in judges.items()},
+        **result,
+    }
+    print(table(result))
+    write_report(result, args.output, shown={"seconds_drawing_pools": result["seconds_drawing_pools"]})
+
+
+if __name__ == "__main__":
+    main()

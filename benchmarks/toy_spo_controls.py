@@ -1,0 +1,158 @@
+"""SPO on the toy world with different judges, at two budgets, over training seeds.
+
+For each judge and training seed: SPO with the ``toy`` preset (plus any key=value overrides) for
+the first budget's rounds, evaluation of that LoRA, then the same run resumed to the next budget
+(the learning rate is constant, so a resumed run is exactly the longer run) and evaluated again.
+Evaluation is `spo demo`'s: the 24 validation prompts x 3 sampling seeds, base and fine-tuned with
+the same noise, toy PickScore (v1) and the two oracles, paired differences with 95% intervals.
+
+Judges (``--judges``, spo.toy.judges.JUDGES):
+  ideal-aesthetic  the aesthetic oracle on each candidate's x0-hat (a control, never a default)
+  random           seeded random scores (a control)
+  spm-vN           the toy SPM of build vN (step-aware)
+  pickscore-vN     build vN's toy PickScore as a clean reward (Table 5's third row)
+  clip-vN          build vN's toy CLIP as a clean reward
+
+The tie threshold of a reward model is the release's 0.3 at PickScore's logit scale 100 carried
+to the model's own scale at an equal cosine gap (spo.toy.judges.judge_threshold); the controls
+and the v1 SPM use the toy preset's 0.07 (for the ideal judge, whose score is log aesthetic, a
+15% higher aesthetic). Every part resumes: finished trainings and
+evaluations are reused, so the script can be run judge by judge and the table collected at the
+end (results merge into ``--output``).
+
+    python benchmarks/toy_spo_controls.py --judges ideal-aesthetic random --seeds 0 1 2 \\
+        --budgets 60 300 --output-dir runs/controls --output benchmarks/results/toy-spo-controls.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spo.config import load_config
+from spo.data import load_prompts
+from spo.toy.eval_run import evaluate_run
+from spo.toy.judges import JUDGES, judge_threshold, load_judge
+from spo.training import SPOTrainer
+from spo.training.checkpoint import list_checkpoints
+
+from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
+
+
+def judge_setup(name: str, seed: int) -> tuple[Any, list[str]]:
+    """(scorer for the trainer, or None to let it load the reward model; config overrides)."""
+    judge = load_judge(name, seed=seed)
+    threshold = [f"pools.threshold={judge_threshold(name, judge)}"]
+    reference, variant = JUDGES[name]
+    if variant == "control":
+        return judge, threshold
+    return None, [f"preference.pretrained={reference}", f"preference.variant={variant}", *threshold]
+
+
+def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in lines if r.get("type") == "round" and r["round"] < budget]
+
+
+def run_one(name: str, seed: int, budgets: list[int], out: Path, overrides: list[str], progress: bool) -> dict[str, Any]:
+    run_dir = out / name / f"seed{seed}" / "spo"
+    scorer, judge_overrides = judge_setup(name, seed)
+    results = {}
+    for budget in budgets:
+        kept = run_dir.parent / f"lora-r{budget}"
+        eval_dir = run_dir.parent / f"eval-r{budget}"
+        if not (eval_dir / "eval.json").exists():
+            if not kept.exists():
+                config = load_config("toy", [f"seed={seed}", *judge_overrides, *overrides, f"train.rounds={budget}",
+                                             "logging.keep_checkpoints=1"])
+                trainer = SPOTrainer(config, run_dir, scorer=scorer, resume=bool(list_checkpoints(run_dir)),
+                                     progress=progress)
+                trainer.train()
+                shutil.copytree(run_dir / "lora", kept.with_name(kept.name + ".partial"), dirs_exist_ok=True)
+                kept.with_name(kept.name + ".partial").rename(kept)
+            start = time.perf_counter()
+            evaluate_run(run_dir, load_prompts("toy:validation-prompts"), eval_dir, seeds=3, guidance_scale=3.0,
+                         num_inference_steps=20, lora=kept, base_cache=out / "base-eval.pt")
+            (eval_dir / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+        result = json.loads((eval_dir / "eval.json").read_text())
+        rounds = rounds_of(run_dir, budget)
+        results[str(budget)] = {
+            "rounds": len(rounds),
+            "optimizer_steps": sum(r.get("optimizer_steps", 0) for r in rounds),
+            "valid_pair_rate": round(float(np.mean([r["valid_pair_rate"] for r in rounds])), 3),
+            "training_seconds": round(sum(r["sampling_seconds"] + r["training_seconds"] for r in rounds), 1),
+            "eval_seconds": float((eval_dir / "seconds.txt").read_text()) if (eval_dir / "seconds.txt").exists() else None,
+            "threshold": [o for o in judge_overrides if o.startswith("pools.threshold=")][0].split("=")[1],
+            "base": result["base"], "fine_tuned": result["fine_tuned"], "difference": result["difference"],
+        }
+    return results
+
+
+def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per budget and metric: the mean and sd over seeds of the per-seed paired differences."""
+    summary: dict[str, Any] = {}
+    budgets = sorted({b for r in runs.values() for b in r}, key=int)
+    for budget in budgets:
+        per_seed = {s: r[budget] for s, r in runs.items() if budget in r}
+        first = next(iter(per_seed.values()))
+        entry: dict[str, Any] = {
+            "seeds": sorted(per_seed, key=int),
+            "optimizer_steps_mean": float(np.mean([r["optimizer_steps"] for r in per_seed.values()])),
+            "valid_pair_rate_mean": float(np.mean([r["valid_pair_rate"] for r in per_seed.values()])),
+            "training_seconds_mean": float(np.mean([r["training_seconds"] for r in per_seed.values()])),
+        }
+        for metric in first["difference"]:
+            diffs = [r["difference"][metric]["mean"] for r in per_seed.values()]
+            entry[metric] = {
+                "base": first["base"][metric]["mean"],
+                "difference_mean": float(np.mean(diffs)),
+                "difference_sd": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan"),
+                "per_seed": {s: [round(r["difference"][metric][k], 4) for k in ("mean", "low", "high")]
+                             for s, r in per_seed.items()},
+            }
+        summary[budget] = entry
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--judges", nargs="+", required=True, help=f"of {list(JUDGES)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[60, 300], help="rounds, increasing")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/controls"))
+    parser.add_argument("--output", type=Path, default=None, help="JSON; results of other judges in it are kept")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    args = parser.parse_args()
+    if sorted(args.budgets) != args.budgets:
+        parser.error("--budgets must increase")
+    unknown = [j for j in args.judges if j not in JUDGES]
+    if unknown:
+        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)}")
+    report: dict[str, Any] = {}
+    if args.output and args.output.exists():
+        report = json.loads(args.output.read_text())
+    report.setdefault("judges", {})
+    for name in args.judges:
+        entry = report["judges"].get(name, {"runs": {}})
+        for seed in args.seeds:
+            print(f"== judge {name}, seed {seed}", flush=True)
+            entry["runs"][str(seed)] = run_one(name, seed, args.budgets, args.output_dir, args.overrides,
+                                               not args.no_progress)
+        entry["overrides"] = args.overrides
+        entry["summary"] = summarise(entry["runs"])
+        report["judges"][name] = entry
+        if args.output:
+            write_report(report, args.output, shown={"judge": name, "summary": entry["summary"]})
+    if not args.output:
+        write_report(report, None, shown={n: report["judges"][n]["summary"] for n in args.judges})
+
+
+if __name__ == "__main__":
+    main()

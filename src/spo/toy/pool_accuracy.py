@@ -1,0 +1,262 @@
+"""Pool accuracy: what a preference model knows inside an SPO candidate pool.
+
+SPO's judge never sees finished images: at step t it scores the k candidates x_{t-1} drawn from
+one shared x_t by their x0-hat (the next pass's prediction, at the next timestep) and trains on
+its best and worst. Whether that pair points the right way is a question about the *outcome*
+each candidate leads to. The toy world can answer it: from the base model, draw pools of k
+candidates at several t, finish every candidate several times with the stochastic sampler, and
+label it by the mean oracle scores of its finished images (aesthetic, alignment, and the generic
+blend 0.7 alignment + 0.3 aesthetic without its noise). Then, per t and judge:
+
+- ``agreement``: among pools whose judge-best and judge-worst candidates have different labels,
+  the share where the judge's best has the higher label (chance 0.5);
+- ``agreement_valid`` / ``valid_rate``: the same among the pools whose pair passes the judge's
+  tie threshold (the pairs SPO trains on), and the share of such pools;
+- ``spearman``: the rank correlation of judge scores and labels within a pool (ties averaged),
+  averaged over pools whose labels and scores are not all equal (chance 0);
+- ``label_gap``: the mean label difference best - worst (what one pair is worth, in oracle units).
+
+Per t the pools also report how much of the outcome is decided at that step: the spread of the
+candidates' labels (max - min) and the share of the label variance that lies between candidates
+rather than between continuations of one candidate.
+
+The pools (x0-hat images and labels) do not depend on the judge: they are drawn once and cached,
+so every judge, including later builds', is measured on the same pools.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone
+from ..diffusion import predict_x0_and_epsilon
+from ..sampling import ddim_sample
+from ..sampling.pairs import softmax_gap
+from ..training.seeding import derive_seed
+from .batched_oracles import aesthetic_batch, alignment_batch, to_oracle_images
+from .grammar import training_prompts
+from .preference_data import AESTHETIC_WEIGHT, ALIGNMENT_WEIGHT
+
+LABELS = ("aesthetic", "alignment", "blend")
+
+
+@dataclass
+class PoolAccuracySettings:
+    """Which pools are drawn (every draw seeded from ``seed``)."""
+
+    prompts: int = 96
+    timesteps: list[int] = field(default_factory=lambda: [751, 601, 451, 301, 151, 51])
+    k: int = 4
+    continuations: int = 4
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+    eta: float = 1.0
+    batch_size: int = 64  # rows per UNet call when finishing candidates
+    seed: int = 0
+
+
+@dataclass
+class Pools:
+    """The pools drawn at one timestep t: P prompts x k candidates."""
+
+    t: int
+    score_t: int  # the timestep the judges score x0-hat at (the next one; 0 after the last step)
+    continuations: int  # finished images behind each label
+    images: Tensor  # (P, k, 3, H, W) x0-hat in [-1, 1]
+    labels: dict[str, Tensor]  # name -> (P, k): mean oracle score over the continuations
+    label_sd: dict[str, Tensor]  # name -> (P, k): sd over the continuations
+
+
+def pool_prompts(settings: PoolAccuracySettings) -> list[str]:
+    """``settings.prompts`` training prompts in a seeded order (repeating when more are asked)."""
+    prompts = training_prompts()
+    order = np.random.default_rng(derive_seed(settings.seed, "pool-prompts")).permutation(len(prompts))
+    return [prompts[int(order[i % len(prompts)])] for i in range(settings.prompts)]
+
+
+def _oracle_labels(images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+    pictures = to_oracle_images(images)
+    aesthetic, alignment = aesthetic_batch(pictures), alignment_batch(pictures, list(prompts))
+    return {"aesthetic": aesthetic, "alignment": alignment, "blend": ALIGNMENT_WEIGHT * alignment + AESTHETIC_WEIGHT * aesthetic}
+
+
+@torch.no_grad()
+def draw_pools(backbone: Backbone, settings: PoolAccuracySettings, progress: bool = True) -> list[Pools]:
+    """One base-model trajectory per prompt down to each requested t; there, k candidates from the
+    shared x_t (one pass, k noises, as SPO draws them), their x0-hat from the next pass, and
+    ``continuations`` stochastic finishes of each candidate, labelled by the oracles."""
+    prompts = pool_prompts(settings)
+    p, k, c = len(prompts), settings.k, settings.continuations
+    generator = torch.Generator().manual_seed(derive_seed(settings.seed, "pool-accuracy"))
+    schedule = backbone.schedule(settings.num_inference_steps)
+    ts = schedule.timesteps.tolist()
+    missing = [t for t in settings.timesteps if t not in ts]
+    if missing:
+        raise ValueError(f"timesteps {missing} are not on the {settings.num_inference_steps}-step schedule {ts}")
+    wanted = sorted(ts.index(t) for t in settings.timesteps)
+    cond = backbone.encode_prompts(prompts, with_negative=settings.guidance_scale > 1.0)
+    cfg, eta = settings.guidance_scale, settings.eta
+
+    def noise(shape: torch.Size) -> Tensor:
+        return torch.randn(shape, generator=generator).to(backbone.device, backbone.dtype)
+
+    x = backbone.initial_latents(p, generator)
+    states = {}
+    for i, t in enumerate(ts[: wanted[-1] + 1]):  # the shared trajectory, kept at every wanted step
+        if i in wanted:
+            states[i] = x
+        x = schedule.step(backbone.predict(x, t, cond, cfg), t, x, eta=eta, noise=noise(x.shape)).prev_sample
+
+    rows_per_t = p * k * c
+    bar = tqdm(total=len(wanted) * rows_per_t, desc="finishing pool candidates", unit="image", disable=not progress)
+    pools = []
+    cond_k = cond.repeat_interleave(k)
+    for i in wanted:
+        t, x_t = ts[i], states[i]
+        out = backbone.predict(x_t, t, cond, cfg).repeat_interleave(k, dim=0)
+        x_k = x_t.repeat_interleave(k, dim=0)
+        candidates = schedule.step(out, t, x_k, eta=eta, noise=noise(x_k.shape)).prev_sample
+        if i + 1 < len(ts):
+            score_t = ts[i + 1]
+            out_next = backbone.predict(candidates, score_t, cond_k, cfg)
+            x0_hat, _ = predict_x0_and_epsilon(out_next, candidates, schedule.alpha_bar(score_t).to(candidates.device),
+                                               schedule.prediction_type)
+        else:
+            score_t, x0_hat = 0, candidates
+        finals = []
+        starts = candidates.repeat_interleave(c, dim=0)
+        cond_kc = cond_k.repeat_interleave(c)
+        for s in range(0, starts.shape[0], settings.batch_size):
+            rows = torch.arange(s, min(s + settings.batch_size, starts.shape[0]))
+            if i + 1 < len(ts):
+                finals.append(ddim_sample(backbone, cond_kc.index(rows), num_inference_steps=settings.num_inference_steps,
+                                          eta=eta, guidance_scale=cfg, latents=starts[rows], generator=generator,
+                                          start_step=i + 1))
+            else:
+                finals.append(starts[rows])
+            bar.update(len(rows))
+        images = backbone.decode(torch.cat(finals)).float().cpu()
+        labels = _oracle_labels(images, [q for q in prompts for _ in range(k * c)])
+        pools.append(Pools(
+            t=t, score_t=score_t, continuations=c if i + 1 < len(ts) else 1, images=backbone.decode(x0_hat).float().cpu().view(p, k, *images.shape[1:]),
+            labels={n: v.view(p, k, c).mean(dim=2) for n, v in labels.items()},
+            label_sd={n: v.view(p, k, c).std(dim=2, unbiased=c > 1) for n, v in labels.items()},
+        ))
+    bar.close()
+    return pools
+
+
+def save_pools(pools: list[Pools], settings: PoolAccuracySettings, path: str | Path) -> None:
+    """Cache the pools (tensors and plain types only: read back with ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"settings": asdict(settings), "pools": [asdict(pool) for pool in pools]}, tmp)
+    tmp.replace(path)
+
+
+def load_pools(path: str | Path, settings: PoolAccuracySettings) -> list[Pools] | None:
+    """The cached pools if ``path`` holds pools drawn with ``settings``, else ``None``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved["settings"] != asdict(settings):
+        return None
+    return [Pools(**pool) for pool in saved["pools"]]
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Ranks within each row (1 = lowest), ties averaged."""
+    less = (x[:, None, :] < x[:, :, None]).sum(dim=2).double()
+    equal = (x[:, None, :] == x[:, :, None]).sum(dim=2).double()
+    return less + (equal + 1) / 2
+
+
+def _interval(values: Tensor) -> list[float]:
+    """Mean and its 95% normal-approximation interval; NaNs when there is nothing to average."""
+    n = values.numel()
+    if n == 0:
+        return [math.nan, math.nan, math.nan]
+    mean = float(values.double().mean())
+    half = 1.96 * float(values.double().std()) / math.sqrt(n) if n > 1 else math.nan
+    return [round(mean, 4), round(mean - half, 4), round(mean + half, 4)]
+
+
+def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, Any]:
+    """The module docstring's measures for (P, k) judge scores against (P, k) labels."""
+    scores, labels = scores.double().cpu(), labels.double().cpu()
+    best, worst = scores.argmax(dim=1, keepdim=True), scores.argmin(dim=1, keepdim=True)
+    label_best, label_worst = labels.gather(1, best)[:, 0], labels.gather(1, worst)[:, 0]
+    decided = label_best != label_worst
+    valid = softmax_gap(scores.gather(1, best)[:, 0], scores.gather(1, worst)[:, 0]) > threshold
+    right = (label_best > label_worst).double()
+    varied = (labels.max(dim=1).values > labels.min(dim=1).values) & (scores.max(dim=1).values > scores.min(dim=1).values)
+    rs, rl = _ranks(scores[varied]), _ranks(labels[varied])
+    rs, rl = rs - rs.mean(dim=1, keepdim=True), rl - rl.mean(dim=1, keepdim=True)
+    spearman = (rs * rl).sum(dim=1) / ((rs * rs).sum(dim=1) * (rl * rl).sum(dim=1)).sqrt()
+    return {
+        "pools": int(scores.shape[0]),
+        "decided_pools": int(decided.sum()),
+        "agreement": _interval(right[decided]),
+        "valid_rate": round(float(valid.double().mean()), 4),
+        "agreement_valid": _interval(right[decided & valid]),
+        "spearman": _interval(spearman),
+        "label_gap": _interval(label_best - label_worst),
+    }
+
+
+def pool_statistics(pool: Pools) -> dict[str, Any]:
+    """How much the outcome differs between candidates at this t (judge-independent).
+
+    ``decided_share``: of the variance of one finished image's label within a pool, the share
+    explained by which candidate it came from: (var of candidate means - within / c) / total,
+    with within = the variance between continuations of one candidate (0 at the last step)."""
+    out: dict[str, Any] = {"t": pool.t, "score_t": pool.score_t}
+    for name in LABELS:
+        labels, sd = pool.labels[name].double(), pool.label_sd[name].double()
+        within = float((sd**2).mean())
+        between = max(0.0, float(labels.var(dim=1, unbiased=True).mean()) - within / pool.continuations)
+        out[name] = {
+            "mean": round(float(labels.mean()), 4),
+            "spread": _interval(labels.max(dim=1).values - labels.min(dim=1).values),
+            "decided_share": round(between / (between + within), 4) if between + within > 0 else math.nan,
+        }
+    return out
+
+
+def judge_pools(judge: Any, pool: Pools, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
+    """(P, k) scores of the pool's x0-hat images by ``judge``, at the pool's scoring timestep."""
+    p, k = pool.images.shape[:2]
+    flat = pool.images.flatten(0, 1)
+    flat_prompts = [q for q in prompts for _ in range(k)]
+    scores = []
+    with torch.no_grad():
+        for s in range(0, flat.shape[0], batch_size):
+            chunk = flat[s : s + batch_size]
+            ts = torch.full((chunk.shape[0],), pool.score_t, dtype=torch.long)
+            scores.append(judge(chunk, flat_prompts[s : s + batch_size], ts).float().cpu())
+    return torch.cat(scores).view(p, k)
+
+
+def measure(judges: dict[str, tuple[Any, float]], pools: list[Pools], prompts: Sequence[str]) -> dict[str, Any]:
+    """Per t: the pools' statistics, and for each judge (judge, tie threshold) its measures
+    against every label."""
+    result: dict[str, Any] = {"per_t": []}
+    for pool in pools:
+        entry = pool_statistics(pool)
+        entry["judges"] = {}
+        for name, (judge, threshold) in judges.items():
+            scores = judge_pools(judge, pool, prompts)
+            entry["judges"][name] = {label: pool_metrics(scores, pool.labels[label], threshold) for label in LABELS}
+        result["per_t"].append(entry)
+    return result
