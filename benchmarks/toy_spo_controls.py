@@ -73,6 +73,9 @@ def run_one(name: str, seed: int, budgets: list[int], out: Path, overrides: list
                                              "logging.keep_checkpoints=1"])
                 trainer = SPOTrainer(config, run_dir, scorer=scorer, resume=bool(list_checkpoints(run_dir)),
                                      progress=progress)
+                if trainer.rounds_done > budget:
+                    raise SystemExit(f"error: {run_dir} has trained past {budget} rounds without keeping {kept.name}; "
+                                     "evaluate budgets in increasing order, or remove the run to redo it")
                 trainer.train()
                 shutil.copytree(run_dir / "lora", kept.with_name(kept.name + ".partial"), dirs_exist_ok=True)
                 kept.with_name(kept.name + ".partial").rename(kept)

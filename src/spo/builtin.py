@@ -13,8 +13,9 @@ from pathlib import Path
 from .errors import ModelLoadError
 
 PREFIX = "toy:"
-#: the shipped toy weights (``spo toy build`` writes the same layout): the base model at the top,
-#: each build of the reward models (toy CLIP, toy PickScore, toy SPM) in a folder of its version
+#: the shipped toy weights: the base model at the top, each build's reward models (toy CLIP, toy
+#: PickScore, toy SPM, as ``spo toy build --version V`` writes them to OUTPUT/{clip,pickscore,spm})
+#: in a folder of its version
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
 TOY_REWARD_MODELS = ("pickscore", "spm", "clip")
 #: the builds ``spo toy build --version`` knows; the shipped ones (weights/VERSION) are named by ``toy:MODEL-VERSION``

@@ -8,6 +8,7 @@ oracle (for the LAION aesthetic score) and the alignment oracle (for GenEval). W
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -92,8 +93,9 @@ def evaluate_run(
         base_images, base_scores, base_values = sample_and_score(base, prompts, **kwargs)
         if base_cache:
             Path(base_cache).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "images": base_images, "values": base_values}, Path(base_cache).with_suffix(".tmp"))
-            Path(base_cache).with_suffix(".tmp").replace(base_cache)
+            tmp = Path(base_cache).with_suffix(f".tmp{os.getpid()}")
+            torch.save({"key": key, "images": base_images, "values": base_values}, tmp)
+            tmp.replace(base_cache)
     result: dict[str, Any] = {"prompts": list(prompts), "seeds": seeds, "guidance_scale": guidance_scale,
                               "num_inference_steps": num_inference_steps, "reward_model": reward,
                               "base_model": str(base_dir), "lora": str(lora_dir) if lora_dir else None,

@@ -16,6 +16,7 @@ never a default of any command:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..builtin import TOY_REWARD_VERSIONS
+from ..training.seeding import derive_seed
 from .batched_oracles import aesthetic_defects_batch, to_oracle_images
 from .oracles import EXCESS_SCALE, NOISE_SCALE, OFF_LINE_SCALE
 
@@ -67,13 +69,16 @@ class AestheticOracleJudge:
 
 
 class RandomJudge:
-    """Uniform scores in [0, 10) from a seeded generator: best and worst are random."""
+    """Uniform scores in [0, 10), seeded by ``seed`` and the images themselves: best and worst are
+    random, yet the same images get the same scores, so a resumed run is the uninterrupted one."""
 
     def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
     def __call__(self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None) -> Tensor:
-        return (torch.rand(images.shape[0], generator=self.generator) * 10).to(images.device)
+        digest = zlib.crc32(images.detach().float().cpu().numpy().tobytes())
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "random-judge", digest))
+        return (torch.rand(images.shape[0], generator=generator) * 10).to(images.device)
 
 
 def load_judge(name: str, *, seed: int = 0, device: str = "cpu") -> Any:

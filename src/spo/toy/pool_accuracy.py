@@ -14,7 +14,10 @@ blend 0.7 alignment + 0.3 aesthetic without its noise). Then, per t and judge:
   tie threshold (the pairs SPO trains on), and the share of such pools;
 - ``spearman``: the rank correlation of judge scores and labels within a pool (ties averaged),
   averaged over pools whose labels and scores are not all equal (chance 0);
-- ``label_gap``: the mean label difference best - worst (what one pair is worth, in oracle units).
+- ``label_gap`` / ``label_gap_valid``: the mean label difference best - worst over all pools /
+  over the valid ones (what one pair is worth, in oracle units).
+
+Shares come with 95% Wilson intervals, means with normal-approximation ones.
 
 Per t the pools also report how much of the outcome is decided at that step: the spread of the
 candidates' labels (max - min) and the share of the label variance that lies between candidates
@@ -27,6 +30,7 @@ so every judge, including later builds', is measured on the same pools.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,7 +163,7 @@ def save_pools(pools: list[Pools], settings: PoolAccuracySettings, path: str | P
     """Cache the pools (tensors and plain types only: read back with ``torch.load(weights_only=True)``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"settings": asdict(settings), "pools": [asdict(pool) for pool in pools]}, tmp)
     tmp.replace(path)
 
@@ -182,6 +186,17 @@ def _ranks(x: Tensor) -> Tensor:
     return less + (equal + 1) / 2
 
 
+def _share(successes: Tensor) -> list[float]:
+    """A proportion and its 95% Wilson interval (inside [0, 1] even for few or extreme counts)."""
+    n = successes.numel()
+    if n == 0:
+        return [math.nan, math.nan, math.nan]
+    p, z = float(successes.double().mean()), 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(p, 4), round(centre - half, 4), round(centre + half, 4)]
+
+
 def _interval(values: Tensor) -> list[float]:
     """Mean and its 95% normal-approximation interval; NaNs when there is nothing to average."""
     n = values.numel()
@@ -198,7 +213,8 @@ def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, 
     best, worst = scores.argmax(dim=1, keepdim=True), scores.argmin(dim=1, keepdim=True)
     label_best, label_worst = labels.gather(1, best)[:, 0], labels.gather(1, worst)[:, 0]
     decided = label_best != label_worst
-    valid = softmax_gap(scores.gather(1, best)[:, 0], scores.gather(1, worst)[:, 0]) > threshold
+    # the tie rule as the sampler applies it (float32 scores)
+    valid = softmax_gap(scores.gather(1, best)[:, 0].float(), scores.gather(1, worst)[:, 0].float()) > threshold
     right = (label_best > label_worst).double()
     varied = (labels.max(dim=1).values > labels.min(dim=1).values) & (scores.max(dim=1).values > scores.min(dim=1).values)
     rs, rl = _ranks(scores[varied]), _ranks(labels[varied])
@@ -207,11 +223,12 @@ def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, 
     return {
         "pools": int(scores.shape[0]),
         "decided_pools": int(decided.sum()),
-        "agreement": _interval(right[decided]),
+        "agreement": _share(right[decided]),
         "valid_rate": round(float(valid.double().mean()), 4),
-        "agreement_valid": _interval(right[decided & valid]),
+        "agreement_valid": _share(right[decided & valid]),
         "spearman": _interval(spearman),
         "label_gap": _interval(label_best - label_worst),
+        "label_gap_valid": _interval((label_best - label_worst)[valid]),
     }
 
 
@@ -226,10 +243,11 @@ def pool_statistics(pool: Pools) -> dict[str, Any]:
         labels, sd = pool.labels[name].double(), pool.label_sd[name].double()
         within = float((sd**2).mean())
         between = max(0.0, float(labels.var(dim=1, unbiased=True).mean()) - within / pool.continuations)
+        unknown = pool.continuations < 2 and pool.score_t != 0  # one continuation: no within-candidate variance
         out[name] = {
             "mean": round(float(labels.mean()), 4),
             "spread": _interval(labels.max(dim=1).values - labels.min(dim=1).values),
-            "decided_share": round(between / (between + within), 4) if between + within > 0 else math.nan,
+            "decided_share": math.nan if unknown or between + within == 0 else round(between / (between + within), 4),
         }
     return out
 
