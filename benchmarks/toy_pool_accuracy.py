@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="default: REPO/runs/pool-accuracy/pools-P-C-k-seed.pt")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    unknown = [j for j in args.judges if j not in JUDGES]
+    unknown = [j for j in args.judges if j not in JUDGES and not Path(j).is_dir()]
     if unknown:
-        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)}")
+        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)} or reward-model directories")
     settings = PoolAccuracySettings(prompts=args.prompts, continuations=args.continuations, k=args.k,
                                     timesteps=args.timesteps, seed=args.seed)
     cache = args.cache or Path(__file__).parent.parent / "runs" / "pool-accuracy" / f"pools-{args.prompts}-{args.continuations}-{args.k}-{args.seed}.pt"

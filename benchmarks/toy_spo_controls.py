@@ -38,7 +38,7 @@ import numpy as np
 from spo.config import load_config
 from spo.data import load_prompts
 from spo.toy.eval_run import evaluate_run
-from spo.toy.judges import JUDGES, judge_threshold, load_judge
+from spo.toy.judges import JUDGES, judge_reference, judge_threshold, load_judge
 from spo.training import SPOTrainer
 from spo.training.checkpoint import list_checkpoints
 
@@ -49,10 +49,15 @@ def judge_setup(name: str, seed: int) -> tuple[Any, list[str]]:
     """(scorer for the trainer, or None to let it load the reward model; config overrides)."""
     judge = load_judge(name, seed=seed)
     threshold = [f"pools.threshold={judge_threshold(name, judge)}"]
-    reference, variant = JUDGES[name]
+    reference, variant = judge_reference(name)
     if variant == "control":
         return judge, threshold
     return None, [f"preference.pretrained={reference}", f"preference.variant={variant}", *threshold]
+
+
+def judge_label(name: str) -> str:
+    """A judge's name in the report and the run directory: a directory judge is named by its path."""
+    return name if name in JUDGES else "dir-" + "-".join(Path(name).resolve().parts[-2:])
 
 
 def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
@@ -61,7 +66,7 @@ def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
 
 
 def run_one(name: str, seed: int, budgets: list[int], out: Path, overrides: list[str], progress: bool) -> dict[str, Any]:
-    run_dir = out / name / f"seed{seed}" / "spo"
+    run_dir = out / judge_label(name) / f"seed{seed}" / "spo"
     scorer, judge_overrides = judge_setup(name, seed)
     results = {}
     for budget in budgets:
@@ -135,26 +140,26 @@ def main() -> None:
     args = parser.parse_args()
     if sorted(args.budgets) != args.budgets:
         parser.error("--budgets must increase")
-    unknown = [j for j in args.judges if j not in JUDGES]
+    unknown = [j for j in args.judges if j not in JUDGES and not Path(j).is_dir()]
     if unknown:
-        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)}")
+        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)} or reward-model directories")
     report: dict[str, Any] = {}
     if args.output and args.output.exists():
         report = json.loads(args.output.read_text())
     report.setdefault("judges", {})
     for name in args.judges:
-        entry = report["judges"].get(name, {"runs": {}})
+        entry = report["judges"].get(judge_label(name), {"runs": {}, "judge": name})
         for seed in args.seeds:
             print(f"== judge {name}, seed {seed}", flush=True)
             entry["runs"][str(seed)] = run_one(name, seed, args.budgets, args.output_dir, args.overrides,
                                                not args.no_progress)
         entry["overrides"] = args.overrides
         entry["summary"] = summarise(entry["runs"])
-        report["judges"][name] = entry
+        report["judges"][judge_label(name)] = entry
         if args.output:
             write_report(report, args.output, shown={"judge": name, "summary": entry["summary"]})
     if not args.output:
-        write_report(report, None, shown={n: report["judges"][n]["summary"] for n in args.judges})
+        write_report(report, None, shown={judge_label(n): report["judges"][judge_label(n)]["summary"] for n in args.judges})
 
 
 if __name__ == "__main__":

@@ -81,21 +81,28 @@ class RandomJudge:
         return (torch.rand(images.shape[0], generator=generator) * 10).to(images.device)
 
 
+def judge_reference(name: str) -> tuple[str, str]:
+    """(reference, how it scores) of a judge of :data:`JUDGES` or of a reward model's directory
+    (an SPM directory scores step-aware, a CLIPModel directory clean); how = ``control`` for the
+    controls."""
+    from ..preference.spm import SPM_CONFIG
+
+    if name in JUDGES:
+        return JUDGES[name]
+    if Path(name).is_dir():
+        return name, "step_aware" if (Path(name) / SPM_CONFIG).exists() else "clean"
+    raise ValueError(f"unknown judge {name!r}; expected one of {list(JUDGES)} or a reward model's directory")
+
+
 def load_judge(name: str, *, seed: int = 0, device: str = "cpu") -> Any:
     """A judge of :data:`JUDGES` by name (``random`` seeded by ``seed``), or a reward model's
     directory (an SPM directory scores step-aware, a CLIPModel directory clean); a reward model
     loads as a step-aware preference model of its variant (``clean`` scores every image as at t = 0)."""
     from ..preference import StepAwarePreferenceModel
-    from ..preference.spm import SPM_CONFIG
 
-    if name not in JUDGES:
-        if Path(name).is_dir():
-            variant = "step_aware" if (Path(name) / SPM_CONFIG).exists() else "clean"
-            return StepAwarePreferenceModel.from_pretrained(name, None, variant=variant, device=device)
-        raise ValueError(f"unknown judge {name!r}; expected one of {list(JUDGES)} or a reward model's directory")
+    reference, variant = judge_reference(name)
     if name == "ideal-aesthetic":
         return AestheticOracleJudge()
     if name == "random":
         return RandomJudge(seed)
-    reference, variant = JUDGES[name]
     return StepAwarePreferenceModel.from_pretrained(reference, None, variant=variant, device=device)
