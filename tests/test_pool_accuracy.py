@@ -66,6 +66,14 @@ def test_judges() -> None:
     # the release's tie rule carried across logit scales: 0.3 at 100, 0.067 at the v1 SPM's 21.7
     assert tie_threshold(100.0) == pytest.approx(0.3, abs=1e-3)
     assert tie_threshold(21.7) == pytest.approx(0.067, abs=1e-3)
+    from spo.toy.judges import judge_reference
+
+    assert judge_reference("spm-v1") == ("toy:spm-v1", "step_aware")
+    assert judge_reference("ideal-aesthetic")[1] == "control"
+    from spo.builtin import resolve_weights
+
+    assert judge_reference(resolve_weights("toy:pickscore-v1"))[1] == "clean"
+    assert judge_reference(resolve_weights("toy:spm-v1"))[1] == "step_aware"
     spm = load_judge("spm-v1")
     assert judge_threshold("spm-v1", spm) == 0.07
     pickscore = load_judge("pickscore-v1")
@@ -129,3 +137,27 @@ def test_draw_pools_in_miniature(tmp_path) -> None:  # noqa: ANN001
     assert entry["pools"] == 2 and -1 <= entry["spearman"][0] <= 1
     assert pool_prompts(settings) == pool_prompts(settings) and len(set(pool_prompts(PoolAccuracySettings(prompts=50)))) == 50
 
+
+
+def test_pool_accuracy_benchmark_reduced(tmp_path) -> None:  # noqa: ANN001
+    """The benchmark script end to end, in miniature (CI's reduced run)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parent.parent / "benchmarks"
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "toy_pool_accuracy.py", "--prompts", "2", "--continuations", "2", "--timesteps", "301", "51",
+           "--judges", "random", "ideal-aesthetic", "spm-v1", "--cache", str(tmp_path / "pools.pt"), "--output", str(out)]
+    done = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [e["t"] for e in result["per_t"]] == [301, 51] and result["seconds_drawing_pools"] is not None
+    assert set(result["per_t"][0]["judges"]) == {"random", "ideal-aesthetic", "spm-v1"}
+    assert result["thresholds"]["spm-v1"] == 0.07
+    # a second run reuses the cached pools
+    again = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(out.read_text())["seconds_drawing_pools"] is None
+    bad = subprocess.run([*cmd[:-2], "--judges", "nobody"], cwd=bench, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown judges" in bad.stderr
