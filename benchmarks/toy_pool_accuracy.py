@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from spo.builtin import resolve_weights
-from spo.toy.judges import JUDGES, judge_threshold, load_judge
+from spo.toy.judges import JUDGES, judge_spec, judge_threshold, load_judge
 from spo.toy.model import ToyBackbone
 from spo.toy.pool_accuracy import PoolAccuracySettings, draw_pools, load_pools, measure, pool_prompts, save_pools
 
 from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
-DEFAULT_JUDGES = [name for name in JUDGES if name.endswith(("-v1", "-v2"))] + ["random", "ideal-aesthetic"]
+DEFAULT_JUDGES = [name for name in JUDGES if name.endswith(("-v1", "-v2"))] + ["random", "ideal-aesthetic", "ideal-blend"]
 
 
 def table(result: dict) -> str:
@@ -52,13 +52,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=defaults.k)
     parser.add_argument("--timesteps", type=int, nargs="+", default=defaults.timesteps)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--judges", nargs="+", default=[j for j in DEFAULT_JUDGES if j in JUDGES])
+    parser.add_argument("--judges", nargs="+", default=[j for j in DEFAULT_JUDGES if j in JUDGES],
+                        help="names of spo.toy.judges.JUDGES, reward-model directories, or LABEL=either")
     parser.add_argument("--cache", type=Path, default=None, help="default: REPO/runs/pool-accuracy/pools-P-C-k-seed.pt")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    unknown = [j for j in args.judges if j not in JUDGES and not Path(j).is_dir()]
-    if unknown:
-        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)} or reward-model directories")
+    try:
+        specs = [judge_spec(j) for j in args.judges]
+    except ValueError as err:
+        parser.error(str(err))
     settings = PoolAccuracySettings(prompts=args.prompts, continuations=args.continuations, k=args.k,
                                     timesteps=args.timesteps, seed=args.seed)
     cache = args.cache or Path(__file__).parent.parent / "runs" / "pool-accuracy" / f"pools-{args.prompts}-{args.continuations}-{args.k}-{args.seed}.pt"
@@ -72,9 +74,9 @@ def main() -> None:
         save_pools(pools, settings, cache)
     draw_seconds = time.perf_counter() - start
     judges = {}
-    for name in args.judges:
+    for label, name in specs:
         judge = load_judge(name, seed=args.seed)
-        judges[name] = (judge, judge_threshold(name, judge))
+        judges[label] = (judge, judge_threshold(name, judge))
     result = measure(judges, pools, pool_prompts(settings))
     result = {
         "settings": vars(settings) | {"base_model": "toy:base"},

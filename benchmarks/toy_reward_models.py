@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spo.toy.judges import JUDGES, load_judge
+from spo.toy.judges import JUDGES, judge_spec, load_judge
 from spo.toy import DEGRADATIONS, all_scenes, degrade, misalign, render
 from spo.toy.render import to_tensor_range
 from spo.toy.grammar import COLOURS
@@ -42,10 +42,10 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--data", type=Path, default=None, help="a built preference set (spo toy build)")
     parser.add_argument("--models", nargs="+", default=[n for n, (_, how) in JUDGES.items() if how != "control"],
-                        help="judges of spo.toy.judges.JUDGES or reward-model directories (an SPM scores at t = 0)")
+                        help="judges of spo.toy.judges.JUDGES, reward-model directories or LABEL=either (an SPM scores at t = 0)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    models = {name: load_judge(name) for name in args.models}
+    models = {label: load_judge(name) for label, name in map(judge_spec, args.models)}
     rng = np.random.default_rng(0)
     scenes = [s for s in all_scenes() for _ in range(args.seeds)]
     prompts = [s.prompt for s in scenes]

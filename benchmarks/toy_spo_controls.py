@@ -12,6 +12,8 @@ Judges (``--judges``, spo.toy.judges.JUDGES):
   spm-vN           the toy SPM of build vN (step-aware)
   pickscore-vN     build vN's toy PickScore as a clean reward (Table 5's third row)
   clip-vN          build vN's toy CLIP as a clean reward
+  ideal-blend      the noise-free generic blend oracle (a perfect toy PickScore; a control)
+  LABEL=DIR        a reward model's directory (e.g. a build not shipped), reported as LABEL
 
 The tie threshold of a reward model is the release's 0.3 at PickScore's logit scale 100 carried
 to the model's own scale at an equal cosine gap (spo.toy.judges.judge_threshold); the controls
@@ -22,6 +24,7 @@ end (results merge into ``--output``).
 
     python benchmarks/toy_spo_controls.py --judges ideal-aesthetic random --seeds 0 1 2 \\
         --budgets 60 300 --output-dir runs/controls --output benchmarks/results/toy-spo-controls.json
+    python benchmarks/toy_spo_controls.py --table --output benchmarks/results/toy-spo-controls.json
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 from spo.config import load_config
 from spo.data import load_prompts
 from spo.toy.eval_run import evaluate_run
-from spo.toy.judges import JUDGES, judge_reference, judge_threshold, load_judge
+from spo.toy.judges import JUDGES, judge_reference, judge_spec, judge_threshold, load_judge
 from spo.training import SPOTrainer
 from spo.training.checkpoint import list_checkpoints
 
@@ -55,18 +58,14 @@ def judge_setup(name: str, seed: int) -> tuple[Any, list[str]]:
     return None, [f"preference.pretrained={reference}", f"preference.variant={variant}", *threshold]
 
 
-def judge_label(name: str) -> str:
-    """A judge's name in the report and the run directory: a directory judge is named by its path."""
-    return name if name in JUDGES else "dir-" + "-".join(Path(name).resolve().parts[-2:])
-
-
 def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in lines if r.get("type") == "round" and r["round"] < budget]
 
 
-def run_one(name: str, seed: int, budgets: list[int], out: Path, overrides: list[str], progress: bool) -> dict[str, Any]:
-    run_dir = out / judge_label(name) / f"seed{seed}" / "spo"
+def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, overrides: list[str],
+            progress: bool) -> dict[str, Any]:
+    run_dir = out / label / f"seed{seed}" / "spo"
     scorer, judge_overrides = judge_setup(name, seed)
     results = {}
     for budget in budgets:
@@ -128,38 +127,63 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def markdown_table(report: dict[str, Any]) -> str:
+    """One row per judge and budget: optimiser steps, valid-pair rate, wall time, and for each
+    metric the mean over seeds of the paired difference with every seed's value."""
+    metrics = ("aesthetic", "alignment", "pickscore")
+    lines = ["| judge | rounds | seeds | optimiser steps | valid pairs | training s / run | "
+             + " | ".join(f"{m} difference: mean (per seed)" for m in metrics) + " |",
+             "| --- " * (6 + len(metrics)) + "|"]
+    for name, entry in report["judges"].items():
+        for budget, s in entry["summary"].items():
+            cells = [name, budget, len(s["seeds"]), round(s["optimizer_steps_mean"]), f"{s['valid_pair_rate_mean']:.2f}",
+                     round(s["training_seconds_mean"])]
+            for m in metrics:
+                per_seed = " / ".join(f"{v[0]:+.3f}" for v in s[m]["per_seed"].values())
+                cells.append(f"**{s[m]['difference_mean']:+.3f}** ({per_seed})")
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--judges", nargs="+", required=True, help=f"of {list(JUDGES)}")
+    parser.add_argument("--judges", nargs="+", default=[],
+                        help=f"of {list(JUDGES)}, reward-model directories, or LABEL=either")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", type=int, nargs="+", default=[60, 300], help="rounds, increasing")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/controls"))
     parser.add_argument("--output", type=Path, default=None, help="JSON; results of other judges in it are kept")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--table", action="store_true", help="only print --output's results as a markdown table")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.output.read_text())))
+        return
     if sorted(args.budgets) != args.budgets:
         parser.error("--budgets must increase")
-    unknown = [j for j in args.judges if j not in JUDGES and not Path(j).is_dir()]
-    if unknown:
-        parser.error(f"unknown judges {unknown}; expected some of {list(JUDGES)} or reward-model directories")
+    try:
+        specs = [judge_spec(j) for j in args.judges]
+    except ValueError as err:
+        parser.error(str(err))
     report: dict[str, Any] = {}
     if args.output and args.output.exists():
         report = json.loads(args.output.read_text())
     report.setdefault("judges", {})
-    for name in args.judges:
-        entry = report["judges"].get(judge_label(name), {"runs": {}, "judge": name})
+    for label, name in specs:
+        entry = report["judges"].get(label, {"runs": {}})
+        entry["judge"] = name
         for seed in args.seeds:
-            print(f"== judge {name}, seed {seed}", flush=True)
-            entry["runs"][str(seed)] = run_one(name, seed, args.budgets, args.output_dir, args.overrides,
+            print(f"== judge {label}, seed {seed}", flush=True)
+            entry["runs"][str(seed)] = run_one(label, name, seed, args.budgets, args.output_dir, args.overrides,
                                                not args.no_progress)
         entry["overrides"] = args.overrides
         entry["summary"] = summarise(entry["runs"])
-        report["judges"][judge_label(name)] = entry
+        report["judges"][label] = entry
         if args.output:
-            write_report(report, args.output, shown={"judge": name, "summary": entry["summary"]})
+            write_report(report, args.output, shown={"judge": label, "summary": entry["summary"]})
     if not args.output:
-        write_report(report, None, shown={judge_label(n): report["judges"][judge_label(n)]["summary"] for n in args.judges})
+        write_report(report, None, shown={label: report["judges"][label]["summary"] for label, _ in specs})
 
 
 if __name__ == "__main__":

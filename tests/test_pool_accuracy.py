@@ -46,7 +46,7 @@ def test_pool_metrics_by_hand() -> None:
 
 
 def test_judges() -> None:
-    from spo.toy import aesthetic, all_scenes, degrade, render
+    from spo.toy import aesthetic, alignment, all_scenes, degrade, render
     from spo.toy.render import to_tensor_range
 
     rng = np.random.default_rng(0)
@@ -74,6 +74,15 @@ def test_judges() -> None:
 
     assert judge_reference(resolve_weights("toy:pickscore-v1"))[1] == "clean"
     assert judge_reference(resolve_weights("toy:spm-v1"))[1] == "step_aware"
+    from spo.toy.judges import judge_spec
+
+    assert judge_spec("spm-v1") == ("spm-v1", "spm-v1")
+    assert judge_spec(f"mine={resolve_weights('toy:spm-v1')}") == ("mine", resolve_weights("toy:spm-v1"))
+    with pytest.raises(ValueError, match="unknown judge 'x'"):
+        judge_spec("label=x")
+    blend = load_judge("ideal-blend")(x, [scene.prompt] * 3)
+    expected = [math.log(0.7 * alignment(i, scene) + 0.3 * aesthetic(i)) for i in images]
+    assert torch.allclose(blend.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5)
     spm = load_judge("spm-v1")
     assert judge_threshold("spm-v1", spm) == 0.07
     pickscore = load_judge("pickscore-v1")
@@ -160,4 +169,4 @@ def test_pool_accuracy_benchmark_reduced(tmp_path) -> None:  # noqa: ANN001
     again = subprocess.run(cmd, cwd=bench, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads(out.read_text())["seconds_drawing_pools"] is None
     bad = subprocess.run([*cmd[:-2], "--judges", "nobody"], cwd=bench, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown judges" in bad.stderr
+    assert bad.returncode == 2 and "unknown judge 'nobody'" in bad.stderr

@@ -9,6 +9,9 @@ never a default of any command:
   scaled defects), so the tie rule compares aesthetic *ratios*: with the toy threshold 0.07 a pair
   counts when the better candidate's aesthetic is at least 15% higher. What SPO could do with a
   judge that knows exactly what the evaluation measures.
+- ``ideal-blend``: the generic label's noise-free blend 0.7 alignment + 0.3 aesthetic, score = its
+  log (the tie threshold 0.07 then asks for a 15% higher blend): a perfect toy PickScore, what SPO
+  could do with a generic reward model that makes no mistake.
 - ``random``: seeded uniform scores (every pool's pair is random): what moving the LoRA does with
   pairs that carry no information.
 """
@@ -26,20 +29,22 @@ from torch import Tensor
 
 from ..builtin import TOY_REWARD_VERSIONS
 from ..training.seeding import derive_seed
-from .batched_oracles import aesthetic_defects_batch, to_oracle_images
+from .batched_oracles import aesthetic_batch, aesthetic_defects_batch, alignment_batch, to_oracle_images
 from .oracles import EXCESS_SCALE, NOISE_SCALE, OFF_LINE_SCALE
+from .preference_data import AESTHETIC_WEIGHT, ALIGNMENT_WEIGHT
 
 #: controls by name; everything else is a reward model (see :func:`load_judge`)
-CONTROL_JUDGES = ("ideal-aesthetic", "random")
+CONTROL_JUDGES = ("ideal-aesthetic", "ideal-blend", "random")
 #: the judges of the toy world's experiments: a control, or (reward model, how it scores)
 JUDGES: dict[str, tuple[str, str]] = {
     "ideal-aesthetic": ("ideal-aesthetic", "control"),
+    "ideal-blend": ("ideal-blend", "control"),
     "random": ("random", "control"),
     **{f"{model}-{version}": (f"toy:{model}-{version}", "step_aware" if model == "spm" else "clean")
        for version in TOY_REWARD_VERSIONS for model in ("clip", "pickscore", "spm")},
 }
 #: the toy preset's tie threshold: the release's 0.3 carried to the v1 toy SPM's logit scale, kept
-#: for the controls (the ideal judge's score is log aesthetic: 0.07 means a 15% higher aesthetic)
+#: for the controls (the ideal judges' scores are logs: 0.07 asks for a 15% higher oracle score)
 TOY_THRESHOLD = 0.07
 #: the release's tie threshold 0.3 on the softmax gap at PickScore's logit scale 100, as a cosine gap
 RELEASE_COSINE_GAP = 2 * math.atanh(0.3) / 100
@@ -68,6 +73,16 @@ class AestheticOracleJudge:
         return log_aesthetic.float().to(images.device)
 
 
+class BlendOracleJudge:
+    """The ideal generic judge: log of the noise-free generic blend 0.7 alignment + 0.3 aesthetic
+    of each image with its prompt (timesteps ignored): a perfect toy PickScore."""
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None) -> Tensor:
+        pictures = to_oracle_images(images)
+        blend = ALIGNMENT_WEIGHT * alignment_batch(pictures, list(prompts)) + AESTHETIC_WEIGHT * aesthetic_batch(pictures)
+        return blend.clamp(min=1e-6).log().float().to(images.device)
+
+
 class RandomJudge:
     """Uniform scores in [0, 10), seeded by ``seed`` and the images themselves: best and worst are
     random, yet the same images get the same scores, so a resumed run is the uninterrupted one."""
@@ -79,6 +94,15 @@ class RandomJudge:
         digest = zlib.crc32(images.detach().float().cpu().numpy().tobytes())
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "random-judge", digest))
         return (torch.rand(images.shape[0], generator=generator) * 10).to(images.device)
+
+
+def judge_spec(argument: str) -> tuple[str, str]:
+    """``LABEL=JUDGE`` or ``JUDGE`` (a name of :data:`JUDGES` or a reward model's directory) ->
+    (label for reports, judge); e.g. ``spm-v2=runs/toy-build-v2/spm`` for a build not shipped."""
+    label, sep, judge = argument.partition("=")
+    judge = judge if sep else label
+    judge_reference(judge)  # unknown judges fail here, named
+    return label, judge
 
 
 def judge_reference(name: str) -> tuple[str, str]:
@@ -103,6 +127,8 @@ def load_judge(name: str, *, seed: int = 0, device: str = "cpu") -> Any:
     reference, variant = judge_reference(name)
     if name == "ideal-aesthetic":
         return AestheticOracleJudge()
+    if name == "ideal-blend":
+        return BlendOracleJudge()
     if name == "random":
         return RandomJudge(seed)
     return StepAwarePreferenceModel.from_pretrained(reference, None, variant=variant, device=device)
