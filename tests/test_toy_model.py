@@ -103,7 +103,8 @@ def test_shipped_base_model_loads_and_draws_the_layout() -> None:
     assert scores["alignment"].mean > 0.4  # an untrained model scores about 0.2 (background by chance)
 
 
-def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """SPO trains on the shipped toy base model (with a fixed brightness scorer, so that a few
     rounds at a high learning rate surely move the LoRA) and `spo eval` compares base and
     fine-tuned with the same seeds."""
@@ -142,6 +143,24 @@ def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.Captu
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert float((tuned.predict(x, 501, cond, 3.0) - base.predict(x, 501, cond, 3.0)).abs().max()) > 1e-3
+    # a kept copy of the LoRA evaluates the same; the base model's samples come from the cache the second time
+    import shutil
+
+    from spo.backbones import BackboneLoadError
+    from spo.toy import eval_run
+
+    shutil.copytree(tmp_path / "run" / "lora", tmp_path / "kept")
+    prompts_list = eval_prompts.read_text().splitlines()
+    calls = []
+    real = eval_run.sample_and_score
+    monkeypatch.setattr(eval_run, "sample_and_score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e1", seeds=2, lora=tmp_path / "kept",
+                                  base_cache=tmp_path / "base.pt")
+    second = eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e2", seeds=2, base_cache=tmp_path / "base.pt")
+    assert len(calls) == 3  # base once, fine-tuned twice
+    assert first["difference"] == second["difference"] == result["difference"]
+    with pytest.raises(BackboneLoadError, match="no pytorch_lora_weights"):
+        eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e3", lora=tmp_path)
     eval_prompts.write_text("a small red dog\n")
     assert main(["eval", str(BASE_MODEL), "--prompts", str(eval_prompts), "--output", str(tmp_path / "e")]) == 2
     assert "a small red dog" in capsys.readouterr().err
