@@ -64,7 +64,7 @@ def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
 
 
 def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, overrides: list[str],
-            progress: bool) -> dict[str, Any]:
+            progress: bool, eval_prompts: int = 0, eval_seeds: int = 3) -> dict[str, Any]:
     run_dir = out / label / f"seed{seed}" / "spo"
     scorer, judge_overrides = judge_setup(name, seed)
     results = {}
@@ -84,8 +84,10 @@ def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, ove
                 shutil.copytree(run_dir / "lora", kept.with_name(kept.name + ".partial"), dirs_exist_ok=True)
                 kept.with_name(kept.name + ".partial").rename(kept)
             start = time.perf_counter()
-            evaluate_run(run_dir, load_prompts("toy:validation-prompts"), eval_dir, seeds=3, guidance_scale=3.0,
-                         num_inference_steps=20, lora=kept, base_cache=out / "base-eval.pt")
+            prompts = load_prompts("toy:validation-prompts")
+            evaluate_run(run_dir, prompts[:eval_prompts] if eval_prompts else prompts, eval_dir, seeds=eval_seeds,
+                         guidance_scale=3.0, num_inference_steps=20, lora=kept,
+                         base_cache=out / f"base-eval-{eval_prompts or len(prompts)}x{eval_seeds}.pt")
             (eval_dir / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
         result = json.loads((eval_dir / "eval.json").read_text())
         rounds = rounds_of(run_dir, budget)
@@ -129,18 +131,23 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """One row per judge and budget: optimiser steps, valid-pair rate, wall time, and for each
-    metric the mean over seeds of the paired difference with every seed's value."""
+    metric the mean over seeds of the paired difference with every seed's value (one seed: its
+    95% interval instead)."""
     metrics = ("aesthetic", "alignment", "pickscore")
     lines = ["| judge | rounds | seeds | optimiser steps | valid pairs | training s / run | "
-             + " | ".join(f"{m} difference: mean (per seed)" for m in metrics) + " |",
+             + " | ".join(f"{m} difference: mean (per seed) or [95% interval]" for m in metrics) + " |",
              "| --- " * (6 + len(metrics)) + "|"]
     for name, entry in report["judges"].items():
         for budget, s in entry["summary"].items():
             cells = [name, budget, len(s["seeds"]), round(s["optimizer_steps_mean"]), f"{s['valid_pair_rate_mean']:.2f}",
                      round(s["training_seconds_mean"])]
             for m in metrics:
-                per_seed = " / ".join(f"{v[0]:+.3f}" for v in s[m]["per_seed"].values())
-                cells.append(f"**{s[m]['difference_mean']:+.3f}** ({per_seed})")
+                values = list(s[m]["per_seed"].values())
+                if len(values) == 1:  # one seed: its 95% interval over the 72 evaluation images
+                    cells.append(f"**{values[0][0]:+.3f}** [{values[0][1]:+.3f}, {values[0][2]:+.3f}]")
+                else:
+                    per_seed = " / ".join(f"{v[0]:+.3f}" for v in values)
+                    cells.append(f"**{s[m]['difference_mean']:+.3f}** ({per_seed})")
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -154,6 +161,8 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/controls"))
     parser.add_argument("--output", type=Path, default=None, help="JSON; results of other judges in it are kept")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--eval-prompts", type=int, default=0, help="the first N validation prompts (0: all 24)")
+    parser.add_argument("--eval-seeds", type=int, default=3, help="sampling seeds per evaluation prompt")
     parser.add_argument("--table", action="store_true", help="only print --output's results as a markdown table")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
@@ -176,7 +185,7 @@ def main() -> None:
         for seed in args.seeds:
             print(f"== judge {label}, seed {seed}", flush=True)
             entry["runs"][str(seed)] = run_one(label, name, seed, args.budgets, args.output_dir, args.overrides,
-                                               not args.no_progress)
+                                               not args.no_progress, args.eval_prompts, args.eval_seeds)
         entry["overrides"] = args.overrides
         entry["summary"] = summarise(entry["runs"])
         report["judges"][label] = entry
