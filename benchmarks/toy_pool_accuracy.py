@@ -30,7 +30,8 @@ DEFAULT_JUDGES = [name for name in JUDGES if name.endswith(("-v1", "-v2"))] + ["
 
 
 def table(result: dict) -> str:
-    """Agreement with the aesthetic and blend labels and the aesthetic rank correlation, per t."""
+    """Agreement with the aesthetic and blend labels and the aesthetic rank correlation, per t; last
+    row ("pair"): the agreement of the pairs past the tie threshold pooled over t, and their rate."""
     judges = list(result["per_t"][0]["judges"])
     lines = ["t    | " + " | ".join(f"{j:>22}" for j in judges),
              "     | " + " | ".join(f"{'agr ae / blend, rho ae':>22}" for _ in judges)]
@@ -41,6 +42,12 @@ def table(result: dict) -> str:
             cells.append(f"{m['aesthetic']['agreement'][0]:.2f} / {m['blend']['agreement'][0]:.2f}, "
                          f"{m['aesthetic']['spearman'][0]:+.2f}")
         lines.append(f"{entry['t']:<4} | " + " | ".join(f"{c:>22}" for c in cells))
+    cells = []
+    for j in judges:  # the pairs that pass the tie threshold, pooled over t: what SPO would train on
+        m = result["trained_pairs"][j]
+        cells.append(f"{m['aesthetic']['agreement_valid'][0]:.2f} / {m['blend']['agreement_valid'][0]:.2f}, "
+                     f"{m['valid_rate']:.2f} valid")
+    lines.append("pair | " + " | ".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
 
@@ -69,7 +76,7 @@ def main() -> None:
     drawn = pools is None
     if pools is None:
         backbone = ToyBackbone.from_pretrained(resolve_weights("toy:base"), device="cpu")
-        backbone.unet.to(memory_format=torch.channels_last)  # faster on CPU (benchmarks/toy_round.py)
+        backbone.unet.to(memory_format=torch.channels_last)  # samples faster on CPU (benchmarks/toy_round.py)
         pools = draw_pools(backbone, settings)
         save_pools(pools, settings, cache)
     draw_seconds = time.perf_counter() - start
