@@ -33,7 +33,7 @@ def test_pool_metrics_by_hand() -> None:
     assert m["pools"] == 3 and m["decided_pools"] == 2
     assert m["agreement"][0] == pytest.approx(0.5)
     # softmax gaps: tanh(3/2) = 0.905, tanh(5/2) = 0.987, tanh(3/2): all valid at 0.5
-    assert m["valid_rate"] == pytest.approx(1.0)
+    assert m["valid_rate"] == pytest.approx(1.0) and m["decided_valid_pools"] == 2
     # Spearman by hand: pool 0 ranks scores (4, 2, 3, 1) vs labels (4, 2.5, 2.5, 1) -> 0.9487;
     # pool 1: scores (1, 4, 2, 3) vs labels (4, 1, 2, 3) -> -0.4
     rho0 = np.corrcoef([4, 2, 3, 1], [4, 2.5, 2.5, 1])[0, 1]
@@ -42,7 +42,7 @@ def test_pool_metrics_by_hand() -> None:
     assert m["label_gap"][0] == pytest.approx(round(((0.9 - 0.1) + (0.2 - 0.7) + 0) / 3, 4), abs=1e-4)
     # a high threshold leaves no valid pair: an empty share is NaN, not a number
     strict = pool_metrics(scores, labels, threshold=0.999)
-    assert strict["valid_rate"] == 0 and math.isnan(strict["agreement_valid"][0])
+    assert strict["valid_rate"] == 0 and math.isnan(strict["agreement_valid"][0]) and strict["decided_valid_pools"] == 0
 
 
 def test_judges() -> None:
@@ -144,6 +144,17 @@ def test_draw_pools_in_miniature(tmp_path) -> None:  # noqa: ANN001
     result = measure(judges, pools, pool_prompts(settings))
     entry = result["per_t"][1]["judges"]["ideal-aesthetic"]["aesthetic"]
     assert entry["pools"] == 2 and -1 <= entry["spearman"][0] <= 1
+    # the trained pairs pool the per-t valid pairs: counts add up, the share is their weighted mean
+    for name in judges:
+        for label in ("aesthetic", "blend"):
+            per_t = [e["judges"][name][label] for e in result["per_t"]]
+            pooled = result["trained_pairs"][name][label]
+            assert pooled["decided_valid_pools"] == sum(m["decided_valid_pools"] for m in per_t)
+            if pooled["decided_valid_pools"]:
+                weighted = sum(m["agreement_valid"][0] * m["decided_valid_pools"] for m in per_t if m["decided_valid_pools"])
+                assert pooled["agreement_valid"][0] == pytest.approx(weighted / pooled["decided_valid_pools"], abs=1e-3)
+    assert result["trained_pairs"]["random"]["valid_rate"] == pytest.approx(
+        sum(e["judges"]["random"]["aesthetic"]["valid_rate"] for e in result["per_t"]) / len(result["per_t"]), abs=1e-3)
     assert pool_prompts(settings) == pool_prompts(settings) and len(set(pool_prompts(PoolAccuracySettings(prompts=50)))) == 50
 
 

@@ -207,15 +207,20 @@ def _interval(values: Tensor) -> list[float]:
     return [round(mean, 4), round(mean - half, 4), round(mean + half, 4)]
 
 
-def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, Any]:
-    """The module docstring's measures for (P, k) judge scores against (P, k) labels."""
-    scores, labels = scores.double().cpu(), labels.double().cpu()
+def _pairs(scores: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per pool: (judge-best label - judge-worst label, decided, valid, right) in float64."""
     best, worst = scores.argmax(dim=1, keepdim=True), scores.argmin(dim=1, keepdim=True)
     label_best, label_worst = labels.gather(1, best)[:, 0], labels.gather(1, worst)[:, 0]
     decided = label_best != label_worst
     # the tie rule as the sampler applies it (float32 scores)
     valid = softmax_gap(scores.gather(1, best)[:, 0].float(), scores.gather(1, worst)[:, 0].float()) > threshold
-    right = (label_best > label_worst).double()
+    return label_best - label_worst, decided, valid, (label_best > label_worst).double()
+
+
+def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, Any]:
+    """The module docstring's measures for (P, k) judge scores against (P, k) labels."""
+    scores, labels = scores.double().cpu(), labels.double().cpu()
+    gap, decided, valid, right = _pairs(scores, labels, threshold)
     varied = (labels.max(dim=1).values > labels.min(dim=1).values) & (scores.max(dim=1).values > scores.min(dim=1).values)
     rs, rl = _ranks(scores[varied]), _ranks(labels[varied])
     rs, rl = rs - rs.mean(dim=1, keepdim=True), rl - rl.mean(dim=1, keepdim=True)
@@ -226,9 +231,10 @@ def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, 
         "agreement": _share(right[decided]),
         "valid_rate": round(float(valid.double().mean()), 4),
         "agreement_valid": _share(right[decided & valid]),
+        "decided_valid_pools": int((decided & valid).sum()),
         "spearman": _interval(spearman),
-        "label_gap": _interval(label_best - label_worst),
-        "label_gap_valid": _interval((label_best - label_worst)[valid]),
+        "label_gap": _interval(gap),
+        "label_gap_valid": _interval(gap[valid]),
     }
 
 
@@ -268,13 +274,32 @@ def judge_pools(judge: Any, pool: Pools, prompts: Sequence[str], batch_size: int
 
 def measure(judges: dict[str, tuple[Any, float]], pools: list[Pools], prompts: Sequence[str]) -> dict[str, Any]:
     """Per t: the pools' statistics, and for each judge (judge, tie threshold) its measures
-    against every label."""
-    result: dict[str, Any] = {"per_t": []}
+    against every label. ``trained_pairs``: per judge and label, the agreement of the pairs that
+    pass the tie threshold, pooled over every t measured (each t weighs by how many of its pools
+    give a pair, as in SPO's training, though over the measured t rather than all pooled steps),
+    with the number of such pairs and the share of pools that give one."""
+    result: dict[str, Any] = {"per_t": [], "trained_pairs": {}}
+    pooled: dict[str, dict[str, list[Tensor]]] = {name: {label: [] for label in LABELS} for name in judges}
+    valid_counts: dict[str, list[int]] = {name: [0, 0] for name in judges}
     for pool in pools:
         entry = pool_statistics(pool)
         entry["judges"] = {}
         for name, (judge, threshold) in judges.items():
-            scores = judge_pools(judge, pool, prompts)
-            entry["judges"][name] = {label: pool_metrics(scores, pool.labels[label], threshold) for label in LABELS}
+            scores = judge_pools(judge, pool, prompts).double()
+            entry["judges"][name] = {}
+            for label in LABELS:
+                labels = pool.labels[label].double().cpu()
+                entry["judges"][name][label] = pool_metrics(scores, labels, threshold)
+                _, decided, valid, right = _pairs(scores, labels, threshold)
+                pooled[name][label].append(right[decided & valid])
+            valid_counts[name][0] += int(valid.sum())
+            valid_counts[name][1] += int(valid.numel())
         result["per_t"].append(entry)
+    for name in judges:
+        result["trained_pairs"][name] = {
+            "valid_rate": round(valid_counts[name][0] / max(valid_counts[name][1], 1), 4),
+            **{label: {"agreement_valid": _share(torch.cat(pooled[name][label])),
+                       "decided_valid_pools": int(sum(t.numel() for t in pooled[name][label]))}
+               for label in LABELS},
+        }
     return result
