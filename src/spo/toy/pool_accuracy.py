@@ -219,13 +219,18 @@ def _pairs(scores: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, Te
 
 def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, Any]:
     """The module docstring's measures for (P, k) judge scores against (P, k) labels."""
+    return _metrics_and_trained_pairs(scores, labels, threshold)[0]
+
+
+def _metrics_and_trained_pairs(scores: Tensor, labels: Tensor, threshold: float) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """(pool_metrics, right-or-wrong of the decided valid pairs, the valid mask)."""
     scores, labels = scores.double().cpu(), labels.double().cpu()
     gap, decided, valid, right = _pairs(scores, labels, threshold)
     varied = (labels.max(dim=1).values > labels.min(dim=1).values) & (scores.max(dim=1).values > scores.min(dim=1).values)
     rs, rl = _ranks(scores[varied]), _ranks(labels[varied])
     rs, rl = rs - rs.mean(dim=1, keepdim=True), rl - rl.mean(dim=1, keepdim=True)
     spearman = (rs * rl).sum(dim=1) / ((rs * rs).sum(dim=1) * (rl * rl).sum(dim=1)).sqrt()
-    return {
+    metrics = {
         "pools": int(scores.shape[0]),
         "decided_pools": int(decided.sum()),
         "agreement": _share(right[decided]),
@@ -236,6 +241,7 @@ def pool_metrics(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, 
         "label_gap": _interval(gap),
         "label_gap_valid": _interval(gap[valid]),
     }
+    return metrics, right[decided & valid], valid
 
 
 def pool_statistics(pool: Pools) -> dict[str, Any]:
@@ -285,13 +291,12 @@ def measure(judges: dict[str, tuple[Any, float]], pools: list[Pools], prompts: S
         entry = pool_statistics(pool)
         entry["judges"] = {}
         for name, (judge, threshold) in judges.items():
-            scores = judge_pools(judge, pool, prompts).double()
+            scores = judge_pools(judge, pool, prompts)
             entry["judges"][name] = {}
-            for label in LABELS:
-                labels = pool.labels[label].double().cpu()
-                entry["judges"][name][label] = pool_metrics(scores, labels, threshold)
-                _, decided, valid, right = _pairs(scores, labels, threshold)
-                pooled[name][label].append(right[decided & valid])
+            for label in LABELS:  # the valid mask depends on the scores only: the same for every label
+                metrics, trained, valid = _metrics_and_trained_pairs(scores, pool.labels[label], threshold)
+                entry["judges"][name][label] = metrics
+                pooled[name][label].append(trained)
             valid_counts[name][0] += int(valid.sum())
             valid_counts[name][1] += int(valid.numel())
         result["per_t"].append(entry)
