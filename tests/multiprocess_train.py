@@ -34,7 +34,7 @@ def main() -> None:
             return torch.zeros(images.shape[0])  # every pool is a tie
         return images.mean(dim=(1, 2, 3)) * 100
 
-    trainer.sampler.scorer = scorer
+    trainer.method.sampler.scorer = scorer
     original = trainer.train_on
 
     def train_on(records, round_index):  # noqa: ANN001, ANN202

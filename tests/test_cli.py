@@ -23,7 +23,11 @@ def test_config_show_prints_the_resolved_config(capsys: pytest.CaptureFixture[st
 
 def test_config_presets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "presets"]) == 0
-    assert set(capsys.readouterr().out.split()) >= {"sd15", "sdxl"}
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["sd15"] == "spo" and lines["sdxl"] == "spo" and lines["toy"] == "spo"
+    for backbone in ("sd15", "sdxl", "toy"):
+        assert lines[f"{backbone}-d3po"] == "d3po" and lines[f"{backbone}-ddpo"] == "ddpo"
+        assert lines[f"{backbone}-diffusion-dpo"] == "diffusion_dpo"
 
 
 def test_config_errors_exit_2_with_the_key(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,8 @@ from spo.config import (
     validate,
 )
 
-PRESETS = ["sd15", "sdxl", "toy"]
+PRESETS = ["sd15", "sd15-d3po", "sd15-ddpo", "sd15-diffusion-dpo", "sdxl", "sdxl-d3po", "sdxl-ddpo",
+           "sdxl-diffusion-dpo", "toy", "toy-d3po", "toy-ddpo", "toy-diffusion-dpo"]
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -152,7 +153,7 @@ def test_yaml_unknown_preset_key(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", "preset: sd3\n")
     with pytest.raises(ConfigError, match="sd3") as info:
         load_config(path)
-    assert "sd15, sdxl" in str(info.value)
+    assert "sd15, sd15-d3po" in str(info.value)
 
 
 def test_circular_presets_are_rejected(tmp_path):
@@ -290,7 +291,7 @@ def test_public_contract_keys_work_in_every_preset(preset, tmp_path):
     assert c.pools.threshold == 0.15
     assert c.logging.checkpoint_every == 1
     assert c.preference.pretrained == str(tmp_path / "pickscore")
-    assert c.model.backbone == preset  # the rest of the preset is intact
+    assert c.model.backbone == preset.split("-")[0]  # the rest of the preset is intact
 
 
 def test_override_mistyped_key_suggests_correction():
@@ -535,3 +536,36 @@ def test_yaml_no_is_the_literal_no(tmp_path) -> None:
     assert load_config(path).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config("sd15", ["train.mixed_precision=yes"])
+
+
+def test_method_presets_hold_the_published_defaults():
+    """Each baseline preset: its method and the defaults of its authors' code (baselines-facts.md)."""
+    for backbone in ("sd15", "sdxl", "toy"):
+        dpo = load_config(f"{backbone}-diffusion-dpo")
+        assert dpo.objective.name == "diffusion_dpo" and dpo.objective.beta == 5000.0
+        assert (dpo.data.keep_ties, dpo.data.empty_caption_probability) == (False, 0.2)
+        d3po = load_config(f"{backbone}-d3po")
+        assert d3po.objective.name == "d3po" and (d3po.objective.beta, d3po.objective.eps) == (0.1, 0.1)
+        assert d3po.objective.samples_per_prompt == 2 and d3po.preference.variant == "clean"
+        ddpo = load_config(f"{backbone}-ddpo")
+        assert ddpo.objective.name == "ddpo" and (ddpo.objective.clip_range, ddpo.objective.adv_clip_max) == (1e-4, 5.0)
+        assert ddpo.objective.per_prompt_stat_tracking and ddpo.preference.variant == "clean"
+        assert (ddpo.objective.stat_buffer_size, ddpo.objective.stat_min_count) == (16, 16)
+    assert load_config("sd15-ddpo").sampling.num_inference_steps == 50
+    assert load_config("sd15-ddpo").optimizer.lr == 3e-4 and load_config("sd15-d3po").optimizer.lr == 3e-5
+    # the toy world's rule: published learning rate x 5 (toy SPO 3e-4 / release SPO 6e-5)
+    assert load_config("toy").optimizer.lr / load_config("sd15").optimizer.lr == pytest.approx(5.0)
+    for method, published in (("d3po", 3e-5), ("ddpo", 3e-4), ("diffusion-dpo", 1e-5)):
+        assert load_config(f"toy-{method}").optimizer.lr == pytest.approx(5 * published)
+        assert load_config(f"toy-{method}").model.pretrained == "toy:base"
+
+
+def test_method_settings_are_checked():
+    with pytest.raises(ConfigError, match="objective.samples_per_prompt"):
+        load_config("toy-d3po", ["objective.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="objective.name"):
+        load_config("toy", ["objective.name=grpo"])
+    with pytest.raises(ConfigError, match="data.empty_caption_probability"):
+        load_config("toy-diffusion-dpo", ["data.empty_caption_probability=1.0"])
+    with pytest.raises(ConfigError, match="objective.clip_range"):
+        load_config("toy-ddpo", ["objective.clip_range=0"])

@@ -49,15 +49,15 @@ def test_training_learns_a_fixed_preference_on_held_out_pairs(tiny_sd15_path: Pa
     config = _config(tiny_sd15_path, prompts_file, "train.rounds=6", "train.prompts_per_round=4",
                      "train.batch_size=16", "optimizer.lr=3e-3", "logging.checkpoint_every=100")
     trainer = SPOTrainer(config, tmp_path / "run", scorer=brightness, progress=False)
-    held_out = trainer.sampler.rollout(
+    held_out = trainer.method.sampler.rollout(
         ["a red square", "a big purple circle", "three green cats", "a blue dog", "an orange tree", "two stars"],
         torch.Generator().manual_seed(12345),
     ).records
     with torch.no_grad():
-        before = trainer.objective(trainer.backbone, trainer.schedule, held_out).metrics
+        before = trainer.method.loss(trainer.backbone, trainer.schedule, held_out).metrics
     result = trainer.train()
     with torch.no_grad():
-        after = trainer.objective(trainer.backbone, trainer.schedule, held_out).metrics
+        after = trainer.method.loss(trainer.backbone, trainer.schedule, held_out).metrics
     assert before["reward_accuracy"] == 0.0 and before["loss"] == pytest.approx(0.6931, abs=1e-4)
     assert len(held_out) >= 30
     assert after["reward_accuracy"] > 0.65, after  # chance is 0.5
@@ -126,14 +126,14 @@ def test_non_finite_loss_stops_cleanly(tiny_sd15_path: Path, prompts_file: Path,
     run = tmp_path / "run"
     trainer = SPOTrainer(_config(tiny_sd15_path, prompts_file), run, scorer=brightness, progress=False)
     trainer.train(stop_after=1)
-    real = trainer.objective
+    real = trainer.method.loss
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         out = real(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    trainer.objective = broken  # type: ignore[assignment]
+    trainer.method.loss = broken  # type: ignore[method-assign]
     with pytest.raises(TrainingError, match="non-finite"):
         trainer.train()
     assert latest_checkpoint(run).name == "round-000001"

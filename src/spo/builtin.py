@@ -26,6 +26,9 @@ TOY_DEFAULT_VERSION = "v1"
 TOY_WEIGHT_NAMES = ("base", *TOY_REWARD_MODELS,
                     *(f"{m}-{v}" for v in TOY_REWARD_VERSIONS for m in TOY_REWARD_MODELS))
 TOY_PROMPT_SETS = ("training-prompts", "validation-prompts")
+#: the shipped toy generic preference pairs (Pick-a-Pic format, the v1 build's ``preference-data``):
+#: what the toy PickScore and SPM were trained on, and what toy Diffusion-DPO trains on
+TOY_DATA_SETS = {"preference-data": TOY_WEIGHTS / "v1" / "preference-data"}
 
 
 class BuiltinError(ModelLoadError):
@@ -62,3 +65,17 @@ def builtin_prompts(ref: str) -> list[str]:
     if name == "validation-prompts":
         return validation_prompts()
     raise BuiltinError(f"unknown built-in prompt set {ref!r}; expected one of {[PREFIX + n for n in TOY_PROMPT_SETS]}")
+
+
+def resolve_data(ref: str | None, what: str = "data") -> str | None:
+    """``toy:preference-data`` -> the shipped directory's path; any other value unchanged."""
+    if ref is None or not is_builtin(ref):
+        return ref
+    name = ref[len(PREFIX):]
+    if name not in TOY_DATA_SETS:
+        raise BuiltinError(f"{what}: unknown built-in data set {ref!r}; expected one of "
+                           f"{[PREFIX + n for n in TOY_DATA_SETS]}")
+    path = TOY_DATA_SETS[name]
+    if not path.is_dir():
+        raise BuiltinError(f"{what}: {ref!r}: the shipped data set is missing from this installation ({path})")
+    return str(path)

@@ -52,9 +52,17 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_presets(args: argparse.Namespace) -> int:
-    from .config import available_presets
+    """Each preset: its name, its method (``objective.name``), the first line of its comment."""
+    from importlib.resources import files
 
-    print("\n".join(available_presets()))
+    from .config import available_presets, load_config
+
+    names = available_presets()
+    width = max(len(n) for n in names)
+    for name in names:
+        text = files("spo.config").joinpath("presets", f"{name}.yaml").read_text(encoding="utf-8")
+        about = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+        print(f"{name:<{width}}  {load_config(name).objective.name:<13}  {about}")
     return 0
 
 
@@ -105,13 +113,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("optimiser steps", str(result.steps)),
     ]
     if last:
+        rows.append(("method", trainer.config.objective.name))
         rows.append(("last round: valid-pair rate", f"{last['valid_pair_rate']:.3f}"))
         if not last.get("skipped"):
-            rows += [
-                ("last round: loss", f"{last['loss']:.4f}"),
-                ("last round: reward accuracy", f"{last['reward_accuracy']:.3f}"),
-                ("last round: ratio win / lose", f"{last['ratio_win']:.4f} / {last['ratio_lose']:.4f}"),
-            ]
+            rows += [(f"last round: {name.replace('_', ' ')}", f"{last[name]:.4g}") for name in trainer.metric_names]
     rows += [("final weights", str(result.lora_path)), ("metrics", str(result.run_dir / "metrics.jsonl"))]
     _summary(rows)
     return 0

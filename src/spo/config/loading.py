@@ -564,6 +564,16 @@ def _value_problems(c: SPOConfig) -> list[str]:
          f"preference.time_frequencies must be >= 1, got {c.preference.time_frequencies!r}")
 
     rule(o.beta > 0, f"objective.beta must be > 0, got {o.beta!r}")
+    d = c.data
+    rule(0 <= d.empty_caption_probability < 1,
+         f"data.empty_caption_probability must be in [0, 1), got {d.empty_caption_probability!r}")
+    rule(o.samples_per_prompt >= (2 if o.name == "d3po" else 1),
+         f"objective.samples_per_prompt must be >= {2 if o.name == 'd3po' else 1}"
+         f"{' (a D3PO pair needs two trajectories)' if o.name == 'd3po' else ''}, got {o.samples_per_prompt!r}")
+    rule(o.clip_range > 0, f"objective.clip_range must be > 0, got {o.clip_range!r}")
+    rule(o.adv_clip_max > 0, f"objective.adv_clip_max must be > 0, got {o.adv_clip_max!r}")
+    rule(o.stat_buffer_size >= 1, f"objective.stat_buffer_size must be >= 1, got {o.stat_buffer_size!r}")
+    rule(1 <= o.stat_min_count, f"objective.stat_min_count must be >= 1, got {o.stat_min_count!r}")
     if o.eps is not None:
         rule(0 < o.eps < 1,
              f"objective.eps must be null (no clamp) or satisfy 0 < eps < 1, got {o.eps!r}")

@@ -100,15 +100,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training prompts.
+    """Training prompts (online methods) and preference pairs (Diffusion-DPO).
 
     Attributes:
         prompts: Path of the training prompt file: either plain text with one
             prompt per line, or a JSON list of strings.  ``None`` leaves the
             choice to the caller (e.g. a built-in prompt set).
+        preference_data: Pick-a-Pic-format preference pairs (a ``save_to_disk``
+            directory or parquet files: caption, jpg_0, jpg_1, label_0,
+            label_1) that ``objective.name=diffusion_dpo`` trains on; the
+            reader of ``spo train-spm``.
+        preference_split: Which split of ``preference_data``.
+        keep_ties: Keep pairs labelled 0.5/0.5 (``jpg_0`` then counts as the
+            winner, as the diffusers example does); Diffusion-DPO's own code
+            drops them (the default).
+        empty_caption_probability: Chance that a pair's caption is replaced by
+            the empty prompt (Diffusion-DPO's ``proportion_empty_prompts``,
+            0.2 by default).
     """
 
     prompts: str | None = None
+    preference_data: str | None = None
+    preference_split: str = "train"
+    keep_ties: bool = False
+    empty_caption_probability: float = 0.2
 
 
 @dataclass
@@ -205,27 +220,47 @@ class PreferenceConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The SPO training objective.
+    """The training method and its loss (``spo.objectives``, one module per method).
 
     Attributes:
-        name: Objective identifier (only ``"spo"``).
-        beta: Temperature ``beta`` of the DPO-style loss on the win/lose
-            log-probability ratios.
+        name: ``"spo"`` (step-wise pools and the step-aware preference model),
+            ``"diffusion_dpo"`` (offline pairs of ``data.preference_data``),
+            ``"d3po"`` (two trajectories from one x_T, labelled by the reward
+            model ``preference.*`` on the final images) or ``"ddpo"`` (PPO on
+            the trajectories' steps with the reward model's final scores).
+        beta: Temperature ``beta`` of the DPO-style loss: on the win/lose
+            log-probability ratios (SPO 10, D3PO 0.1), or ``beta_dpo`` on the
+            denoising errors (Diffusion-DPO 5000).
         eps: Clamp of the policy/reference probability ratio to
-            ``[1 - eps, 1 + eps]``; ``None`` disables clamping.
+            ``[1 - eps, 1 + eps]`` (SPO, D3PO); ``None`` disables clamping.
         logprob_reduction: How per-element Gaussian log-probabilities of a
             step are reduced over latent dimensions (``"mean"`` as in the
             release, or ``"sum"``).
         cfg: Apply classifier-free guidance inside the policy/reference
             log-probability model during training, matching how the samples
-            were generated.
+            were generated (SPO, D3PO, DDPO).
+        samples_per_prompt: Trajectories per prompt: D3PO's pair (2; with more,
+            the best and worst form the pair) and DDPO's group per prompt.
+        clip_range: DDPO's PPO clip of the ratio to the sampling policy.
+        adv_clip_max: DDPO's advantage clip.
+        per_prompt_stat_tracking: DDPO: normalise rewards per prompt over a
+            buffer of its recent rewards (else over the round's batch).
+        stat_buffer_size: DDPO: rewards kept per prompt.
+        stat_min_count: DDPO: rewards a prompt needs before its own statistics
+            are used (below it, the batch's).
     """
 
-    name: Literal["spo"] = "spo"
+    name: Literal["spo", "diffusion_dpo", "d3po", "ddpo"] = "spo"
     beta: float = 10.0
     eps: float | None = 0.1
     logprob_reduction: Literal["mean", "sum"] = "mean"
     cfg: bool = True
+    samples_per_prompt: int = 2
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    per_prompt_stat_tracking: bool = True
+    stat_buffer_size: int = 16
+    stat_min_count: int = 16
 
 
 @dataclass

@@ -35,7 +35,7 @@ def _parquet_files(path: str) -> list[str]:
     return sorted(glob.glob(path))
 
 
-def load_preference_split(path: str, split: str | None) -> Any:
+def load_preference_split(path: str, split: str | None, what: str = "spm.data") -> Any:
     """One split of Pick-a-Pic-format data as a ``datasets.Dataset`` (columns checked).
 
     ``path``: a ``save_to_disk`` directory (a ``Dataset`` or a ``DatasetDict``), or parquet files
@@ -62,7 +62,7 @@ def load_preference_split(path: str, split: str | None) -> Any:
     else:
         files = _parquet_files(path)
         if not files:
-            raise PreferenceDataError(f"spm.data: {path!r} is neither a saved dataset nor parquet files")
+            raise PreferenceDataError(f"{what}: {path!r} is neither a saved dataset nor parquet files")
         if split is not None:
             named = [f for f in files if Path(f).name.startswith(split)]
             if named:

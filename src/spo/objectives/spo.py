@@ -23,7 +23,9 @@ from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
 from ..diffusion import DDIMSchedule, ddim_log_prob
+from ..sampling import PoolSampler
 from ..sampling.records import TransitionRecords
+from .base import Collected, Method
 
 
 @dataclass
@@ -74,6 +76,26 @@ def spo_loss(
             "reward_margin": float(margin.mean()),
         }
     return SPOLossOutput(loss=loss, log_ratio_win=log_r_w, log_ratio_lose=log_r_l, metrics=metrics)
+
+
+def step_log_probs(
+    backbone: Backbone,
+    schedule: DDIMSchedule,
+    cond: Conditioning,
+    timesteps: Tensor,
+    x_t: Tensor,
+    x_prev: Tensor,
+    *,
+    guidance_scale: float,
+    eta: float = 1.0,
+    reduction: str = "mean",
+    reference: bool = False,
+) -> Tensor:
+    """log p(x_prev | x_t, c) of single DDIM transitions at per-row timesteps, in one UNet call
+    (CFG as during sampling): what DDPO's ratio to the sampling policy needs."""
+    out = backbone.predict(x_t, timesteps, cond, guidance_scale, reference=reference)
+    mean, std = schedule.posterior(out, timesteps.cpu(), x_t, eta=eta)
+    return ddim_log_prob(x_prev, mean, std, reduction=reduction)  # type: ignore[arg-type]
 
 
 def transition_log_probs(
@@ -142,3 +164,50 @@ class SPOObjective:
             ref_w, ref_l = transition_log_probs(backbone, schedule, records, reference=True, **kwargs)  # type: ignore[arg-type]
         pol_w, pol_l = transition_log_probs(backbone, schedule, records, **kwargs)  # type: ignore[arg-type]
         return spo_loss(pol_w, ref_w, pol_l, ref_l, beta=self.beta, eps=self.eps)
+
+
+def _mean(values: dict[Any, float]) -> float:
+    return sum(values.values()) / len(values) if values else float("nan")
+
+
+class SPOMethod(Method):
+    """SPO (and MSPO): candidate pools scored by the step-aware preference model at each step
+    t <= kappa, best/worst pairs past the tie threshold, the clamped-ratio DPO loss."""
+
+    name = "spo"
+    metric_names = ("loss", "ratio_win", "ratio_lose", "clamp_fraction", "reward_accuracy", "reward_margin")
+    progress_metric = "reward_accuracy"
+
+    def __init__(self, config: Any, backbone: Backbone, scorer: Any = None) -> None:
+        super().__init__(config, backbone, scorer)
+        self.sampler = self.make_sampler(config, backbone, scorer)
+        self.objective = SPOObjective.from_config(config)
+
+    @staticmethod
+    def make_sampler(config: Any, backbone: Backbone, scorer: Any) -> PoolSampler:
+        return PoolSampler.from_config(backbone, scorer, config)
+
+    def schedule(self) -> DDIMSchedule:
+        return self.sampler.schedule()
+
+    def collect(self, items: Any, generator: torch.Generator) -> Collected:
+        if hasattr(self.scorer, "clear_cache"):
+            self.scorer.clear_cache()
+        rollout = self.sampler.rollout(list(items), generator)
+        stats = rollout.stats
+        trajectory = stats.trajectory_score
+        return Collected(
+            records=rollout.records, units=stats.pools, valid=stats.valid_pairs,
+            log={
+                "score_mean": _mean(stats.score_mean), "score_std": _mean(stats.score_std),
+                "score_mean_per_t": stats.score_mean, "trajectory_score_per_t": trajectory,
+                # the continuing trajectory's score at the last pool (its final image, scored at t = 0)
+                "final_score": list(trajectory.values())[-1] if trajectory else float("nan"),
+            },
+        )
+
+    def loss(self, backbone: Backbone, schedule: DDIMSchedule, records: Any) -> SPOLossOutput:
+        return self.objective(backbone, schedule, records)
+
+
+METHOD = SPOMethod

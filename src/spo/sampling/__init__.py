@@ -1,9 +1,9 @@
 """Rollouts: plain DDIM sampling and candidate-pool rollouts (SPO / MSPO) producing records."""
 
 from .pairs import PairChoice, choose_continuation, choose_pairs, softmax_gap
-from .plain import ddim_sample
+from .plain import Trajectory, ddim_sample
 from .pools import PoolSampler, Rollout, RolloutStats, Scorer, branch_steps, divert_index
-from .records import TransitionRecords
+from .records import Records, TransitionRecords
 
 __all__ = [
     "PairChoice",
@@ -11,7 +11,9 @@ __all__ = [
     "Rollout",
     "RolloutStats",
     "Scorer",
+    "Records",
     "TransitionRecords",
+    "Trajectory",
     "branch_steps",
     "choose_continuation",
     "choose_pairs",

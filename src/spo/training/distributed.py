@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from ..sampling.records import TransitionRecords
+from ..sampling.records import Records
+
+R = TypeVar("R", bound=Records)
 
 
 def gather_counts(accelerator: Any, count: int) -> list[int]:
@@ -15,7 +17,7 @@ def gather_counts(accelerator: Any, count: int) -> list[int]:
     return accelerator.gather(local).cpu().tolist()
 
 
-def gather_records(accelerator: Any, records: TransitionRecords, counts: list[int]) -> TransitionRecords:
+def gather_records(accelerator: Any, records: R, counts: list[int]) -> R:
     """All processes' records, concatenated in rank order, on every process.
 
     Processes find different numbers of valid pairs, so each tensor is padded to the largest
@@ -34,4 +36,4 @@ def gather_records(accelerator: Any, records: TransitionRecords, counts: list[in
             raise RuntimeError(f"padding of {name} gave {padded.shape[0]} rows, expected {largest}")
         every = accelerator.gather(padded).view(accelerator.num_processes, largest, *tensor.shape[1:])
         gathered[name] = torch.cat([every[rank, :n] for rank, n in enumerate(counts)])
-    return TransitionRecords.from_tensors(gathered)
+    return type(records).from_tensors(gathered)

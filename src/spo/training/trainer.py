@@ -1,10 +1,14 @@
-"""The SPO training loop on accelerate: sample with candidate pools, then train on the pairs.
+"""The training loop on accelerate, for every method of ``spo.objectives`` (``objective.name``):
+sample (or read) a round's data, then train on it.
 
 One round, on every process:
 
-1. take this process's prompts for the round (seeded epochs over the prompt list);
-2. roll out trajectories with candidate pools -> valid win/lose transition records;
+1. take this process's items for the round (seeded epochs over the prompt list, or over the
+   preference rows for Diffusion-DPO);
+2. the method collects records from them (SPO: rollouts with candidate pools -> valid win/lose
+   transitions; D3PO: trajectory pairs; DDPO: trajectories; Diffusion-DPO: encoded pairs);
 3. gather every process's records; if fewer than the processes, skip the round (all agree);
+   the method prepares the gathered records (DDPO: advantages);
 4. shuffle them with one permutation shared by all processes and split them evenly;
 5. update the policy (LoRA) in micro-batches with gradient accumulation, AdamW, clipping;
 6. log, and every ``logging.checkpoint_every`` rounds write an atomic checkpoint.
@@ -29,15 +33,14 @@ from tqdm.auto import tqdm
 from ..backbones import Backbone, LoRASettings, load_backbone
 from ..config import SPOConfig, config_to_dict, load_config, save_config
 from ..data import load_prompts
-from ..objectives import SPOObjective
-from ..sampling import PoolSampler, Scorer
-from ..sampling.records import TransitionRecords
+from ..objectives import Method, method_class
+from ..sampling import Scorer
+from ..sampling.records import Records
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import gather_counts, gather_records
 from .metrics import MetricsLog
 from .seeding import PromptSchedule, derive_seed, generator
 
-STEP_METRICS = ("loss", "ratio_win", "ratio_lose", "clamp_fraction", "reward_accuracy", "reward_margin")
 #: config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.rounds", "train.num_processes", "logging.")
 
@@ -66,7 +69,7 @@ def build_scorer(config: SPOConfig, device: torch.device) -> Scorer:
 
 
 class SPOTrainer:
-    """Runs SPO training for ``config`` into ``run_dir``.
+    """Runs the training of ``config`` (the method ``objective.name``) into ``run_dir``.
 
     Args:
         config: the resolved configuration.
@@ -90,12 +93,18 @@ class SPOTrainer:
     ) -> None:
         from accelerate import Accelerator
 
-        if config.sampling.eta <= 0:
-            raise TrainingError("sampling.eta must be > 0 for SPO: a deterministic step has no log-probability")
+        method_type = method_class(config.objective.name)
+        if config.sampling.eta <= 0 and method_type.needs_prompts:
+            raise TrainingError(f"sampling.eta must be > 0 for {config.objective.name}: a deterministic step "
+                                "has no log-probability")
+        method_type.check_inputs(config)
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.prompts = list(prompts) if prompts is not None else self._config_prompts(config)
+        if prompts is not None:
+            self.prompts = list(prompts)
+        else:
+            self.prompts = self._config_prompts(config) if method_type.needs_prompts else []
         trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else [])
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.train.mixed_precision,
@@ -127,10 +136,12 @@ class SPOTrainer:
             self.backbone.unet.to(memory_format=torch.channels_last)
         self.params = params
         self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
-        self.scorer = scorer if scorer is not None else build_scorer(config, acc.device)
-        self.sampler = PoolSampler.from_config(self.backbone, self.scorer, config)
-        self.schedule = self.sampler.schedule()
-        self.objective = SPOObjective.from_config(config)
+        if scorer is None and method_type.needs_scorer:
+            scorer = build_scorer(config, acc.device)
+        self.scorer = scorer
+        self.method: Method = method_type(config, self.backbone, scorer)
+        self.schedule = self.method.schedule()
+        self.metric_names = self.method.metric_names
 
         o = config.optimizer
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
@@ -144,7 +155,9 @@ class SPOTrainer:
             num_warmup_steps=o.warmup_rounds, num_training_steps=config.train.rounds,
         )
         self.metrics = MetricsLog(acc, self.run_dir / "metrics.jsonl")
-        self.prompt_schedule = PromptSchedule(self.prompts, config.seed, config.train.prompts_per_round, acc.num_processes)
+        self.prompt_schedule = PromptSchedule(
+            self.method.items(self.prompts), config.seed, config.train.prompts_per_round, acc.num_processes
+        )
         self.rounds_done = 0
         self.step = 0
         self.skipped_rounds = 0
@@ -154,6 +167,7 @@ class SPOTrainer:
             )
             self.rounds_done, self.step = int(state["rounds_done"]), int(state["step"])
             self.skipped_rounds = int(state.get("skipped_rounds", 0))
+            self.method.load_state_dict(state.get("method", {}))
             self.metrics.truncate_after(self.rounds_done)
         if trackers:
             acc.init_trackers("spo", config=_flat_config(self.config))
@@ -211,25 +225,15 @@ class SPOTrainer:
     def _round_prompts(self, round_index: int) -> list[str]:
         return self.prompt_schedule.prompts_for(round_index, self.accelerator.process_index)
 
-    def sample_round(self, round_index: int) -> tuple[TransitionRecords, dict[str, Any]]:
-        """Roll out this process's prompts; returns its valid records and its statistics."""
+    def sample_round(self, round_index: int) -> Any:
+        """Collect this process's share of the round (the method's :class:`~spo.objectives.Collected`)."""
         acc = self.accelerator
-        if hasattr(self.scorer, "clear_cache"):
-            self.scorer.clear_cache()  # type: ignore[union-attr]
         self.policy.eval()
         gen = generator(self.config.seed, "sample", round_index, acc.process_index)
         with acc.autocast():
-            rollout = self.sampler.rollout(self._round_prompts(round_index), gen)
-        stats = rollout.stats
-        return rollout.records, {
-            "pools": stats.pools,
-            "valid_pairs": stats.valid_pairs,
-            "score_mean": stats.score_mean,
-            "score_std": stats.score_std,
-            "trajectory_score": stats.trajectory_score,
-        }
+            return self.method.collect(self._round_prompts(round_index), gen)
 
-    def train_on(self, records: TransitionRecords, round_index: int) -> list[dict[str, float]]:
+    def train_on(self, records: Records, round_index: int) -> list[dict[str, float]]:
         """Optimiser steps over this process's share of the round's records."""
         acc, cfg = self.accelerator, self.config.train
         self.policy.train()
@@ -245,26 +249,26 @@ class SPOTrainer:
                 logs.append(self._optimizer_step(records, group, round_index))
         return logs
 
-    def _optimizer_step(self, records: TransitionRecords, group: list[torch.Tensor], round_index: int) -> dict[str, float]:
+    def _optimizer_step(self, records: Records, group: list[torch.Tensor], round_index: int) -> dict[str, float]:
         acc = self.accelerator
         total = sum(len(rows) for rows in group)
-        sums = dict.fromkeys(STEP_METRICS, 0.0)
+        sums = dict.fromkeys(self.metric_names, 0.0)
         for j, rows in enumerate(group):
             last = j == len(group) - 1
             batch = records.index(rows)
             sync = contextlib.nullcontext() if last else acc.no_sync(self.policy)
             with sync, acc.autocast():
-                out = self.objective(self.backbone, self.schedule, batch)
+                out = self.method.loss(self.backbone, self.schedule, batch)
                 loss = out.loss * (len(rows) / total)
             bad = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0], device=acc.device)
             if float(acc.reduce(bad, reduction="sum")) > 0:
                 latest = latest_checkpoint(self.run_dir)
                 raise TrainingError(
-                    f"non-finite SPO loss in round {round_index} (step {self.step}); nothing was saved after "
+                    f"non-finite {self.config.objective.name} loss in round {round_index} (step {self.step}); nothing was saved after "
                     f"{latest.name if latest else 'the start'}: lower optimizer.lr or check the scorer, then --resume"
                 )
             acc.backward(loss)
-            for k in STEP_METRICS:
+            for k in self.metric_names:
                 sums[k] += out.metrics[k] * len(rows) / total
         grad_norm = float("nan")
         if self.config.optimizer.max_grad_norm is not None:
@@ -272,9 +276,9 @@ class SPOTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        local = torch.tensor([sums[k] for k in STEP_METRICS], device=acc.device, dtype=torch.float64)
+        local = torch.tensor([sums[k] for k in self.metric_names], device=acc.device, dtype=torch.float64)
         mean = (acc.reduce(local, reduction="sum") / acc.num_processes).tolist()
-        entry = {"type": "step", "step": self.step, "round": round_index, **dict(zip(STEP_METRICS, mean))}
+        entry = {"type": "step", "step": self.step, "round": round_index, **dict(zip(self.metric_names, mean))}
         entry.update(lr=self.lr_scheduler.get_last_lr()[0], grad_norm=grad_norm, pairs=total * acc.num_processes,
                      num_processes=acc.num_processes)
         if self.step % self.config.logging.log_every == 0:
@@ -284,19 +288,19 @@ class SPOTrainer:
     def run_round(self, round_index: int) -> dict[str, Any]:
         acc = self.accelerator
         t0 = time.perf_counter()
-        records, stats = self.sample_round(round_index)
+        collected = self.sample_round(round_index)
+        records = collected.records
         counts = gather_counts(acc, len(records))
-        pools = sum(gather_counts(acc, stats["pools"]))
+        pools = sum(gather_counts(acc, collected.units))
         t_sample = time.perf_counter() - t0
         total = sum(counts)
+        # "pools": the units a round drew (SPO pools, D3PO trajectory pairs, DDPO trajectories,
+        # Diffusion-DPO rows); "valid_pair_rate": the share that gave training records
         entry: dict[str, Any] = {
             "type": "round", "round": round_index, "num_processes": acc.num_processes,
             "valid_records": total, "records_per_process": counts, "pools": pools,
-            "valid_pair_rate": (sum(gather_counts(acc, stats["valid_pairs"])) / pools) if pools else 0.0,
-            "score_mean": _mean(stats["score_mean"]), "score_std": _mean(stats["score_std"]),
-            "score_mean_per_t": stats["score_mean"], "trajectory_score_per_t": stats["trajectory_score"],
-            # the continuing trajectory's score at the last pool (its final image, scored at t = 0)
-            "final_score": list(stats["trajectory_score"].values())[-1] if stats["trajectory_score"] else float("nan"),
+            "valid_pair_rate": (sum(gather_counts(acc, collected.valid)) / pools) if pools else 0.0,
+            **collected.log,
         }
         t1 = time.perf_counter()
         steps: list[dict[str, float]] = []
@@ -304,7 +308,7 @@ class SPOTrainer:
             self.skipped_rounds += 1
             entry["skipped"] = True
         else:
-            everything = gather_records(acc, records, counts)
+            everything = self.method.prepare(gather_records(acc, records, counts))
             perm = torch.randperm(total, generator=generator(self.config.seed, "shuffle", round_index))
             share = total // acc.num_processes
             mine = perm[acc.process_index * share : (acc.process_index + 1) * share]
@@ -318,7 +322,7 @@ class SPOTrainer:
             training_seconds=round(time.perf_counter() - t1, 3),
         )
         if steps:
-            entry.update({k: sum(s[k] for s in steps) / len(steps) for k in STEP_METRICS})
+            entry.update({k: sum(s[k] for s in steps) / len(steps) for k in self.metric_names})
         self.metrics.write(entry, round_index, "round")
         return entry
 
@@ -327,7 +331,8 @@ class SPOTrainer:
         return save_checkpoint(
             self.accelerator, self.run_dir, self.rounds_done, trainable=self.trainable, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints,
-            state={"step": self.step, "skipped_rounds": self.skipped_rounds, "seed": self.config.seed},
+            state={"step": self.step, "skipped_rounds": self.skipped_rounds, "seed": self.config.seed,
+                   "method": self.method.state_dict()},
         )
 
     def train(self, stop_after: int | None = None) -> TrainResult:
@@ -335,7 +340,7 @@ class SPOTrainer:
         as an interruption would; tests use it)."""
         acc, cfg = self.accelerator, self.config
         end = cfg.train.rounds if stop_after is None else min(stop_after, cfg.train.rounds)
-        bar = tqdm(total=cfg.train.rounds, initial=self.rounds_done, desc="SPO rounds", unit="round",
+        bar = tqdm(total=cfg.train.rounds, initial=self.rounds_done, desc=f"{cfg.objective.name} rounds", unit="round",
                    disable=not (self.progress and acc.is_main_process))
         last: dict[str, Any] = {}
         while self.rounds_done < end:
@@ -343,8 +348,9 @@ class SPOTrainer:
             self.rounds_done += 1
             bar.update(1)
             if not last["skipped"]:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['reward_accuracy']:.2f}",
-                                valid=f"{last['valid_pair_rate']:.2f}")
+                key = self.method.progress_metric
+                bar.set_postfix({"loss": f"{last['loss']:.4f}", key: f"{last[key]:.3g}",
+                                 "valid": f"{last['valid_pair_rate']:.2f}"})
             if self.rounds_done % cfg.logging.checkpoint_every == 0 or self.rounds_done == cfg.train.rounds:
                 self.checkpoint()
         bar.close()
@@ -369,10 +375,6 @@ class SPOTrainer:
                 self.backbone.unet.save_pretrained(path)
         acc.wait_for_everyone()
         return path
-
-
-def _mean(values: dict[Any, float]) -> float:
-    return sum(values.values()) / len(values) if values else float("nan")
 
 
 def _flat_config(config: SPOConfig) -> dict[str, Any]:
