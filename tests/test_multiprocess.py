@@ -14,12 +14,40 @@ import pytest
 from spo.training import read_metrics
 
 SCRIPT = Path(__file__).with_name("multiprocess_train.py")
+METHODS_SCRIPT = Path(__file__).with_name("multiprocess_methods.py")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _launch(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # `--cpu --num_processes 2` silently runs ONE process; this form gives two gloo ranks
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_baselines(tiny_sd15_path: Path, pickapic_path: Path, tmp_path: Path) -> None:
+    """Diffusion-DPO, D3PO and DDPO each on two gloo ranks: both ranks exist, see the same
+    gathered records (DDPO's advantages are computed on them) and end with the same LoRA."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green stars\na yellow cat\n")
+    proc = _launch(METHODS_SCRIPT, str(tiny_sd15_path), str(prompts), str(pickapic_path), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("diffusion_dpo", "d3po", "ddpo"):
+        ranks = [json.loads((tmp_path / method / f"rank-{r}.json").read_text()) for r in range(2)]
+        assert [r["rank"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
+        assert ranks[0]["steps"] == ranks[1]["steps"] > 0, method
+        assert ranks[0]["weights_hash"] == pytest.approx(ranks[1]["weights_hash"], rel=1e-12, abs=1e-12), method
+        assert ranks[0]["prepared"] == ranks[1]["prepared"], method
+        rounds = [e for e in read_metrics(tmp_path / method / "metrics.jsonl") if e["type"] == "round"]
+        assert [e["num_processes"] for e in rounds] == [2, 2] and all(len(e["records_per_process"]) == 2 for e in rounds)
+        assert (tmp_path / method / "lora" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_two_process_training(tiny_sd15_path: Path, tmp_path: Path) -> None:
