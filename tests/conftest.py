@@ -68,3 +68,13 @@ def _fresh_accelerator_state():  # noqa: ANN202
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
+
+
+@pytest.fixture()
+def prompts_file(tmp_path: Path) -> Path:
+    """The trainer tests' prompts (``fixed_scorers.PROMPTS``), one per line."""
+    from fixed_scorers import PROMPTS
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path

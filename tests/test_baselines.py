@@ -15,22 +15,12 @@ from spo.config import load_config
 from spo.objectives import method_class
 from spo.objectives.spo import step_log_probs
 from spo.sampling import ddim_sample
+from fixed_scorers import PROMPTS, brightness
 from spo.training import SPOTrainer, read_metrics
 
-PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow star", "a purple cat", "an orange dog"]
 BETA = {"diffusion_dpo": "5000", "d3po": "0.1", "ddpo": "10"}
 
 
-def brightness(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
-    """A fixed, learnable reward: brighter images are better."""
-    return images.mean(dim=(1, 2, 3)) * 100
-
-
-@pytest.fixture()
-def prompts_file(tmp_path: Path) -> Path:
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
 
 
 def _config(backbone: str, model: Path, prompts: Path, method: str, data: Path | None, *overrides: str):  # noqa: ANN202

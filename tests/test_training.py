@@ -10,21 +10,11 @@ import torch
 
 from spo.cli import main
 from spo.config import load_config
+from fixed_scorers import PROMPTS, brightness
 from spo.training import CheckpointError, SPOTrainer, TrainingError, latest_checkpoint, read_metrics
 
-PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yellow star", "a purple cat", "an orange dog"]
 
 
-def brightness(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
-    """A fixed, learnable preference: brighter images win."""
-    return images.mean(dim=(1, 2, 3)) * 100
-
-
-@pytest.fixture()
-def prompts_file(tmp_path: Path) -> Path:
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
 
 
 def _config(model: Path, prompts: Path, *overrides: str):  # noqa: ANN202
