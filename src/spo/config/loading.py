@@ -549,16 +549,17 @@ def _value_problems(c: SPOConfig) -> list[str]:
          f"probabilities), got {p.threshold!r}")
     rule(p.inner_steps >= 1,
          f"pools.inner_steps must be >= 1 (1 = plain SPO), got {p.inner_steps!r}")
-    rule(p.inner_steps <= s.num_inference_steps,
-         f"pools.inner_steps ({p.inner_steps}) must not exceed "
-         f"sampling.num_inference_steps ({s.num_inference_steps})")
-    rule(0 <= p.divert_start_step < s.num_inference_steps,
-         f"pools.divert_start_step must satisfy 0 <= divert_start_step < "
-         f"sampling.num_inference_steps ({s.num_inference_steps}), got {p.divert_start_step!r}")
-    if p.kappa is not None:
-        rule(0 <= p.kappa <= s.num_train_timesteps - 1,
-             f"pools.kappa={p.kappa!r} is beyond the schedule: it must be in "
-             f"[0, sampling.num_train_timesteps - 1] = [0, {s.num_train_timesteps - 1}]")
+    if o.name == "spo":  # where pools start is SPO's (the other methods do not read pools.*)
+        rule(p.inner_steps <= s.num_inference_steps,
+             f"pools.inner_steps ({p.inner_steps}) must not exceed "
+             f"sampling.num_inference_steps ({s.num_inference_steps})")
+        rule(0 <= p.divert_start_step < s.num_inference_steps,
+             f"pools.divert_start_step must satisfy 0 <= divert_start_step < "
+             f"sampling.num_inference_steps ({s.num_inference_steps}), got {p.divert_start_step!r}")
+        if p.kappa is not None:
+            rule(0 <= p.kappa <= s.num_train_timesteps - 1,
+                 f"pools.kappa={p.kappa!r} is beyond the schedule: it must be in "
+                 f"[0, sampling.num_train_timesteps - 1] = [0, {s.num_train_timesteps - 1}]")
 
     rule(c.preference.time_frequencies >= 1,
          f"preference.time_frequencies must be >= 1, got {c.preference.time_frequencies!r}")
