@@ -139,25 +139,27 @@ def test_resume_continues_exactly(method: str, tiny_sd15_path: Path, prompts_fil
     assert [r["loss"] for r in rounds(straight)] == [r["loss"] for r in rounds(cut)]
 
 
-def test_diffusion_dpo_learns_fixed_pairs_on_held_out_pairs(tiny_sd15_path: Path, prompts_file: Path,
+def test_diffusion_dpo_learns_fixed_pairs_on_held_out_pairs(tiny_sd15_fitted_vae_path: Path, prompts_file: Path,
                                                              pickapic_path: Path, tmp_path: Path) -> None:
-    config = _config("sd15", tiny_sd15_path, prompts_file, "diffusion_dpo", pickapic_path, "train.rounds=30",
-                     "train.prompts_per_round=16", "train.batch_size=16", "optimizer.lr=3e-3",
+    """The preference of the data (a bright square on the left wins) on held-out pairs; the VAE
+    is fitted so that layout survives encoding (with the random tiny VAE nothing is learnable)."""
+    config = _config("sd15", tiny_sd15_fitted_vae_path, prompts_file, "diffusion_dpo", pickapic_path,
+                     "train.rounds=30", "train.prompts_per_round=16", "train.batch_size=16", "optimizer.lr=1e-3",
                      "data.empty_caption_probability=0.0", "logging.checkpoint_every=100")
     trainer = SPOTrainer(config, tmp_path / "run", progress=False)
-    held_out_config = load_config(config_path := tmp_path / "run" / "config.yaml", ["data.preference_split=validation_unique"])
+    held_out_config = load_config(tmp_path / "run" / "config.yaml", ["data.preference_split=validation_unique"])
     held = method_class("diffusion_dpo")(held_out_config, trainer.backbone)
     # every held-out pair at 4 draws of (t, noise): the implicit accuracy of one draw is noisy
     batch = type(trainer.method.collect([0], torch.Generator()).records).cat(
         [held.collect(range(48), torch.Generator().manual_seed(7 + i)).records for i in range(4)])
-    before = trainer.method.loss(trainer.backbone, trainer.schedule, batch).metrics
+    with torch.no_grad():
+        before = trainer.method.loss(trainer.backbone, trainer.schedule, batch).metrics
     trainer.train()
     with torch.no_grad():
         after = trainer.method.loss(trainer.backbone, trainer.schedule, batch).metrics
-    assert config_path.exists()
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(batch) == 4 * 48
-    assert after["implicit_accuracy"] > 0.6, after  # chance is 0.5
-    assert after["loss"] < before["loss"] - 0.05
+    assert after["implicit_accuracy"] > 0.7, after  # chance is 0.5 (measured: 0.83)
+    assert after["loss"] < before["loss"] - 0.1
 
 
 def test_wrong_inputs_are_clear_errors_before_any_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
