@@ -173,6 +173,8 @@ def test_wrong_inputs_are_clear_errors_before_any_model_loads(tmp_path: Path, ca
     assert len(err) == 1 and "data.preference_data" in err[0] and "nothing" in err[0]
     assert main(["train", "toy-ddpo", "--output", str(out), "objective.samples_per_prompt=0"]) == 2
     assert "objective.samples_per_prompt" in capsys.readouterr().err
+    assert main(["train", "toy-d3po", "--output", str(out), "sampling.eta=0"]) == 2  # no log-probability
+    assert "sampling.eta" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -67,6 +67,8 @@ class Method(ABC):
     needs_scorer: ClassVar[bool] = True
     #: does a round draw prompts (``data.prompts``), or rows of preference data?
     needs_prompts: ClassVar[bool] = True
+    #: does the loss use the log-probabilities of sampled DDIM steps (then sampling.eta must be > 0)?
+    needs_stochastic_steps: ClassVar[bool] = True
     #: what the trainer's progress bar shows beside the loss
     progress_metric: ClassVar[str] = "loss"
 

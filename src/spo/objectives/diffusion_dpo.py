@@ -83,6 +83,7 @@ class DiffusionDPOMethod(Method):
     metric_names = ("loss", "implicit_accuracy", "model_diff", "ref_diff", "err_win")
     needs_scorer = False
     needs_prompts = False
+    needs_stochastic_steps = False
     progress_metric = "implicit_accuracy"
 
     def __init__(self, config: Any, backbone: Backbone, scorer: Any = None) -> None:

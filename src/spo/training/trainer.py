@@ -94,7 +94,7 @@ class SPOTrainer:
         from accelerate import Accelerator
 
         method_type = method_class(config.objective.name)
-        if config.sampling.eta <= 0 and method_type.needs_prompts:
+        if config.sampling.eta <= 0 and method_type.needs_stochastic_steps:
             raise TrainingError(f"sampling.eta must be > 0 for {config.objective.name}: a deterministic step "
                                 "has no log-probability")
         method_type.check_inputs(config)
