@@ -147,22 +147,22 @@ class DDPOMethod(Method):
         images = bb.decode(final)
         rewards = self.scorer(images, prompts, torch.zeros(len(prompts), dtype=torch.long, device=images.device))
         rewards = rewards.float().to(final.device)
-        b, n = final.shape[0], traj.timesteps.numel()
-        rows = torch.arange(b, device=final.device).repeat_interleave(n)  # trajectory-major: steps consecutive
-        steps = torch.arange(n).repeat(b)
+        b, n, device = final.shape[0], traj.timesteps.numel(), final.device
+        rows = torch.arange(b, device=device).repeat_interleave(n)  # trajectory-major: a trajectory's steps consecutive
+        steps = torch.arange(n, device=device).repeat(b)
         records = StepRecords(
             cond=cond.index(rows),
-            timesteps=traj.timesteps.to(final.device)[steps.to(final.device)],
-            x_t=traj.states[rows, steps.to(final.device)],
-            x_prev=traj.states[rows, (steps + 1).to(final.device)],
-            log_prob=traj.log_probs[rows, steps.to(final.device)].float(),
+            timesteps=traj.timesteps.to(device)[steps],
+            x_t=traj.states[rows, steps],
+            x_prev=traj.states[rows, steps + 1],
+            log_prob=traj.log_probs[rows, steps].float(),
             reward=rewards[rows],
-            advantage=torch.zeros(b * n, device=final.device),
-            prompt_index=torch.tensor([self.prompt_ids.get(p, -1) for p in prompts], device=final.device)[rows],
+            advantage=torch.zeros(b * n, device=device),
+            prompt_index=torch.tensor([self.prompt_ids.get(p, -1) for p in prompts], device=device)[rows],
         )
         return Collected(records=records, units=b, valid=b, log={
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-            "final_score": float(rewards.mean()),
+            "final_score": float(rewards.mean()),  # the key SPO's round log gives its final images' score
         })
 
     def prepare(self, records: Records) -> Records:

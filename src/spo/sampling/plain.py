@@ -18,7 +18,7 @@ class Trajectory:
     """A sampled trajectory batch: ``states`` (B, n + 1, ...) = x_T (or the start) .. x_0,
     ``timesteps`` (n,) the t of each transition states[:, i] -> states[:, i + 1], and
     ``log_probs`` (B, n) the log-density of each transition under the policy that drew it
-    (per-element mean by default, as the objectives use). What DDPO and D3PO train on."""
+    (per-element mean by default, as the objectives use). What DDPO trains on."""
 
     states: Tensor
     timesteps: Tensor
