@@ -40,7 +40,7 @@ import numpy as np
 
 from spo.config import load_config
 from spo.data import load_prompts
-from spo.toy.eval_run import evaluate_run
+from spo.toy.eval_run import base_vs_fine_tuned, evaluate_run
 from spo.toy.judges import JUDGES, judge_reference, judge_spec, judge_threshold, load_judge
 from spo.training import SPOTrainer
 from spo.training.checkpoint import list_checkpoints
@@ -87,9 +87,9 @@ def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, ove
             prompts = load_prompts("toy:validation-prompts")
             evaluate_run(run_dir, prompts[:eval_prompts] if eval_prompts else prompts, eval_dir, seeds=eval_seeds,
                          guidance_scale=3.0, num_inference_steps=20, lora=kept,
-                         base_cache=out / f"base-eval-{eval_prompts or len(prompts)}x{eval_seeds}.pt")
+                         base_cache=out / f"base-eval-{eval_prompts or len(prompts)}x{eval_seeds}")
             (eval_dir / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-        result = json.loads((eval_dir / "eval.json").read_text())
+        result = base_vs_fine_tuned(json.loads((eval_dir / "eval.json").read_text()))
         rounds = rounds_of(run_dir, budget)
         results[str(budget)] = {
             "rounds": len(rounds),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spo.toy.eval_run import base_vs_fine_tuned
+
 from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
 
@@ -37,7 +39,7 @@ def main() -> None:
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "spo.cli", "demo", "--seed", str(seed), "--output", str(out), *args.overrides]
         subprocess.run(cmd, check=True)
-        result = json.loads((out / "eval" / "eval.json").read_text())
+        result = base_vs_fine_tuned(json.loads((out / "eval" / "eval.json").read_text()))
         rounds = [json.loads(line) for line in (out / "spo" / "metrics.jsonl").read_text().splitlines()
                   if '"type": "round"' in line]
         runs[seed] = {

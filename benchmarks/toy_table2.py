@@ -72,7 +72,7 @@ def run_one(method: str, seed: int, budget: float, marks: list[float], out: Path
     for point in points:
         result = evaluate_run("toy:base", prompts, job / f"eval-{point['fraction']:g}", seeds=eval_seeds,
                               guidance_scale=3.0, num_inference_steps=20, lora=point["lora"],
-                              base_cache=out / f"base-eval-{len(prompts)}x{eval_seeds}.pt")
+                              base_cache=out / f"base-eval-{len(prompts)}x{eval_seeds}")
         point.update(base=result["base"], fine_tuned=result["fine_tuned"], difference=result["difference"])
     rounds = [json.loads(line) for line in (job / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rounds = [r for r in rounds if r.get("type") == "round"]

@@ -59,7 +59,7 @@ def test_controls_benchmark_reduced(tmp_path: Path) -> None:
     assert result["runs"]["0"]["1"]["threshold"] == "0.07"
     assert set(result["summary"]) == {"1", "2"} and result["summary"]["2"]["aesthetic"]["base"] > 0
     assert (runs / "random" / "seed0" / "lora-r1" / "pytorch_lora_weights.safetensors").exists()
-    assert len(json.loads((runs / "random" / "seed0" / "eval-r1" / "eval.json").read_text())["prompts"]) == 2
+    assert json.loads((runs / "random" / "seed0" / "eval-r1" / "eval.json").read_text())["protocol"]["num_prompts"] == 2
     metrics = (runs / "random" / "seed0" / "spo" / "metrics.jsonl").read_text()
     again = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]

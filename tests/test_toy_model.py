@@ -129,12 +129,14 @@ def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.Captu
     eval_prompts.write_text("a small red circle on a black background\ntwo large blue squares on a white background\n")
     assert main(["eval", str(tmp_path / "run"), "--prompts", str(eval_prompts), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "fine-tuned (SPO)" in out and "alignment" in out and "aesthetic" in out and "pickscore" in out
+    assert "run - base (paired)" in out and "alignment" in out and "aesthetic" in out and "toy PickScore" in out
     result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
-    assert result["base"]["alignment"]["n"] == result["fine_tuned"]["alignment"]["n"] == 4
+    assert result["results"]["base"]["alignment"]["n"] == result["results"]["run"]["alignment"]["n"] == 4
+    assert result["protocol"]["guidance_scale"] == 3.0 and result["protocol"]["noise"] == "per_seed"
     from PIL import Image
 
-    assert Image.open(tmp_path / "run" / "eval" / "grid.png").size == (2 * 64, 4 * 64)  # 2 seeds x (base, tuned)
+    grid = Image.open(tmp_path / "run" / "eval" / result["grids"]["run"][0])
+    assert grid.width > 4 * 64 and grid.height > 2 * 64  # 2 prompts x (base, tuned) x 2 seeds, captioned
     # the fine-tuned model really is the base plus the run's LoRA
     base = ToyBackbone.from_pretrained(str(BASE_MODEL), device="cpu")
     tuned = ToyBackbone.from_pretrained(str(BASE_MODEL), device="cpu")
@@ -151,14 +153,17 @@ def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.Captu
 
     shutil.copytree(tmp_path / "run" / "lora", tmp_path / "kept")
     prompts_list = eval_prompts.read_text().splitlines()
-    calls = []
-    real = eval_run.sample_and_score
-    monkeypatch.setattr(eval_run, "sample_and_score", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e1", seeds=2, lora=tmp_path / "kept",
-                                  base_cache=tmp_path / "base.pt")
-    second = eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e2", seeds=2, base_cache=tmp_path / "base.pt")
-    assert len(calls) == 3  # base once, fine-tuned twice
-    assert first["difference"] == second["difference"] == result["difference"]
+    import spo.evaluation.evaluate as evaluate_module
+
+    made: list[int] = []
+    real = evaluate_module.generate_images
+    monkeypatch.setattr(evaluate_module, "generate_images", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    first = eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e1", seeds=2, lora=tmp_path / "kept", num_inference_steps=8,
+                                  base_cache=tmp_path / "base")
+    second = eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e2", seeds=2, base_cache=tmp_path / "base",
+                                   num_inference_steps=8)
+    assert made == [4, 4, 4]  # base once, fine-tuned twice
+    assert first["difference"] == second["difference"] == result["differences"]["run"]
     with pytest.raises(BackboneLoadError, match="no pytorch_lora_weights"):
         eval_run.evaluate_run(tmp_path / "run", prompts_list, tmp_path / "e3", lora=tmp_path)
     eval_prompts.write_text("a small red dog\n")

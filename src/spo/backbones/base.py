@@ -266,8 +266,8 @@ class Backbone(ABC):
             self._schedules[num_inference_steps] = DDIMSchedule.from_config(self.pipeline.scheduler.config, num_inference_steps)
         return self._schedules[num_inference_steps]
 
-    def initial_latents(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """x_T ~ N(0, I), drawn exactly as the diffusers pipelines draw it."""
+    def initial_latents(self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """x_T ~ N(0, I), drawn exactly as the diffusers pipelines draw it (a list: one generator per row)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (batch_size, *self.latent_shape)

@@ -5,11 +5,13 @@ from .pickapic import (
     PreferenceDataError,
     caption_weights,
     decode_image,
+    is_preference_data,
+    load_captions,
     load_pair,
     load_preference_split,
     parse_labels,
 )
-from .prompts import PromptsError, load_prompts
+from .prompts import PromptsError, load_prompt_set, load_prompts
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -17,6 +19,9 @@ __all__ = [
     "PromptsError",
     "caption_weights",
     "decode_image",
+    "is_preference_data",
+    "load_captions",
+    "load_prompt_set",
     "load_pair",
     "load_preference_split",
     "load_prompts",

@@ -35,6 +35,65 @@ def _parquet_files(path: str) -> list[str]:
     return sorted(glob.glob(path))
 
 
+def _split_files(path: str, split: str | None, what: str) -> list[str]:
+    """The parquet files of ``split`` under ``path`` (all of them when none is named for a split)."""
+    files = _parquet_files(path)
+    if not files:
+        raise PreferenceDataError(f"{what}: {path!r} is neither a saved dataset nor parquet files")
+    if split is not None:
+        named = [f for f in files if Path(f).name.startswith(split)]
+        if named:
+            return named
+        if any(Path(f).name.startswith(("train", "validation", "test")) for f in files):
+            raise PreferenceDataError(f"{what}: {path}: no parquet files for split {split!r}")
+    return files
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and any((p / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+def is_preference_data(path: str | Path) -> bool:
+    """Whether ``path`` looks like Pick-a-Pic-format data (a saved dataset or parquet files)."""
+    p = Path(path).expanduser()
+    return _is_saved_dataset(p) or (p.is_file() and p.suffix == ".parquet") or (p.is_dir() and any(p.rglob("*.parquet")))
+
+
+def load_captions(path: str, split: str | None = "validation_unique", what: str = "--prompts") -> list[str]:
+    """The captions of one split of Pick-a-Pic-format data, in order, duplicates dropped (the
+    paper evaluates on the first 500 of ``validation_unique``). Only the caption column is read."""
+    import datasets
+
+    p = Path(path).expanduser()
+    if _is_saved_dataset(p):
+        try:
+            loaded = datasets.load_from_disk(str(p))
+        except Exception as err:  # noqa: BLE001 - datasets raises several kinds on damaged directories
+            raise PreferenceDataError(f"{what}: {path}: could not load the saved dataset ({type(err).__name__}: {err})") from err
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise PreferenceDataError(f"{what}: {path}: no split {split!r}; available: {sorted(loaded)}")
+            loaded = loaded[split]
+        if "caption" not in loaded.column_names:
+            raise PreferenceDataError(f"{what}: {path}: no 'caption' column")
+        captions = loaded.select_columns(["caption"])["caption"]
+    else:
+        import pyarrow.parquet as pq
+
+        captions = []
+        for f in _split_files(path, split, what):
+            try:
+                table = pq.read_table(f, columns=["caption"])
+            except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, KeyError, OSError
+                raise PreferenceDataError(f"{what}: {f}: could not read a 'caption' column ({type(err).__name__}: {err})") from err
+            captions += table.column("caption").to_pylist()
+    unique = [c.strip() for c in dict.fromkeys(c for c in captions if isinstance(c, str) and c.strip())]
+    unique = list(dict.fromkeys(unique))
+    if not unique:
+        raise PreferenceDataError(f"{what}: {path} ({split}): no caption")
+    return unique
+
+
 def load_preference_split(path: str, split: str | None, what: str = "spm.data") -> Any:
     """One split of Pick-a-Pic-format data as a ``datasets.Dataset`` (columns checked).
 
@@ -45,7 +104,7 @@ def load_preference_split(path: str, split: str | None, what: str = "spm.data") 
     import datasets
 
     p = Path(path).expanduser()
-    if p.is_dir() and any((p / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+    if _is_saved_dataset(p):
         try:
             loaded = datasets.load_from_disk(str(p))
         except Exception as err:  # noqa: BLE001 - datasets raises IndexError on an empty split
@@ -60,16 +119,7 @@ def load_preference_split(path: str, split: str | None, what: str = "spm.data") 
         else:
             data = loaded
     else:
-        files = _parquet_files(path)
-        if not files:
-            raise PreferenceDataError(f"{what}: {path!r} is neither a saved dataset nor parquet files")
-        if split is not None:
-            named = [f for f in files if Path(f).name.startswith(split)]
-            if named:
-                files = named
-            elif any(Path(f).name.startswith(("train", "validation", "test")) for f in files):
-                raise PreferenceDataError(f"{path}: no parquet files for split {split!r}")
-        data = datasets.load_dataset("parquet", data_files=files, split="train")
+        data = datasets.load_dataset("parquet", data_files=_split_files(path, split, what), split="train")
     missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
     if missing:
         raise PreferenceDataError(

@@ -46,3 +46,28 @@ def load_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise PromptsError(f"prompts file {str(p)!r} holds no prompt")
     return prompts
+
+
+def load_prompt_set(source: str | Path, *, split: str = "validation_unique", limit: int | None = None) -> list[str]:
+    """An evaluation prompt set: a prompts file or built-in set (:func:`load_prompts`), or the
+    captions of Pick-a-Pic-format data (a ``save_to_disk`` directory or parquet files: ``split``,
+    duplicates dropped, as the paper's 500 ``validation_unique`` prompts). ``limit`` keeps the
+    first N."""
+    from .pickapic import PreferenceDataError, is_preference_data, load_captions
+
+    if limit is not None and limit < 1:
+        raise PromptsError(f"--num-prompts {limit}: must be at least 1")
+    if not is_builtin_ref(source) and is_preference_data(source):
+        try:
+            prompts = load_captions(str(source), split)
+        except PreferenceDataError as err:
+            raise PromptsError(str(err)) from None
+    else:
+        prompts = load_prompts(source)
+    return prompts[:limit] if limit else prompts
+
+
+def is_builtin_ref(source: str | Path) -> bool:
+    from ..builtin import is_builtin
+
+    return is_builtin(source)

@@ -1,20 +1,131 @@
-"""Generate images for a prompt set with fixed seeds, through a backbone, and write them out."""
+"""Generate images for a prompt set with fixed seeds, through a backbone, and write them out.
+
+:func:`generate_images` is the evaluation's generator: each image (prompt i, seed s) has its own
+noise, drawn from a generator seeded by (seed, s, i) alone, so an image does not depend on its
+batch, on the batch size or on what ran before; base and fine-tuned models get the same noise;
+images are written as they are made, so an interrupted evaluation resumes without redoing them.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone, load_backbone
 from ..config import SPOConfig
 from ..images import image_grid, save_images, to_pil
 from ..sampling import ddim_sample
+
+#: ``per_image``: one generator per image (any batch size gives the same images);
+#: ``per_seed``: one generator per seed drawing the whole prompt set as one batch (the toy
+#: world's evaluations were measured this way, so they stay reproducible)
+NOISE_LAYOUTS = ("per_image", "per_seed")
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make: prompt ``prompt_index`` with seed ``seed_index``."""
+
+    prompt_index: int
+    seed_index: int
+    prompt: str
+
+    @property
+    def name(self) -> str:
+        return f"p{self.prompt_index:05d}_s{self.seed_index:02d}.png"
+
+
+def image_seed(seed: int, seed_index: int, prompt_index: int) -> int:
+    """The seed of image (prompt_index, seed_index) of an evaluation seeded ``seed``."""
+    digest = hashlib.sha256(f"spo-eval/{seed}/{seed_index}/{prompt_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def write_png_atomic(image: Tensor, path: Path) -> None:
+    """Save one image in [-1, 1] as PNG through a temporary file, so a kill leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    to_pil(image[None])[0].save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def generate_images(
+    backbone: Backbone,
+    jobs: Sequence[ImageJob],
+    path_of: Callable[[ImageJob], Path],
+    *,
+    seed: int,
+    num_inference_steps: int,
+    eta: float,
+    guidance_scale: float,
+    noise: str = "per_image",
+    batch_size: int = 8,
+    on_batch: Callable[[Sequence[ImageJob], Tensor], None] | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+    skip_existing: bool = True,
+) -> int:
+    """Make every job whose file (``path_of(job)``) is missing (every job without
+    ``skip_existing``); return how many were made.
+
+    ``on_batch(jobs, images)`` sees each batch (images in [-1, 1], on the CPU) before its files
+    are written (the evaluator scores them there). With ``noise="per_seed"`` ``jobs`` must hold
+    the whole prompt set for each seed; a seed with any image missing is made again whole.
+    """
+    if noise not in NOISE_LAYOUTS:
+        raise ValueError(f"noise must be one of {NOISE_LAYOUTS}, not {noise!r}")
+    def missing(job: ImageJob) -> bool:
+        return not skip_existing or not path_of(job).exists()
+
+    if noise == "per_image":
+        todo = [j for j in jobs if missing(j)]
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    else:
+        by_seed: dict[int, list[ImageJob]] = {}
+        for j in jobs:
+            by_seed.setdefault(j.seed_index, []).append(j)
+        batches = [sorted(js, key=lambda j: j.prompt_index) for js in by_seed.values()
+                   if any(missing(j) for j in js)]
+    made = 0
+    bar = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="image", disable=not progress)
+    for batch in batches:
+        if noise == "per_image":
+            generator: torch.Generator | list[torch.Generator] = [
+                torch.Generator().manual_seed(image_seed(seed, j.seed_index, j.prompt_index)) for j in batch
+            ]
+        else:
+            generator = torch.Generator().manual_seed(seed + batch[0].seed_index)
+        latents = ddim_sample(backbone, [j.prompt for j in batch], num_inference_steps=num_inference_steps,
+                              eta=eta, guidance_scale=guidance_scale, generator=generator)
+        images = backbone.decode(latents).float().cpu()
+        if on_batch is not None:
+            on_batch(batch, images)
+        for job, image in zip(batch, images):
+            write_png_atomic(image, path_of(job))
+        made += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    return made
+
+
+def load_png(path: str | Path) -> Tensor:
+    """A PNG as (3, H, W) floats in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
 
 
 @dataclass
@@ -38,28 +149,18 @@ def generate(
     backbone: Backbone | None = None,
     grid_cell: int | None = None,
 ) -> GenerationResult:
-    """Sample every prompt once per seed (seed = ``config.seed + i``) with the config's DDIM
-    settings; write ``images/``, a grid (one row per seed) and ``generation.json``."""
+    """``spo sample``: every prompt once per seed with the config's DDIM settings, the same noise
+    per image as ``spo eval``; write ``images/``, a grid (one row per seed) and ``generation.json``."""
     start = time.perf_counter()
     output = Path(output)
     backbone = backbone or load_backbone(config.model, config.sampling.negative_prompt)
     s = config.sampling
-    rows: list[torch.Tensor] = []
-    jobs = [(i, j) for i in range(seeds) for j in range(0, len(prompts), batch_size)]
-    for seed_index, start_index in tqdm(jobs, desc="generating", unit="batch"):
-        # one generator per (seed, batch): the same images whatever ran before
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + seed_index * 10_007 + start_index)
-        latents = ddim_sample(
-            backbone,
-            list(prompts[start_index : start_index + batch_size]),
-            num_inference_steps=s.num_inference_steps,
-            eta=s.eta,
-            guidance_scale=s.guidance_scale,
-            generator=generator,
-        )
-        rows.append(backbone.decode(latents).cpu())
+    jobs = [ImageJob(i, k, p) for k in range(seeds) for i, p in enumerate(prompts)]
+    rows: list[Tensor] = []
+    generate_images(backbone, jobs, lambda j: output / "images" / j.name, seed=config.seed,
+                    num_inference_steps=s.num_inference_steps, eta=s.eta, guidance_scale=s.guidance_scale,
+                    batch_size=batch_size, on_batch=lambda _, images: rows.append(images), skip_existing=False)
     images = torch.cat(rows)
-    save_images(images, output / "images")
     grid_path = output / "grid.png"
     image_grid(to_pil(images), cols=len(prompts), cell=grid_cell).save(grid_path)
     seconds = time.perf_counter() - start
@@ -73,9 +174,14 @@ def generate(
                 "num_inference_steps": s.num_inference_steps,
                 "eta": s.eta,
                 "guidance_scale": s.guidance_scale,
+                "noise": "per_image",
                 "seconds": round(seconds, 3),
             },
             indent=2,
         )
     )
     return GenerationResult(output=output, grid=grid_path, num_images=len(images), seconds=seconds)
+
+
+__all__ = ["GenerationResult", "ImageJob", "NOISE_LAYOUTS", "generate", "generate_images", "image_seed", "load_png",
+           "save_images", "write_png_atomic"]

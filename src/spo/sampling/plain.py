@@ -29,6 +29,10 @@ class Trajectory:
         return self.states[:, -1]
 
 
+def _generators(generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Generator | list[torch.Generator] | None:
+    return list(generator) if isinstance(generator, (list, tuple)) else generator
+
+
 @torch.no_grad()
 def ddim_sample(
     backbone: Backbone,
@@ -38,7 +42,7 @@ def ddim_sample(
     eta: float = 1.0,
     guidance_scale: float = 5.0,
     latents: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     progress: bool = False,
     start_step: int = 0,
     return_trajectory: bool = False,
@@ -53,6 +57,9 @@ def ddim_sample(
 
     ``return_trajectory``: return a :class:`Trajectory` (every state and each transition's
     log-probability, ``log_prob_reduction`` over the non-batch dimensions) instead of x_0.
+
+    ``generator`` may be a list with one generator per row (as in diffusers): each row's noise
+    then depends only on its own generator, so an image does not depend on its batch.
     """
     if start_step and latents is None:
         raise ValueError("ddim_sample: start_step needs the latents x_t to continue from")
@@ -61,7 +68,7 @@ def ddim_sample(
     cond = prompts if isinstance(prompts, Conditioning) else backbone.encode_prompts(
         list(prompts), with_negative=guidance_scale > 1.0
     )
-    x = backbone.initial_latents(len(cond), generator) if latents is None else latents.to(backbone.device, backbone.dtype)
+    x = backbone.initial_latents(len(cond), _generators(generator)) if latents is None else latents.to(backbone.device, backbone.dtype)
     schedule = backbone.schedule(num_inference_steps)
     if return_trajectory and eta <= 0:
         raise ValueError("ddim_sample: a trajectory's log-probabilities need eta > 0")
@@ -69,7 +76,7 @@ def ddim_sample(
     states, log_probs = [x], []
     for t in tqdm(timesteps, desc="DDIM", disable=not progress, leave=False):
         out = backbone.predict(x, t, cond, guidance_scale)
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=out.dtype) if eta > 0 else None
+        noise = randn_tensor(x.shape, generator=_generators(generator), device=x.device, dtype=out.dtype) if eta > 0 else None
         step = schedule.step(out, t, x, eta=eta, noise=noise)
         if return_trajectory:
             log_probs.append(ddim_log_prob(step.prev_sample, step.mean, step.std, reduction=log_prob_reduction))

@@ -1,32 +1,21 @@
-"""``spo eval``: a base toy model against an SPO run's fine-tuned model, same prompts, same seeds.
+"""``spo eval`` on the toy world: a base toy model against a run's fine-tuned model, same
+prompts, same noise, through the evaluation's one code path (:mod:`spo.evaluation.evaluate`).
 
 Scores with the toy PickScore (the generic reward, the paper's PickScore column), the aesthetic
-oracle (for the LAION aesthetic score) and the alignment oracle (for GenEval). Writes
-``eval.json`` and a side-by-side grid (rows: base and fine-tuned for each seed, same noise).
+oracle (for the LAION aesthetic score) and the alignment oracle (for GenEval).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..backbones.base import BackboneLoadError
 from ..builtin import resolve_weights
-from ..images import image_grid, to_pil
-from ..preference.clip_scorer import CLIPScorer
-from .evaluate import Estimate, sample_and_score
+from ..evaluation.evaluate import BASE, EvalModel, Protocol, evaluate, format_table
 from .model import MARKER, ToyBackbone
-
-
-#: the evaluation's generic reward: the v1 toy PickScore, fixed so that every run is measured by
-#: the same yardstick (later builds' reward models are judges, not the metric)
-EVAL_REWARD = "toy:pickscore-v1"
+from .scorers import EVAL_REWARD, toy_scorers
 
 
 def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
@@ -45,11 +34,13 @@ def resolve_models(target: str | Path) -> tuple[Path, Path | None]:
     raise BackboneLoadError(f"{target}: neither a toy model directory nor a finished SPO run (config.yaml + lora/)")
 
 
-def load_reward(reward: str | None) -> CLIPScorer | None:
-    """A CLIPScorer for ``reward`` (the toy PickScore, or any CLIPModel directory); ``None`` for ``None``."""
-    if reward is None:
-        return None
-    return CLIPScorer.from_pretrained(reward, device="cpu")
+def load_toy_model(model: EvalModel) -> ToyBackbone:
+    """The toy base model, with the model's LoRA attached (frozen) when it has one."""
+    backbone = ToyBackbone.from_pretrained(model.pretrained, device="cpu")
+    if model.lora is not None:
+        backbone.unet.load_lora_adapter(model.lora, prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+        backbone.unet.requires_grad_(False)
+    return backbone
 
 
 def evaluate_run(
@@ -63,70 +54,56 @@ def evaluate_run(
     reward: str | None = EVAL_REWARD,
     lora: str | Path | None = None,
     base_cache: str | Path | None = None,
+    progress: bool = False,
+    source: str = "prompts",
 ) -> dict[str, Any]:
-    """Sample base (and fine-tuned) with the same seeds; score with the toy PickScore, the
-    aesthetic and the alignment oracle; write ``eval.json`` and ``grid.png`` into ``output``.
+    """Base (and fine-tuned) toy model, same noise, through :func:`spo.evaluation.evaluate`:
+    scored by the toy PickScore (``reward``; None: none), the aesthetic and the alignment oracle.
 
     ``lora`` (a directory holding ``pytorch_lora_weights.safetensors``) replaces the run's final
-    LoRA, e.g. a copy kept from an earlier point of the run. ``base_cache`` (a file) keeps the
-    base model's images and scores for these settings, so that many runs of one base model are
-    evaluated against one sampling of it. With a fine-tuned model,
-    ``difference`` holds the paired difference fine-tuned - base (same prompt, same seed) with
-    its 95% interval."""
+    LoRA, e.g. a copy kept from an earlier point of the run. ``base_cache`` (a directory) keeps
+    the base model's images and scores, so that many runs of one base model are evaluated
+    against one sampling of it. Noise: one generator per seed over the whole prompt set (the
+    layout every toy result in docs/toy-world.md was measured with).
+
+    Returns eval.json's content plus, for the toy benchmarks, ``base`` / ``fine_tuned`` /
+    ``difference`` (the fine-tuned model's), ``grid`` and ``prompts``."""
     base_dir, lora_dir = resolve_models(target)
     if lora is not None:
         lora_dir = Path(lora)
         if not (lora_dir / "pytorch_lora_weights.safetensors").exists():
             raise BackboneLoadError(f"{lora_dir}: no pytorch_lora_weights.safetensors")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    scorer = load_reward(reward)
-    kwargs = dict(seeds=seeds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, reward=scorer)
-    key = {"base_model": str(base_dir), "prompts": list(prompts), "seeds": seeds, "guidance_scale": guidance_scale,
-           "num_inference_steps": num_inference_steps, "reward_model": reward}
-    cached = torch.load(base_cache, weights_only=True) if base_cache and Path(base_cache).exists() else None
-    if cached is not None and cached["key"] == key:
-        base_images, base_values = cached["images"], cached["values"]
-        base_scores = {k: Estimate.of(v) for k, v in base_values.items()}
-    else:
-        base = ToyBackbone.from_pretrained(str(base_dir), device="cpu")
-        base_images, base_scores, base_values = sample_and_score(base, prompts, **kwargs)
-        if base_cache:
-            Path(base_cache).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(base_cache).with_suffix(f".tmp{os.getpid()}")
-            torch.save({"key": key, "images": base_images, "values": base_values}, tmp)
-            tmp.replace(base_cache)
-    result: dict[str, Any] = {"prompts": list(prompts), "seeds": seeds, "guidance_scale": guidance_scale,
-                              "num_inference_steps": num_inference_steps, "reward_model": reward,
-                              "base_model": str(base_dir), "lora": str(lora_dir) if lora_dir else None,
-                              "base": {k: asdict(v) for k, v in base_scores.items()}}
-    rows = [base_images.view(seeds, len(prompts), *base_images.shape[1:])]
+    models = [EvalModel(BASE, str(base_dir))]
     if lora_dir is not None:
-        tuned = ToyBackbone.from_pretrained(str(base_dir), device="cpu")
-        tuned.unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
-        tuned.unet.requires_grad_(False)
-        tuned_images, tuned_scores, tuned_values = sample_and_score(tuned, prompts, **kwargs)
-        result["fine_tuned"] = {k: asdict(v) for k, v in tuned_scores.items()}
-        result["difference"] = {
-            k: asdict(Estimate.of([t - b for t, b in zip(tuned_values[k], base_values[k])])) for k in base_values
-        }
-        rows.append(tuned_images.view(seeds, len(prompts), *tuned_images.shape[1:]))
-    grid = torch.stack(rows, dim=1).flatten(0, 2)  # seed-major: base row, fine-tuned row, ...
-    image_grid(to_pil(grid), cols=len(prompts), cell=64).save(output / "grid.png")
-    (output / "eval.json").write_text(json.dumps(result, indent=2))
-    result["grid"] = str(output / "grid.png")
+        models.append(EvalModel("fine_tuned", str(base_dir), lora=str(lora_dir), run=str(target), method=_method_of(target)))
+    protocol = Protocol(list(prompts), source, seeds=seeds, seed=0, num_inference_steps=num_inference_steps, eta=1.0,
+                        guidance_scale=guidance_scale, noise="per_seed", extra={"reward_model": reward})
+    result = evaluate(models, protocol, toy_scorers(reward), output, load_model=load_toy_model,
+                      batch_size=len(prompts), image_dirs={BASE: Path(base_cache)} if base_cache else None,
+                      grid_seeds=seeds, grid_cell=64, progress=progress)
+    result["base"] = result["results"][BASE]
+    if lora_dir is not None:
+        result["fine_tuned"] = result["results"]["fine_tuned"]
+        result["difference"] = result["differences"]["fine_tuned"]
+    result.update(prompts=list(prompts), seeds=seeds, reward_model=reward,
+                  grid=str(Path(output) / result["grids"][models[-1].key][0]))
     return result
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """Rows: metrics; columns: base, fine-tuned and their paired difference (mean [95% interval])."""
-    columns = [c for c in ("base", "fine_tuned", "difference") if c in result]
-    names = {"base": "base", "fine_tuned": "fine-tuned (SPO)", "difference": "difference (paired)"}
-    lines = ["metric     | " + " | ".join(f"{names[c]:<26}" for c in columns), "-" * (13 + 29 * len(columns))]
-    for metric in result["base"]:
-        cells = []
-        for c in columns:
-            e = Estimate(**result[c][metric])
-            cells.append(f"{e.mean:+.3f} [{e.low:+.3f}, {e.high:+.3f}]" if c == "difference" else str(e))
-        lines.append(f"{metric:<10} | " + " | ".join(f"{cell:<26}" for cell in cells))
-    return "\n".join(lines)
+def base_vs_fine_tuned(saved: dict[str, Any]) -> dict[str, Any]:
+    """``base`` / ``fine_tuned`` / ``difference`` of a toy eval.json (spo-eval/1, or the flat
+    layout of the toy evaluations before it), for the toy benchmarks."""
+    if "results" not in saved:
+        return saved
+    return {"base": saved["results"]["base"], "fine_tuned": saved["results"]["fine_tuned"],
+            "difference": saved["differences"]["fine_tuned"]}
+
+
+def _method_of(target: str | Path) -> str | None:
+    config_file = Path(target) / "config.yaml"
+    if not config_file.exists():
+        return None
+    from ..config import load_config
+
+    return load_config(config_file).objective.name
+__all__ = ["EVAL_REWARD", "base_vs_fine_tuned", "evaluate_run", "format_table", "load_toy_model", "resolve_models"]

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..backbones import Backbone
+from ..evaluation.stats import Estimate
 from ..sampling import ddim_sample
 from .grammar import parse_prompt
 from .batched_oracles import aesthetic_batch, alignment_batch, to_oracle_images
-
-
-@dataclass
-class Estimate:
-    """Mean with a normal-approximation 95% interval (1.96 standard errors)."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "Estimate":
-        arr = np.asarray(values, dtype=np.float64)
-        half = 1.96 * arr.std(ddof=1) / math.sqrt(len(arr)) if len(arr) > 1 else float("nan")
-        return cls(float(arr.mean()), float(arr.mean() - half), float(arr.mean() + half), len(arr))
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
 @torch.no_grad()
