@@ -281,14 +281,16 @@ def test_demo_reduced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "train.prompts_per_round=2", "sampling.num_inference_steps=6", "logging.tensorboard=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for word in ("pickscore", "aesthetic", "alignment", "difference (paired)", "grid"):
+    for word in ("toy PickScore", "aesthetic", "alignment", "fine_tuned - base (paired)", "grid", "report.html"):
         assert word in out
-    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["reward_model"] == "toy:pickscore-v1" and result["num_inference_steps"] == 6
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["protocol"]["reward_model"] == "toy:pickscore-v1" and saved["protocol"]["num_inference_steps"] == 6
     for metric in ("pickscore", "aesthetic", "alignment"):
         # paired difference of means = difference of means
-        diff = result["fine_tuned"][metric]["mean"] - result["base"][metric]["mean"]
-        assert result["difference"][metric]["mean"] == pytest.approx(diff, abs=1e-9)
+        diff = saved["results"]["fine_tuned"][metric]["mean"] - saved["results"]["base"][metric]["mean"]
+        assert saved["differences"]["fine_tuned"][metric]["mean"] == pytest.approx(diff, abs=1e-9)
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="evaluation"' in page and 'id="training-curves"' in page and "toy PickScore" in page
     from safetensors.torch import load_file
 
     lora = tmp_path / "spo" / "lora" / "pytorch_lora_weights.safetensors"
@@ -300,4 +302,4 @@ def test_demo_reduced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert (tmp_path / "spo" / "metrics.jsonl").read_text() == metrics
     again = load_file(str(lora))
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == saved

@@ -170,14 +170,15 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
 def cmd_toy_score(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .images import image_grid, to_pil
-    from .toy.eval_run import EVAL_REWARD, load_reward
+    from .preference.clip_scorer import CLIPScorer
     from .toy.evaluate import sample_and_score
+    from .toy.scorers import EVAL_REWARD
     from .toy.grammar import validation_prompts
     from .toy.model import ToyBackbone
 
     backbone = ToyBackbone.from_pretrained(args.model, device="cpu")
     prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
-    reward = load_reward(EVAL_REWARD)
+    reward = CLIPScorer.from_pretrained(EVAL_REWARD, device="cpu")
     images, scores, _ = sample_and_score(backbone, prompts, seeds=args.seeds, guidance_scale=args.guidance, reward=reward)
     rows = [(f"{name} (mean [95% interval], n={est.n})", str(est)) for name, est in scores.items()]
     if args.grid:
@@ -187,20 +188,125 @@ def cmd_toy_score(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the paper's metrics, in its tables' order; ``spo eval`` names each one it skips
+PAPER_SCORERS = ("pickscore", "hpsv2", "hpsv21", "image_reward", "aesthetic")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_prompts
-    from .toy.eval_run import evaluate_run, format_table
-    from .toy.grammar import validation_prompts
+    """Base vs fine-tuned (one or more runs of one base model) on a prompt set, same noise."""
+    import torch
 
-    prompts = load_prompts(args.prompts) if args.prompts else validation_prompts()
+    from .backbones.base import resolve_device
     from .builtin import PREFIX, is_builtin
+    from .data import is_preference_data, load_prompt_set
+    from .evaluation.evaluate import EvaluationError, Protocol, evaluate, format_table
+    from .evaluation.geneval import load_geneval_metadata, write_geneval_images
+    from .evaluation.scorers import ScorerSpec, load_scorers
+    from .evaluation.targets import eval_models, model_loader, resolve_target
 
-    default = Path("runs") / f"eval-{args.target[len(PREFIX):]}" if is_builtin(args.target) else Path(args.target) / "eval"
-    output = args.output or str(default)
-    result = evaluate_run(args.target, prompts, output, seeds=args.seeds, guidance_scale=args.guidance)
-    print(format_table(result))
-    print(f"mean [95% interval] over {len(prompts)} prompts x {args.seeds} seeds; "
-          f"grid: {result['grid']}; json: {Path(output) / 'eval.json'}")
+    targets, overrides = [v for v in args.config if "=" not in v], [v for v in args.config if "=" in v]
+    if not targets:
+        raise EvaluationError("spo eval needs a run directory, a preset or a config file (e.g. spo eval runs/demo/spo)")
+    specs = [ScorerSpec.parse(text) for text in args.scorer]
+    toy = _toy_targets(targets)
+    resolved = [resolve_target(t, overrides) if t not in toy else toy[t] for t in targets]
+    config = resolved[0].config
+    models = eval_models(resolved)
+    if len(targets) > 1 and args.output is None:
+        raise EvaluationError("--output is needed when several runs are compared")
+    first = targets[0]
+    default = Path("runs") / f"eval-{first[len(PREFIX):]}" if is_builtin(first) else (
+        Path(first) / "eval" if resolved[0].run is not None else Path("runs") / f"eval-{Path(first).stem}")
+    output = Path(args.output) if args.output else default
+    if output.exists() and not output.is_dir():
+        raise EvaluationError(f"--output {str(output)!r} is a file")
+    is_toy = config.model.backbone == "toy"
+    guidance = args.guidance if args.guidance is not None else (
+        config.eval.guidance_scale if config.eval.guidance_scale is not None else config.sampling.guidance_scale)
+    steps = args.steps or config.sampling.num_inference_steps
+    eta = args.eta if args.eta is not None else config.sampling.eta
+    load_model = model_loader(config)
+    if args.geneval:
+        metadata = load_geneval_metadata(args.geneval)
+        folders = write_geneval_images(models, metadata, output, load_model=load_model,
+                                       images_per_prompt=args.images_per_prompt, seed=args.seed,
+                                       num_inference_steps=steps, eta=eta, guidance_scale=guidance,
+                                       batch_size=args.batch_size)
+        _summary([(f"GenEval images: {key}", str(folder)) for key, folder in folders.items()] + [
+            ("next", "python evaluation/evaluate_images.py FOLDER --outfile results.jsonl --model-path MODELS "
+                     "(in GenEval's own environment)")])
+        return 0
+    source = args.prompts or config.eval.prompts or ("toy:validation-prompts" if is_toy else None)
+    if source is None:
+        raise EvaluationError("spo eval needs --prompts (a prompts file, or Pick-a-Pic data for the paper's "
+                         "500 validation_unique captions)")
+    limit = args.num_prompts or (500 if is_preference_data(source) else None)
+    prompts = load_prompt_set(source, split=args.split, limit=limit)
+    seeds = args.seeds or config.eval.seeds
+    device = resolve_device(config.model.device)
+    skipped: list[str] = []
+    if is_toy:
+        from .toy.grammar import parse_prompt
+        from .toy.scorers import toy_scorers
+
+        for p in prompts:
+            parse_prompt(p)  # before any image is made: the oracles read only the toy grammar
+        scorers = toy_scorers(device=device) if not specs else []
+    else:
+        scorers = []
+    scorers += load_scorers(specs, wanted=() if is_toy else PAPER_SCORERS, device=device,
+                            dtype=torch.float32, log=skipped.append)
+    for line in skipped:
+        print(line)
+    protocol = Protocol(prompts, str(source), seeds=seeds, seed=args.seed, num_inference_steps=steps, eta=eta,
+                        guidance_scale=guidance, noise="per_seed" if is_toy else "per_image",
+                        extra={"resolution": config.model.resolution, "dtype": config.model.dtype})
+    batch = len(prompts) if is_toy else args.batch_size
+    result = evaluate(models, protocol, scorers, output, load_model=load_model, batch_size=batch, skipped=skipped,
+                      grid_cell=64 if is_toy else None)
+    if scorers:
+        print(format_table(result))
+        print(f"mean [95% interval] over {len(prompts)} prompts x {seeds} seeds; paired: same prompt, same noise")
+    _summary([
+        ("models", ", ".join(m.key for m in models)),
+        ("prompts x seeds", f"{len(prompts)} x {seeds} ({source})"),
+        ("DDIM steps / eta / CFG", f"{steps} / {eta} / {guidance}"),
+        ("seconds: generation / scoring", f"{result['seconds']['generation']:.1f} / {result['seconds']['scoring']:.1f}"),
+        ("results", str(output / "eval.json")),
+        ("per image / per prompt", f"{output / 'scores.csv'} / {output / 'per_prompt.csv'}"),
+        ("grids", ", ".join(str(output / g) for gs in result["grids"].values() for g in gs[:1])),
+    ])
+    return 0
+
+
+def _toy_targets(targets: Sequence[str]) -> dict[str, object]:
+    """Targets that are toy model directories (``toy:base`` or a pretrained toy model): the toy
+    preset with that model as base."""
+    from .builtin import resolve_weights
+    from .config import load_config
+    from .evaluation.targets import Target
+    from .toy.model import MARKER
+
+    found: dict[str, object] = {}
+    for t in targets:
+        path = Path(resolve_weights(t, "spo eval")).expanduser()
+        if (path / MARKER).exists():
+            found[t] = Target(path.name, load_config("toy", [f"model.pretrained={t}"]))
+    return found
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import EvaluationError
+    from .evaluation.report import write_report
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise EvaluationError(f"{args.run_dir!r} is not a run directory")
+    try:
+        path = write_report(run, eval_dirs=args.eval, output=args.output)
+    except FileNotFoundError as err:
+        raise EvaluationError(str(err)) from None
+    print(f"report: {path}")
     return 0
 
 
@@ -245,9 +351,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("last round: valid-pair rate / loss",
          f"{last.get('valid_pair_rate', float('nan')):.3f} / {last.get('loss', float('nan')):.4f}" if last else "(resumed: see metrics.jsonl)"),
         ("evaluation", f"{ev['reward_model'] or 'no reward model'} + oracles, {out['eval_seconds']:.0f} s"),
-        ("image grid (rows: base, SPO per seed)", ev["grid"]),
-        ("scores", str(Path(ev["grid"]).with_name("eval.json"))),
+        ("image grid (base | SPO per seed)", ev["grid"]),
+        ("scores", str(Path(ev["output"]) / "eval.json")),
         ("TensorBoard", f"tensorboard --logdir {out['run_dir'] / 'logs'}"),
+        ("report (open in a browser)", str(out["report"])),
     ])
     return 0
 
@@ -337,13 +444,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"which build's settings (default {TOY_BUILD_VERSIONS[-1]}; docs/toy-world.md)")
     build.set_defaults(func=cmd_toy_build, config=[])
 
-    ev = sub.add_parser("eval", help="toy world: base vs an SPO run, same prompts and seeds: toy PickScore and oracle scores")
-    ev.add_argument("target", help="a toy model directory or an SPO run directory (config.yaml + lora/)")
-    ev.add_argument("--prompts", help="prompts file, one per line (default: the built-in validation prompts)")
-    ev.add_argument("--seeds", type=_positive_int, default=3)
-    ev.add_argument("--guidance", type=float, default=3.0)
-    ev.add_argument("--output", help="default: TARGET/eval (runs/eval-NAME for toy:NAME)")
-    ev.set_defaults(func=cmd_eval, config=[])
+    ev = sub.add_parser(
+        "eval", help="base vs fine-tuned runs on a prompt set, same noise: the paper's metrics, grids, eval.json",
+        description="Generates every prompt x seed with fixed noise per image for the base model and each run "
+        "(DDIM, CFG and eta from the config: the paper's protocol is DDIM 20, CFG 5), scores them and writes "
+        "eval.json, scores.csv, per_prompt.csv and side-by-side grids. Images are saved as they are made: "
+        "rerunning resumes. Toy-world targets are scored by the toy PickScore and the oracles.",
+    )
+    ev.add_argument("config", nargs="*", metavar="TARGET|key=value",
+                    help="run directories (config.yaml + lora/) of one base model, or a preset / config file / "
+                    "toy model (base only); key=value overrides apply to the model config (e.g. model.dtype=float16)")
+    ev.add_argument("--prompts", help="prompts file (one per line, or a JSON list), a built-in set (toy:...), or "
+                    "Pick-a-Pic data (save_to_disk directory or parquet): its captions, deduplicated")
+    ev.add_argument("--split", default="validation_unique", help="Pick-a-Pic split (default validation_unique)")
+    ev.add_argument("--num-prompts", type=_positive_int, help="the first N prompts (default: all; 500 for Pick-a-Pic)")
+    ev.add_argument("--seeds", type=_positive_int, default=None, help="images per prompt (default eval.seeds)")
+    ev.add_argument("--seed", type=int, default=0, help="noise seed of the evaluation")
+    ev.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default sampling.num_inference_steps)")
+    ev.add_argument("--guidance", type=float, default=None, help="CFG scale (default eval.guidance_scale or sampling's)")
+    ev.add_argument("--eta", type=float, default=None, help="DDIM eta (default sampling.eta)")
+    ev.add_argument("--scorer", action="append", default=[], metavar="NAME=WEIGHTS[,OPTION=VALUE...]",
+                    help="a metric: pickscore, hpsv2, hpsv21, image_reward, aesthetic (weights: local path or hub id; "
+                    "see the README); repeatable. Metrics without weights are skipped, named")
+    ev.add_argument("--batch-size", type=_positive_int, default=8)
+    ev.add_argument("--geneval", metavar="METADATA.jsonl",
+                    help="write images in GenEval's layout for its evaluation_metadata.jsonl instead of scoring")
+    ev.add_argument("--images-per-prompt", type=_positive_int, default=4, help="GenEval images per prompt (4)")
+    ev.add_argument("--output", help="default: RUN/eval (runs/eval-NAME otherwise)")
+    ev.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="one self-contained HTML page for a run: curves, config, evaluations")
+    report.add_argument("run_dir")
+    report.add_argument("--eval", action="append", default=[], help="an evaluation directory to include (repeatable; "
+                        "subdirectories of RUN_DIR holding eval.json are included anyway)")
+    report.add_argument("--output", help="default: RUN_DIR/report.html")
+    report.set_defaults(func=cmd_report, config=[])
 
     tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")
     tiny.add_argument("kind", choices=["sd15", "sdxl"])
@@ -372,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import PromptsError
     from .errors import ModelLoadError
     from .data import PreferenceDataError
+    from .evaluation.evaluate import EvaluationError
+    from .evaluation.scorers import ScorerSpecError
     from .preference.training import SPMTrainingError
     from .toy.build import BuildError
     from .toy.grammar import PromptGrammarError
@@ -389,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
-            SPMTrainingError, PromptGrammarError, BuildError) as err:
+            SPMTrainingError, PromptGrammarError, BuildError, EvaluationError, ScorerSpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,8 @@
 1. fine-tune the shipped toy base model with SPO, scored by the shipped toy SPM (the ``toy``
    preset; overrides as ``key=value``), into ``OUTPUT/spo``; an interrupted demo resumes;
 2. ``spo eval``: base vs fine-tuned on the validation prompts with the same seeds, scored by the
-   toy PickScore and the two oracles, into ``OUTPUT/eval`` (table, ``eval.json``, ``grid.png``).
+   toy PickScore and the two oracles, into ``OUTPUT/eval`` (table, ``eval.json``, grids);
+3. ``spo report``: one HTML page, ``OUTPUT/report.html`` (curves, evaluation, config).
 """
 
 from __future__ import annotations
@@ -39,5 +40,9 @@ def run_demo(output: str | Path, overrides: Sequence[str] = (), *, eval_seeds: i
     guidance = config.eval.guidance_scale if config.eval.guidance_scale is not None else config.sampling.guidance_scale
     evaluation = evaluate_run(run_dir, prompts, output / "eval", seeds=eval_seeds or config.eval.seeds,
                               guidance_scale=guidance, num_inference_steps=config.sampling.num_inference_steps)
+    eval_seconds = time.perf_counter() - start
+    from ..evaluation.report import write_report
+
+    report = write_report(run_dir, eval_dirs=[output / "eval"], output=output / "report.html")
     return {"train": result, "train_seconds": train_seconds, "eval": evaluation,
-            "eval_seconds": time.perf_counter() - start, "run_dir": run_dir}
+            "eval_seconds": eval_seconds, "run_dir": run_dir, "report": report}
