@@ -78,7 +78,7 @@ def _prompts_for(args: argparse.Namespace, config) -> list[str]:  # noqa: ANN001
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .evaluation import generate
+    from .evaluation.generate import generate
 
     config = _load(args.config)
     prompts = _prompts_for(args, config)

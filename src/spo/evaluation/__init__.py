@@ -5,7 +5,7 @@
 from typing import Any
 
 _LAZY = {
-    "GenerationResult": ".generate", "generate": ".generate", "generate_images": ".generate",
+    "GenerationResult": ".generate", "generate_images": ".generate",
     "EvalModel": ".evaluate", "Protocol": ".evaluate", "evaluate": ".evaluate", "format_table": ".evaluate",
     "write_report": ".report", "Estimate": ".stats",
 }

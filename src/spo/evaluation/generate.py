@@ -157,7 +157,10 @@ def generate(
     s = config.sampling
     jobs = [ImageJob(i, k, p) for k in range(seeds) for i, p in enumerate(prompts)]
     rows: list[Tensor] = []
-    generate_images(backbone, jobs, lambda j: output / "images" / j.name, seed=config.seed,
+    def path_of(job: ImageJob) -> Path:  # image_NNNN.png, seed-major, as spo sample has always named them
+        return output / "images" / f"image_{job.seed_index * len(prompts) + job.prompt_index:04d}.png"
+
+    generate_images(backbone, jobs, path_of, seed=config.seed,
                     num_inference_steps=s.num_inference_steps, eta=s.eta, guidance_scale=s.guidance_scale,
                     batch_size=batch_size, on_batch=lambda _, images: rows.append(images), skip_existing=False)
     images = torch.cat(rows)
