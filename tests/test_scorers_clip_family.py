@@ -369,3 +369,12 @@ def test_hps_load_errors(name: str, hps_files: dict[str, Path], tmp_path: Path) 
         ScorerSpec.parse(f"{name}={hps_files['v2']},tokenizer={hps_files['tokenizer']}").load()
     with pytest.raises(ModelLoadError, match="xswu/HPSv2"):  # offline in the tests: the download fails
         _hps_spec(name, "xswu/HPSv2", hps_files).load()
+
+
+def test_hps_open_clip_backend_without_open_clip(hps_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend=open_clip where open_clip cannot be imported: one clear line naming the extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(ModelLoadError, match=r"pip install 'spo-diffusion\[eval\]'"):
+        ScorerSpec.parse(f"hpsv2={hps_files['v2']},backend=open_clip").load()

@@ -7,11 +7,26 @@ so neither open_clip nor the hpsv2 package is needed. As HPSv2's ``preprocess_va
 to 224x224 with black, centred, then OpenAI mean/std. Prompts: CLIP BPE, 77 tokens; the text
 feature is taken at the end-of-text token (the largest id, as open_clip's ``argmax``). The score
 is the cosine without the logit scale, printed x100 as the HPSv2 benchmark and the SPO paper do.
+
+Option ``backend=open_clip`` instead runs open_clip itself (``pip install 'spo-diffusion[eval]'``;
+open_clip needs a torchvision built for the installed torch): ``open_clip.create_model_and_transforms(
+model, pretrained=<the checkpoint file>, image_resize_mode='longest')`` (open_clip's own loader:
+``torch.load(weights_only=True)``, or safetensors for a ``*.safetensors`` name; ``'state_dict'``
+unwrapped, ``module.`` stripped, strict), ``open_clip.get_tokenizer(model)``, and open_clip's
+validation transform on PIL images: each image in [-1, 1] is quantised to uint8 as diffusers'
+``numpy_to_pil`` does (``round(255 * clamp(x / 2 + 0.5, 0, 1))``), then resized (PIL bicubic, the
+longest side to the model's size), padded with black (centred), converted to a tensor and
+normalised. That is what the hpsv2 package does with image files; the transformers backend skips
+the uint8 round trip and resizes float tensors, so the two differ slightly (up to 0.03 on the
+x100 scale for the tests' tiny 32-px model; the networks themselves agree to ~1e-5).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +40,9 @@ from .base import Scorer
 
 HUB_REPO = "xswu/HPSv2"
 DEFAULT_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+DEFAULT_OPEN_CLIP_MODEL = "ViT-H-14"
+BACKENDS = ("transformers", "open_clip")
+_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _BLOCK_PARTS = {  # open_clip residual block -> transformers CLIPEncoderLayer (in_proj is split apart)
     "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
@@ -146,18 +164,41 @@ class HPSv2Scorer(Scorer):
     weights_help = ("HPS_v2_compressed.pt (a torch checkpoint of tensors, {'state_dict': ...}, or safetensors), "
                     f"a directory holding it, or the hub id {HUB_REPO}")
     options = {
-        "tokenizer": (DEFAULT_TOKENIZER, "CLIP BPE tokenizer (directory or hub id), as open_clip's ViT-H-14's"),
-        "config": (None, "a transformers CLIPConfig JSON for the architecture (default: open_clip ViT-H-14)"),
+        "backend": ("transformers", "transformers (the checkpoint converted to a transformers CLIPModel; no open_clip "
+                                    "needed) or open_clip (open_clip's own loader, tokenizer and PIL preprocessing; "
+                                    "pip install 'spo-diffusion[eval]')"),
+        "tokenizer": (DEFAULT_TOKENIZER, "transformers backend: CLIP BPE tokenizer (directory or hub id), as open_clip's "
+                                         "ViT-H-14's"),
+        "config": (None, "transformers backend: a transformers CLIPConfig JSON for the architecture (default: open_clip "
+                         "ViT-H-14)"),
+        "model": (None, f"open_clip backend: the open_clip model name (default {DEFAULT_OPEN_CLIP_MODEL}, or the file "
+                        "stem of open_clip_config)"),
+        "open_clip_config": (None, "open_clip backend: an open_clip model-config JSON (embed_dim, vision_cfg, text_cfg), "
+                                   "registered with open_clip.add_model_config under its file stem"),
     }
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.size = int(model.config.vision_config.image_size)
-        self.context = int(model.config.text_config.max_position_embeddings)
+    def __init__(self, model: Any, tokenizer: Any, preprocess: Any = None) -> None:
+        """``preprocess`` None: ``model`` is a transformers CLIPModel and ``tokenizer`` a transformers
+        tokenizer; otherwise ``model`` is an open_clip CLIP, ``tokenizer`` open_clip's and
+        ``preprocess`` open_clip's validation transform (PIL image -> normalised tensor)."""
+        self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
+        self.backend = "transformers" if preprocess is None else "open_clip"
+        if preprocess is None:
+            self.size = int(model.config.vision_config.image_size)
+            self.context = int(model.config.text_config.max_position_embeddings)
 
     @classmethod
     def load(cls, weights: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              **options: str) -> "HPSv2Scorer":
+        backend = options.get("backend") or "transformers"
+        if backend not in BACKENDS:
+            raise ModelLoadError(f"{cls.name}: backend {backend!r} is not one of {list(BACKENDS)}")
+        if backend == "open_clip":
+            return cls._load_open_clip(weights, device=device, dtype=dtype, **options)
+        misplaced = [k for k in ("model", "open_clip_config") if options.get(k)]
+        if misplaced:
+            raise ModelLoadError(f"{cls.name}: option(s) {misplaced} only apply to backend=open_clip")
+
         from transformers import AutoTokenizer, CLIPConfig
 
         config_path = options.get("config")
@@ -185,21 +226,97 @@ class HPSv2Scorer(Scorer):
             raise ModelLoadError(f"{cls.name}: {str(path)!r} does not fit the architecture: {error_line(err)}") from None
         return cls(model.to(device), tokenizer)
 
+    @classmethod
+    def _load_open_clip(cls, weights: str, *, device: str | torch.device, dtype: torch.dtype,
+                        **options: str) -> "HPSv2Scorer":
+        what = f"{cls.name} (backend=open_clip)"
+        if options.get("config"):
+            raise ModelLoadError(f"{what}: config is a transformers CLIPConfig; give open_clip's model config as "
+                                 "open_clip_config")
+        if (options.get("tokenizer") or DEFAULT_TOKENIZER) != DEFAULT_TOKENIZER:
+            raise ModelLoadError(f"{what}: the tokenizer option applies to the transformers backend; open_clip's "
+                                 "backend uses open_clip.get_tokenizer(model)")
+        if dtype not in _OPEN_CLIP_PRECISION:
+            raise ModelLoadError(f"{what}: dtype {dtype} has no open_clip precision (float32, float16, bfloat16)")
+        open_clip = _import_open_clip(what)
+        model_name = options.get("model")
+        config_path = options.get("open_clip_config")
+        if config_path:
+            path = local_path(config_path, f"{what}: open_clip_config", noun="file") or Path(config_path)
+            try:
+                cfg = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ModelLoadError(f"{what}: open_clip_config: {config_path!r} is not JSON: {error_line(err)}") from None
+            if not (isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))):
+                raise ModelLoadError(f"{what}: open_clip_config: {config_path!r} is not an open_clip model config "
+                                     "(needs embed_dim, vision_cfg and text_cfg)")
+            if model_name and model_name != path.stem:
+                raise ModelLoadError(f"{what}: open_clip_config {config_path!r} registers the model {path.stem!r}, "
+                                     f"not model={model_name!r}")
+            open_clip.add_model_config(path)  # open_clip's registry: the file stem names the model
+            model_name = path.stem
+        model_name = model_name or DEFAULT_OPEN_CLIP_MODEL
+        checkpoint = resolve_file(weights, cls.name, cls.hub_filename)
+        if "image_resize_mode" not in inspect.signature(open_clip.create_model_and_transforms).parameters:
+            raise ModelLoadError(f"{what}: open_clip {getattr(open_clip, '__version__', '?')} has no image_resize_mode "
+                                 "(HPS's longest-side resize); pip install 'spo-diffusion[eval]'")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=str(checkpoint), precision=_OPEN_CLIP_PRECISION[dtype], device=device,
+                image_resize_mode="longest", output_dict=True)
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as err:  # noqa: BLE001 - open_clip raises RuntimeError, KeyError, UnpicklingError, ...
+            raise ModelLoadError(f"{what}: open_clip could not load {str(checkpoint)!r} as {model_name!r}: "
+                                 f"{error_line(err)}") from None
+        return cls(model.eval().requires_grad_(False), tokenizer, preprocess)
+
     def _text_embeddings(self, prompts: Sequence[str], device: torch.device) -> Tensor:
         unique = list(dict.fromkeys(prompts))
-        ids = self.tokenizer(unique, padding="max_length", truncation=True, max_length=self.context,
-                             return_tensors="pt")["input_ids"].to(device)
-        hidden = self.model.text_model(input_ids=ids).last_hidden_state  # causal mask; after ln_final
-        emb = self.model.text_projection(hidden[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)])
+        if self.backend == "open_clip":
+            emb = self.model.encode_text(self.tokenizer(unique).to(device))
+        else:
+            ids = self.tokenizer(unique, padding="max_length", truncation=True, max_length=self.context,
+                                 return_tensors="pt")["input_ids"].to(device)
+            hidden = self.model.text_model(input_ids=ids).last_hidden_state  # causal mask; after ln_final
+            emb = self.model.text_projection(hidden[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)])
         emb = F.normalize(emb.float(), dim=-1)
         return emb[[unique.index(p) for p in prompts]]
 
+    def _image_embeddings(self, images: Tensor, device: torch.device) -> Tensor:
+        if self.backend == "open_clip":
+            pixels = torch.stack([self.preprocess(image) for image in to_pil(images)])
+            dtype = next(self.model.parameters()).dtype
+            emb = self.model.encode_image(pixels.to(device=device, dtype=dtype))
+        else:
+            pixels = resize_longest_and_pad(images.to(device), self.size)
+            pooled = self.model.vision_model(pixel_values=pixels.to(self.model.dtype)).pooler_output  # ln_post(CLS)
+            emb = self.model.visual_projection(pooled)
+        return F.normalize(emb.float(), dim=-1)
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         device = next(self.model.parameters()).device
-        pixels = resize_longest_and_pad(images.to(device), self.size)
-        pooled = self.model.vision_model(pixel_values=pixels.to(self.model.dtype)).pooler_output  # ln_post(CLS)
-        img = F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        img = self._image_embeddings(images, device)
         return (100 * (img * self._text_embeddings(prompts, device)).sum(dim=-1)).cpu()
+
+
+def to_pil(images: Tensor) -> list[Any]:
+    """Images in [-1, 1] (B, 3, H, W) -> RGB PIL images, quantised as diffusers' ``numpy_to_pil``:
+    ``round(255 * clamp(x / 2 + 0.5, 0, 1))``."""
+    from PIL import Image
+
+    x = (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+    arrays = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def _import_open_clip(what: str) -> Any:
+    try:
+        import open_clip
+    except Exception as err:  # noqa: BLE001 - missing, or a torchvision that does not match torch
+        raise ModelLoadError(f"{what}: open_clip is not importable ({type(err).__name__}: {error_line(err)}); "
+                             "pip install 'spo-diffusion[eval]' (open_clip_torch; it needs a torchvision built "
+                             "for the installed torch)") from None
+    return open_clip
 
 
 SCORER = HPSv2Scorer
