@@ -94,11 +94,14 @@ def test_each_image_has_its_own_noise_whatever_the_batch(tiny_run: Path, tmp_pat
     assert len({image_seed(0, s, i) for s in range(3) for i in range(100)}) == 300
 
 
-def test_base_and_fine_tuned_share_the_noise(tiny_sd15_path: Path, tmp_path: Path) -> None:
+def test_base_and_fine_tuned_share_the_noise(tiny_path: tuple[str, Path], tmp_path: Path) -> None:
     """A LoRA that changes nothing (B = 0 at init) gives the base's images exactly: the same noise
-    per (prompt, seed), so paired differences are exactly zero."""
+    per (prompt, seed), so paired differences are exactly zero (SD-1.5 and SDXL)."""
+    kind, path = tiny_path
     run = tmp_path / "zero-run"
-    config = _config(tiny_sd15_path)
+    config = load_config(kind, [f"model.pretrained={path}", "model.resolution=32", "model.device=cpu",
+                                "model.dtype=float32", "model.vae=null", "sampling.num_inference_steps=4",
+                                "pools.divert_start_step=0"])
     save_config(config, run / "config.yaml")
     backbone = load_backbone(config.model)
     backbone.attach_lora(LoRASettings(rank=2))
