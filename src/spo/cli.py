@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .builtin import TOY_BUILD_VERSIONS
 
@@ -279,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy_targets(targets: Sequence[str]) -> dict[str, object]:
+def _toy_targets(targets: Sequence[str]) -> dict[str, Any]:
     """Targets that are toy model directories (``toy:base`` or a pretrained toy model): the toy
     preset with that model as base."""
     from .builtin import resolve_weights
@@ -287,7 +288,7 @@ def _toy_targets(targets: Sequence[str]) -> dict[str, object]:
     from .evaluation.targets import Target
     from .toy.model import MARKER
 
-    found: dict[str, object] = {}
+    found: dict[str, Target] = {}
     for t in targets:
         path = Path(resolve_weights(t, "spo eval")).expanduser()
         if (path / MARKER).exists():

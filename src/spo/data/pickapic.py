@@ -87,8 +87,7 @@ def load_captions(path: str, split: str | None = "validation_unique", what: str 
             except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, KeyError, OSError
                 raise PreferenceDataError(f"{what}: {f}: could not read a 'caption' column ({type(err).__name__}: {err})") from err
             captions += table.column("caption").to_pylist()
-    unique = [c.strip() for c in dict.fromkeys(c for c in captions if isinstance(c, str) and c.strip())]
-    unique = list(dict.fromkeys(unique))
+    unique = list(dict.fromkeys(c.strip() for c in captions if isinstance(c, str) and c.strip()))
     if not unique:
         raise PreferenceDataError(f"{what}: {path} ({split}): no caption")
     return unique

@@ -53,11 +53,12 @@ def load_prompt_set(source: str | Path, *, split: str = "validation_unique", lim
     captions of Pick-a-Pic-format data (a ``save_to_disk`` directory or parquet files: ``split``,
     duplicates dropped, as the paper's 500 ``validation_unique`` prompts). ``limit`` keeps the
     first N."""
+    from ..builtin import is_builtin
     from .pickapic import PreferenceDataError, is_preference_data, load_captions
 
     if limit is not None and limit < 1:
         raise PromptsError(f"--num-prompts {limit}: must be at least 1")
-    if not is_builtin_ref(source) and is_preference_data(source):
+    if not is_builtin(source) and is_preference_data(source):
         try:
             prompts = load_captions(str(source), split)
         except PreferenceDataError as err:
@@ -66,8 +67,3 @@ def load_prompt_set(source: str | Path, *, split: str = "validation_unique", lim
         prompts = load_prompts(source)
     return prompts[:limit] if limit else prompts
 
-
-def is_builtin_ref(source: str | Path) -> bool:
-    from ..builtin import is_builtin
-
-    return is_builtin(source)
