@@ -240,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = args.prompts or config.eval.prompts or ("toy:validation-prompts" if is_toy else None)
     if source is None:
         raise EvaluationError("spo eval needs --prompts (a prompts file, or Pick-a-Pic data for the paper's "
-                         "500 validation_unique captions)")
+                              "500 validation_unique captions)")
     limit = args.num_prompts or (500 if is_preference_data(source) else None)
     prompts = load_prompt_set(source, split=args.split, limit=limit)
     seeds = args.seeds or config.eval.seeds
