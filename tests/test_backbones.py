@@ -290,3 +290,22 @@ def test_unavailable_device_and_cpu_fp16_are_clear_errors(tiny_sd15_path: Path) 
         SD15Backbone.from_pretrained(str(tiny_sd15_path), device="gpu0")
     with pytest.raises(ModelLoadError, match="float16"):
         _load("sd15", tiny_sd15_path, dtype="float16")
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_resolution_null_is_the_pipelines_native_size(kind: str, request: pytest.FixtureRequest) -> None:
+    """model.resolution: null (every preset's default) = UNet sample_size x VAE scale factor, as
+    diffusers pipelines default; an explicit value still wins."""
+    from spo.backbones import load_backbone
+    from spo.config import load_config
+
+    path = request.getfixturevalue(f"tiny_{kind}_path")
+    config = load_config(kind, [f"model.pretrained={path}", "model.device=cpu", "model.vae=null"])
+    assert config.model.resolution is None
+    backbone = load_backbone(config.model)
+    native = backbone.unet.config.sample_size * backbone.vae_scale_factor
+    assert backbone.resolution == native and backbone.latent_shape[1:] == (backbone.unet.config.sample_size,) * 2
+    assert native < 512  # the tiny pipelines are small: a 512 px default would have cost minutes per round
+    explicit = load_backbone(load_config(kind, [f"model.pretrained={path}", "model.device=cpu", "model.vae=null",
+                                                f"model.resolution={2 * native}"]).model)
+    assert explicit.resolution == 2 * native

@@ -41,7 +41,8 @@ def test_sd15_preset_carries_release_values():
     c = load_config("sd15")
     assert c.model.backbone == "sd15"
     assert c.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert c.model.resolution == 512
+    assert c.model.resolution is None  # the pipeline's native size: 512 for SD-1.5
+    assert c.sampling.decode_batch_size == 8
     assert (c.sampling.num_inference_steps, c.sampling.eta, c.sampling.guidance_scale) == (20, 1.0, 5.0)
     assert (c.pools.k, c.pools.divert_start_step, c.pools.threshold, c.pools.inner_steps) == (4, 4, 0.3, 1)
     assert (c.objective.beta, c.objective.eps) == (10.0, 0.1)
@@ -62,7 +63,8 @@ def test_sdxl_preset_carries_release_values():
     assert c.model.backbone == "sdxl"
     assert c.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert c.model.vae == "madebyollin/sdxl-vae-fp16-fix"
-    assert c.model.resolution == 1024
+    assert c.model.resolution is None  # the pipeline's native size: 1024 for SDXL
+    assert c.sampling.decode_batch_size == 1  # 1024 px decodes one at a time (memory only)
     assert (c.pools.k, c.pools.threshold, c.pools.inner_steps) == (2, 0.4, 4)
     assert c.pools.divert_start_step == 4
     assert c.optimizer.lr == pytest.approx(1e-5)
@@ -407,8 +409,9 @@ def test_yaml_wrong_type_names_key_and_value(tmp_path):
         (["train.batch_size=0"], "train.batch_size must be >= 1"),
         (["train.prompts_per_round=0"], "train.prompts_per_round must be >= 1"),
         (["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps must be >= 1"),
-        (["model.resolution=500"], "model.resolution must be a positive multiple of 8"),
-        (["model.resolution=0"], "model.resolution must be a positive multiple of 8"),
+        (["model.resolution=500"], "model.resolution must be null (the pipeline's native size) or a positive multiple of 8"),
+        (["model.resolution=0"], "model.resolution must be null"),
+        (["sampling.decode_batch_size=0"], "sampling.decode_batch_size must be null (all at once) or >= 1"),
         (["logging.checkpoint_every=0"], "logging.checkpoint_every must be >= 1"),
         (["logging.log_every=0"], "logging.log_every must be >= 1"),
         (["eval.seeds=0"], "eval.seeds must be >= 1"),
@@ -436,6 +439,9 @@ def test_invalid_values_fail(overrides, fragment):
         ["objective.eps=null"],
         ["lora.dropout=0.5"],
         ["model.resolution=8"],
+        ["model.resolution=null"],
+        ["sampling.decode_batch_size=null"],
+        ["sampling.decode_batch_size=1"],
     ],
 )
 def test_boundary_values_are_accepted(overrides):

@@ -138,3 +138,31 @@ def test_kappa_ties_and_determinism(tiny_sd15_path: Path) -> None:
     sampler.threshold = 0.999999
     tied = sampler.rollout(PROMPTS, torch.Generator().manual_seed(5))
     assert len(tied.records) == 0 and tied.stats.valid_pair_rate == 0.0 and tied.stats.pools == 5 * len(PROMPTS)
+
+
+def test_decoding_in_chunks_changes_nothing_but_the_batch(tiny_path: tuple[str, Path]) -> None:
+    """sampling.decode_batch_size bounds how many x0-hats are decoded and scored at once; the
+    records are the same as decoding a step's candidates in one batch (up to batched float sums)."""
+    kind, path = tiny_path
+    whole, whole_scorer, _ = _sampler(kind, path, decode_batch_size=None)
+    chunked, chunked_scorer, _ = _sampler(kind, path, decode_batch_size=5)
+    for sampler, spy in ((whole, whole_scorer), (chunked, chunked_scorer)):
+        # brightness alone: SpyScorer's tie-breaking offset depends on the position in a batch
+        sampler.scorer = lambda im, p, t, spy=spy: spy(im, p, t) - torch.arange(im.shape[0]) * 1e-3
+    a = whole.rollout(PROMPTS, torch.Generator().manual_seed(3)).records
+    b = chunked.rollout(PROMPTS, torch.Generator().manual_seed(3)).records
+    assert max(c[0].shape[0] for c in whole_scorer.calls) == len(PROMPTS) * 4
+    assert max(c[0].shape[0] for c in chunked_scorer.calls) == 5
+    assert len(a) == len(b)
+    for name in ("x_t_win", "x_prev_win", "x_prev_lose", "timesteps", "score_win", "score_lose"):
+        assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), atol=1e-4), name
+
+
+def test_the_config_default_chunks_decodes_by_eight(tiny_sd15_path: Path) -> None:
+    from spo.config import load_config
+
+    config = load_config("sd15", [f"model.pretrained={tiny_sd15_path}", "model.device=cpu"])
+    backbone = SD15Backbone.from_pretrained(str(tiny_sd15_path), device="cpu")
+    assert PoolSampler.from_config(backbone, SpyScorer(), config).decode_batch_size == 8
+    config = load_config("sd15", [f"model.pretrained={tiny_sd15_path}", "sampling.decode_batch_size=null"])
+    assert PoolSampler.from_config(backbone, SpyScorer(), config).decode_batch_size is None

@@ -527,9 +527,11 @@ def _value_problems(c: SPOConfig) -> list[str]:
     )
     rule(c.seed >= 0, f"seed must be >= 0, got {c.seed!r}")
 
-    rule(m.resolution > 0 and m.resolution % 8 == 0,
-         f"model.resolution must be a positive multiple of 8 (the VAE downsampling "
-         f"factor), got {m.resolution!r}")
+    rule(m.resolution is None or (m.resolution > 0 and m.resolution % 8 == 0),
+         f"model.resolution must be null (the pipeline's native size) or a positive multiple of 8 "
+         f"(the VAE downsampling factor), got {m.resolution!r}")
+    rule(s.decode_batch_size is None or s.decode_batch_size >= 1,
+         f"sampling.decode_batch_size must be null (all at once) or >= 1, got {s.decode_batch_size!r}")
 
     rule(s.num_inference_steps >= 1,
          f"sampling.num_inference_steps must be >= 1, got {s.num_inference_steps!r}")

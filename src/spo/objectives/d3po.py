@@ -38,7 +38,7 @@ class D3POMethod(SPOMethod):
             k=config.objective.samples_per_prompt,
             threshold=0.0,  # D3PO keeps any strict preference; only equal rewards are ties
             divert_start_step=0, kappa=None, inner_steps=steps,  # one pool at x_T, branches run to the end
-            resampler="random", pair="best_worst",
+            resampler="random", pair="best_worst", decode_batch_size=config.sampling.decode_batch_size,
         )
 
 

@@ -119,7 +119,7 @@ class DiffusionDPOMethod(Method):
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         captions, wins, loses = [], [], []
         for row in items:
-            pair = load_pair(self.data, int(row), self.config.model.resolution)
+            pair = load_pair(self.data, int(row), bb.resolution)
             if pair is None:
                 continue
             p0, p1 = pair["labels"]

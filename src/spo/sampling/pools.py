@@ -141,7 +141,7 @@ class PoolSampler:
             inner_steps=p.inner_steps,
             resampler=p.resampler,
             pair=p.pair,
-            **kwargs,
+            **{"decode_batch_size": s.decode_batch_size, **kwargs},
         )
 
     def schedule(self) -> DDIMSchedule:
@@ -160,7 +160,7 @@ class PoolSampler:
         chunk = self.decode_batch_size or x0.shape[0]
         scores = []
         for start in range(0, x0.shape[0], chunk):
-            images = self.backbone.decode(x0[start : start + chunk])
+            images = self.backbone.decode_for_scoring(x0[start : start + chunk])  # preference.decoder if set
             stats.decoded += images.shape[0]
             ts = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
             scores.append(self.scorer(images, list(prompts[start : start + chunk]), ts).float().to(x0.device))
