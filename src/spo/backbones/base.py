@@ -149,6 +149,30 @@ def _load_vae(path: str, dtype: torch.dtype) -> Any:
         raise BackboneLoadError(f"model.vae: could not load an AutoencoderKL from {path!r}: {err}") from err
 
 
+def _load_score_decoder(path: str, dtype: torch.dtype) -> Any:
+    """An ``AutoencoderTiny`` (TAESD's architecture) from a local directory or hub id."""
+    import json
+
+    from diffusers import AutoencoderTiny
+
+    p = local_path(path, "preference.decoder", BackboneLoadError)
+    config_file = p / "config.json" if p is not None and p.is_dir() else None
+    if config_file is not None and config_file.exists():
+        try:
+            class_name = json.loads(config_file.read_text()).get("_class_name")
+        except (OSError, ValueError):
+            class_name = None
+        if class_name not in (None, "AutoencoderTiny"):
+            raise BackboneLoadError(
+                f"preference.decoder: {str(p)!r} holds a {class_name}, not an AutoencoderTiny "
+                "(TAESD: madebyollin/taesd for SD-1.5, madebyollin/taesdxl for SDXL)"
+            )
+    try:
+        return AutoencoderTiny.from_pretrained(path, **dtype_kwarg(dtype))
+    except (OSError, ValueError) as err:
+        raise BackboneLoadError(f"preference.decoder: could not load an AutoencoderTiny from {path!r}: {err}") from err
+
+
 class Backbone(ABC):
     """Common machinery of the diffusers-based backbones (SD-1.5 style and SDXL).
 
@@ -158,6 +182,8 @@ class Backbone(ABC):
         pipeline: the diffusers pipeline whose components this backbone uses (handy for
             ``save_lora_weights`` / ``load_lora_weights`` and for comparing against diffusers).
         unet, vae: the pipeline's UNet and VAE.
+        score_decoder: an optional tiny decoder (``AutoencoderTiny``) that ``decode_for_scoring``
+            uses instead of the VAE (see :meth:`load_score_decoder`); ``None``: the VAE.
         device, dtype: where and in which precision the frozen weights live.
     """
 
@@ -165,6 +191,7 @@ class Backbone(ABC):
     #: name of the diffusers pipeline class this backbone loads, and extra from_pretrained kwargs
     pipeline_class: str = "DiffusionPipeline"
     pipeline_kwargs: dict[str, Any] = {}
+    score_decoder: Any = None
 
     @classmethod
     def from_pretrained(
@@ -360,6 +387,52 @@ class Backbone(ABC):
         latents = latents * stats[1] / scale + stats[0] if stats else latents / scale
         images = self.vae.decode(latents, return_dict=False)[0]
         return images.clamp(-1, 1)
+
+    def load_score_decoder(self, path: str) -> Any:
+        """Load the ``AutoencoderTiny`` (``preference.decoder``) that :meth:`decode_for_scoring` uses.
+
+        Loaded in the backbone's dtype on its device and frozen. Its latent channels must be the
+        UNet's and its upsampling the VAE's, so that it decodes the same latents to images of the
+        same size; a missing local path or anything else that is no AutoencoderTiny fails with a
+        :class:`BackboneLoadError` naming ``preference.decoder`` and the path.
+        """
+        if self.vae is None:
+            raise BackboneLoadError(
+                f"preference.decoder: the {self.kind} backbone works in pixel space and decodes nothing; "
+                "leave preference.decoder unset"
+            )
+        decoder = _load_score_decoder(path, self.dtype)
+        channels, unet_channels = int(decoder.config.latent_channels), int(self.latent_shape[0])
+        if channels != unet_channels:
+            raise BackboneLoadError(
+                f"preference.decoder: {path!r} decodes {channels}-channel latents but the UNet of "
+                f"model.pretrained works on {unet_channels}-channel latents"
+            )
+        blocks = len(decoder.config.decoder_block_out_channels)
+        upsampling = int(decoder.config.upsampling_scaling_factor) ** (blocks - 1)
+        if upsampling != self.vae_scale_factor:
+            raise BackboneLoadError(
+                f"preference.decoder: {path!r} upsamples latents {upsampling}x but the pipeline's VAE "
+                f"{self.vae_scale_factor}x; the scored images would not have the VAE's size"
+            )
+        decoder.requires_grad_(False).eval().to(self.device)
+        self.score_decoder = decoder
+        return decoder
+
+    def decode_for_scoring(self, x0: Tensor) -> Tensor:
+        """Decode latents for the preference model only: with the tiny decoder when one is loaded
+        (:meth:`load_score_decoder`), else exactly :meth:`decode`. Images in [-1, 1], (B, 3, H, W).
+
+        The tiny decoder is fed the latents as diffusers' SD/SDXL pipelines feed a VAE set to an
+        ``AutoencoderTiny`` (``vae.decode(latents / vae.config.scaling_factor)``; TAESD's factor is
+        1.0: it takes the UNet's scaled latents as they are) and ``AutoencoderTiny.decode`` returns
+        images in [-1, 1] (``DecoderTiny``: ``x.mul(2).sub(1)``), clamped here as :meth:`decode` does.
+        """
+        decoder = self.score_decoder
+        if decoder is None:
+            return self.decode(x0)
+        latents = x0.to(decoder.dtype) / decoder.config.scaling_factor
+        return decoder.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Encode images in [-1, 1] to (scaled) latents, sampling the VAE posterior."""

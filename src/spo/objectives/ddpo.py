@@ -144,7 +144,7 @@ class DDPOMethod(Method):
         if hasattr(self.scorer, "clear_cache"):
             self.scorer.clear_cache()
         final = traj.latents
-        images = bb.decode(final)
+        images = bb.decode_for_scoring(final)  # preference.decoder when set: these images are only scored
         rewards = self.scorer(images, prompts, torch.zeros(len(prompts), dtype=torch.long, device=images.device))
         rewards = rewards.float().to(final.device)
         b, n, device = final.shape[0], traj.timesteps.numel(), final.device

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, Conditioning, load_backbone, resolve_dtype
+from ..backbones import Backbone, BackboneLoadError, Conditioning, load_backbone, resolve_dtype
 from ..config import SPOConfig, save_config
 from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
 from ..diffusion import predict_x0_and_epsilon
+from ..errors import local_path
 from ..training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ..training.metrics import MetricsLog
 from ..training.seeding import derive_seed, generator
@@ -71,7 +72,8 @@ def noised_x0_images(
     generator_: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Images (N, 2, 3, H, W) of N pairs -> the decoded DDIM x0 estimates after noising both
-    images of pair i at ``timesteps[i]`` with the SAME ``noise[i]``; returns (N, 2, 3, H, W)."""
+    images of pair i at ``timesteps[i]`` with the SAME ``noise[i]``; returns (N, 2, 3, H, W).
+    Decoded as ``spo train`` decodes what it scores (``preference.decoder`` when set)."""
     n = images.shape[0]
     latents = backbone.encode_images(images.flatten(0, 1), generator=generator_)  # (2N, C, h, w)
     t = timesteps.repeat_interleave(2).to(latents.device)
@@ -82,7 +84,7 @@ def noised_x0_images(
     x_t = abar.sqrt() * latents.float() + (1 - abar).sqrt() * eps.float()
     out = backbone.predict(x_t.to(latents.dtype), t, cond.repeat_interleave(2), guidance_scale)
     x0, _ = predict_x0_and_epsilon(out, x_t, abar.flatten(), schedule.prediction_type)
-    return backbone.decode(x0.to(latents.dtype)).view(n, 2, *images.shape[2:])
+    return backbone.decode_for_scoring(x0.to(latents.dtype)).view(n, 2, *images.shape[2:])
 
 
 class SPMTrainer:
@@ -103,6 +105,8 @@ class SPMTrainer:
         if not cfg.data:
             raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
         self.clean = config.preference.variant == "clean"  # a clean-image reward model (PickScore-style)
+        if config.preference.decoder is not None and not self.clean:  # fail before anything is written
+            local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.accelerator = acc = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision, cpu=config.model.device == "cpu",
@@ -127,6 +131,8 @@ class SPMTrainer:
         else:
             self.backbone = load_backbone(dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt)
             self.backbone.unet.requires_grad_(False)
+            if config.preference.decoder is not None:  # the SPM learns on what `spo train` will score
+                self.backbone.load_score_decoder(config.preference.decoder)
             self.num_train_timesteps = int(self.backbone.schedule(1).alphas_cumprod.numel())
             self.validation_timesteps = list(cfg.validation_timesteps)
             too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, LoRASettings, load_backbone
+from ..backbones import Backbone, BackboneLoadError, LoRASettings, load_backbone
 from ..config import SPOConfig, config_to_dict, load_config, save_config
 from ..data import load_prompts
+from ..errors import local_path
 from ..objectives import Method, method_class
 from ..sampling import Scorer
 from ..sampling.records import Records
@@ -98,6 +99,9 @@ class SPOTrainer:
             raise TrainingError(f"sampling.eta must be > 0 for {config.objective.name}: a deterministic step "
                                 "has no log-probability")
         method_type.check_inputs(config)
+        scores = method_type.needs_scorer and config.preference.decoder is not None
+        if scores:  # a missing local decoder fails before the run directory is written
+            local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -126,6 +130,8 @@ class SPOTrainer:
         self.backbone: Backbone = load_backbone(
             dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt
         )
+        if scores:  # x0-hat decoded for the scorer only (pools, final-image rewards)
+            self.backbone.load_score_decoder(config.preference.decoder)
         if config.model.finetune == "lora":
             params = self.backbone.attach_lora(LoRASettings.from_config(config.lora))
         else:
