@@ -77,8 +77,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "all")
-DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "all"], "sdxl": ["baseline", "all"]}
+VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "memory", "all")
+DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all"],
+                    "sdxl": ["baseline", "memory", "all"]}
 TINY_VARIANTS = ["baseline", "chunked", "checkpointing", "tiny_decoder", "all"]
 #: decode/score chunk of the ``chunked`` variant: SD-1.5 decodes 40 x0-hats a step (8: 20.5 -> 6.0
 #: GiB for +5%), SDXL 4 at 1024 px (one by one: 22.6 -> 11.4 GiB for +3%)
@@ -198,6 +199,8 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
     }
     if variant == "baseline":
         return {}
+    if variant == "memory":  # the memory switches without the tiny decoder (what a 16 GB card needs)
+        return {**switches["chunked"], **switches["checkpointing"]}
     if variant == "all":
         return {**switches["chunked"], **switches["checkpointing"], **switches["tiny_decoder"]}
     return dict(switches[variant])
