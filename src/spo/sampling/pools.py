@@ -157,15 +157,17 @@ class PoolSampler:
         return randn_tensor(tuple(shape), generator=generator, device=self.backbone.device, dtype=dtype)
 
     def _score(self, x0: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
+        """Decode x0-hat in chunks of ``decode_batch_size`` (the VAE decoder's activations are the
+        round's memory peak), then score all images in one call (chunked scoring saved no memory
+        and tripled its time at full size: docs/benchmarks.md)."""
         chunk = self.decode_batch_size or x0.shape[0]
-        scores = []
-        for start in range(0, x0.shape[0], chunk):
-            images = self.backbone.decode_for_scoring(x0[start : start + chunk])  # preference.decoder if set
-            stats.decoded += images.shape[0]
-            ts = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
-            scores.append(self.scorer(images, list(prompts[start : start + chunk]), ts).float().to(x0.device))
-            stats.scored += images.shape[0]
-        return torch.cat(scores)
+        images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk])  # preference.decoder if set
+                            for start in range(0, x0.shape[0], chunk)])
+        stats.decoded += images.shape[0]
+        ts = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
+        scores = self.scorer(images, list(prompts), ts).float().to(x0.device)
+        stats.scored += images.shape[0]
+        return scores
 
     # ------------------------------------------------------------------------------ rollout
     @torch.no_grad()
