@@ -530,7 +530,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per profile entry (default 3; tiny 2)")
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="do not start a profile or variant after this many seconds (default 330; tiny: none)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the component profile (no floors)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the component profile (no floors; the first variant then also pays the CUDA warm-up: its round time is not comparable)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():

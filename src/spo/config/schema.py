@@ -144,11 +144,12 @@ class SamplingConfig:
         num_train_timesteps: Length of the diffusion schedule the backbone was
             trained with; used to validate ``pools.kappa`` before any model is
             loaded.
-        decode_batch_size: Decode and score at most this many candidates'
-            x0-hat at once (``None``: a whole step's candidates in one batch).
-            8 by default: on an H100 with full-size SD-1.5 it cut the decode
-            peak from 20.5 to 6.0 GiB for 5% more decode time
-            (docs/benchmarks.md). Results do not depend on it.
+        decode_batch_size: Decode at most this many candidates' x0-hat at
+            once before scoring them (``None``: a whole step's candidates in
+            one batch). 8 by default (1 in the SDXL preset): at full SD-1.5
+            size in fp16 on an H200 it cut the sampling peak from 39.4 to
+            11.4 GiB for about 2% more round time (``benchmarks/fullsize.py``,
+            docs/benchmarks.md). Results do not depend on it.
     """
 
     num_inference_steps: int = 20
