@@ -309,3 +309,31 @@ def test_resolution_null_is_the_pipelines_native_size(kind: str, request: pytest
     explicit = load_backbone(load_config(kind, [f"model.pretrained={path}", "model.device=cpu", "model.vae=null",
                                                 f"model.resolution={2 * native}"]).model)
     assert explicit.resolution == 2 * native
+
+
+def test_text_encoder_outputs_are_cached_per_prompt(tiny_path: tuple[str, Path]) -> None:
+    """The frozen text encoders run once per distinct prompt; cached rows equal a fresh encoding,
+    in any order and with repeats; the cache keeps at most prompt_cache_size prompts."""
+    kind, path = tiny_path
+    backbone = _load(kind, path)
+    encoders = [backbone.pipeline.text_encoder] + ([backbone.pipeline.text_encoder_2] if kind == "sdxl" else [])
+    rows: list[int] = []
+    for encoder in encoders[:1]:
+        encoder.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    first = backbone.encode_prompts(["a cat", "a dog", "a cat"])
+    assert rows == ([2, 2] if kind == "sd15" else [2])  # prompts once (+ the negatives for SD-1.5)
+    rows.clear()
+    again = backbone.encode_prompts(["a dog", "a cat", "a bird"])
+    assert rows == ([1, 1] if kind == "sd15" else [1])  # only "a bird" is new
+    uncached = backbone._encode_prompts(["a dog", "a cat", "a bird"])
+    for name in ("prompt_embeds", "negative_prompt_embeds", "pooled", "negative_pooled", "time_ids"):
+        a, b = getattr(again, name), getattr(uncached, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.equal(first.prompt_embeds[0], first.prompt_embeds[2])
+    assert torch.equal(first.prompt_embeds[1], again.prompt_embeds[0])
+    backbone.prompt_cache_size = 2
+    backbone.encode_prompts(["x", "y", "z"])  # one call may hold more than the cap
+    backbone.encode_prompts(["w"])
+    assert len(backbone._prompt_cache) == 2

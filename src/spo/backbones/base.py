@@ -8,6 +8,8 @@ or a frozen copy under full fine-tuning. Everything SPO needs from a model goes 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import contextlib
 import copy
 import dataclasses
@@ -259,6 +261,8 @@ class Backbone(ABC):
         self.policy_forward: torch.nn.Module | None = None
         self._reference_active = False
         self._schedules: dict[int, DDIMSchedule] = {}
+        #: (prompt, with_negative) -> its text-encoder outputs, one row (most recently used last)
+        self._prompt_cache: OrderedDict[tuple[str, bool], Conditioning] = OrderedDict()
         self.lora_settings: LoRASettings | None = None
         self._adapter_name: str | None = None
         for module in self._frozen_modules():
@@ -301,9 +305,37 @@ class Backbone(ABC):
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
     # ----------------------------------------------------------------------- conditioning
-    @abstractmethod
+    #: how many prompts' text-encoder outputs are kept (the text encoders are frozen, so a prompt
+    #: always encodes the same); 0 turns the cache off
+    prompt_cache_size: int = 1024
+
     def encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
-        """Encode prompts (and the negative prompt for classifier-free guidance)."""
+        """Encode prompts (and the negative prompt for classifier-free guidance).
+
+        Outputs are cached per prompt (least recently used dropped beyond
+        :attr:`prompt_cache_size`): a training set's prompts come back round after round, and the
+        text encoders never change. Prompts not in the cache are encoded in one batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.prompt_cache_size <= 0:
+            return self._encode_prompts(prompts, with_negative=with_negative)
+        cache = self._prompt_cache
+        missing = [p for p in dict.fromkeys(prompts) if (p, with_negative) not in cache]
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode_prompts(missing, with_negative=with_negative)
+            for i, p in enumerate(missing):
+                cache[(p, with_negative)] = encoded._map(lambda v, i=i: v[i : i + 1].clone())
+        rows = []
+        for p in prompts:
+            cache.move_to_end((p, with_negative))
+            rows.append(cache[(p, with_negative)])
+        while len(cache) > max(self.prompt_cache_size, len(set(prompts))):
+            cache.popitem(last=False)
+        return Conditioning.cat(rows)
+
+    @abstractmethod
+    def _encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> Conditioning:
+        """Encode ``prompts`` (and the negative prompt) with the text encoders, uncached."""
 
     @abstractmethod
     def _added_cond_kwargs(self, cond: Conditioning, negative: bool) -> dict[str, Tensor] | None:

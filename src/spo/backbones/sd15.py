@@ -17,7 +17,7 @@ class SD15Backbone(Backbone):
     pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
+    def _encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text_encoder = self.pipeline.text_encoder
         tokenizer = self.pipeline.tokenizer

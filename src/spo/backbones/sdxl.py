@@ -45,7 +45,7 @@ class SDXLBackbone(Backbone):
         return torch.tensor([ids] * batch_size, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
+    def _encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         embeds, pooled = self._encode_texts(prompts)
         time_ids = self.time_ids(len(prompts))

@@ -172,7 +172,7 @@ class ToyBackbone(Backbone):
                    resolution=resolution or RESOLUTION)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Any, *, with_negative: bool = True) -> Conditioning:
+    def _encode_prompts(self, prompts: Any, *, with_negative: bool = True) -> Conditioning:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         encoder = self.pipeline.text_encoder
 
