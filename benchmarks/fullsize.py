@@ -77,7 +77,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "memory", "all")
+VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all")
 DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all"],
                     "sdxl": ["baseline", "memory", "all"]}
 TINY_VARIANTS = ["baseline", "chunked", "checkpointing", "tiny_decoder", "all"]
@@ -196,6 +196,7 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
         "checkpointing": {"model.gradient_checkpointing": "true"},
         "tiny_decoder": {"preference.decoder": str(decoder)},
         "channels_last": {"model.channels_last": "true"},
+        "compile": {"model.compile": "true"},
     }
     if variant == "baseline":
         return {}
@@ -209,7 +210,7 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
 #: pinned to the baseline's state in every variant (a variant's switch then overrides it); dropped
 #: where the key does not exist, since that checkout then behaves this way already
 PINS = {"sampling.decode_batch_size": "null", "model.gradient_checkpointing": "false",
-        "model.channels_last": "false", "preference.decoder": "null"}
+        "model.channels_last": "false", "model.compile": "false", "preference.decoder": "null"}
 
 
 def as_list(overrides: dict[str, str]) -> list[str]:

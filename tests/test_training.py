@@ -217,3 +217,36 @@ def test_sdxl_training_and_lora_round_trip(tiny_sdxl_path: Path, prompts_file: P
     pipe.load_lora_weights(str(tmp_path / "run" / "lora"))
     after = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
     assert float((after - before).abs().max()) > 1e-3
+
+
+def test_channels_last_and_compile_switches_reach_the_unet_and_the_vae_decoder(
+        tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.channels_last / model.compile apply to the UNet and the VAE decoder (compile in place:
+    the LoRA's saved keys are the same as without it)."""
+    compiled: list[str] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    config = _config(tiny_sd15_path, prompts_file, "train.rounds=1", "model.channels_last=true", "model.compile=true")
+    trainer = SPOTrainer(config, tmp_path / "run", scorer=brightness, progress=False)
+    assert compiled == ["UNet2DConditionModel", "Decoder"]
+    conv = trainer.backbone.vae.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    trainer.train()
+    plain = SPOTrainer(_config(tiny_sd15_path, prompts_file, "train.rounds=1"), tmp_path / "plain", scorer=brightness,
+                       progress=False)
+    plain.train()
+    assert _weights(tmp_path / "run").keys() == _weights(tmp_path / "plain").keys()
+
+
+@pytest.mark.slow
+def test_compiled_backbone_predicts_as_the_eager_one(tiny_sd15_path: Path) -> None:
+    """torch.compile (inductor, on the CPU here) gives the eager UNet's prediction and decode."""
+    from spo.backbones import SD15Backbone
+
+    eager = SD15Backbone.from_pretrained(str(tiny_sd15_path), device="cpu")
+    compiled = SD15Backbone.from_pretrained(str(tiny_sd15_path), device="cpu")
+    compiled.compile()
+    cond = eager.encode_prompts(["a red circle"])
+    x = torch.randn(1, *eager.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(compiled.predict(x, 501, cond, 5.0), eager.predict(x, 501, cond, 5.0), atol=1e-4)
+        assert torch.allclose(compiled.decode(x), eager.decode(x), atol=1e-4)

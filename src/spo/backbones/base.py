@@ -524,6 +524,21 @@ class Backbone(ABC):
                 self.unet.enable_adapters()
             self._reference_active = False
 
+    def to_channels_last(self) -> None:
+        """The UNet and the VAE decoder in the channels-last memory format (same numbers up to
+        float rounding; often faster convolutions)."""
+        self.unet.to(memory_format=torch.channels_last)
+        if self.vae is not None:
+            self.vae.decoder.to(memory_format=torch.channels_last)
+
+    def compile(self) -> None:
+        """``torch.compile`` the UNet's and the VAE decoder's forward in place (``nn.Module.compile``:
+        the modules, their state-dict keys and LoRA saving stay as they are). The first calls of
+        each shape compile (slow); disabling the adapters for the reference recompiles once."""
+        self.unet.compile()
+        if self.vae is not None:
+            self.vae.decoder.compile()
+
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
 

@@ -80,11 +80,16 @@ class ModelConfig:
             frozen reference copy.
         gradient_checkpointing: Recompute UNet activations in the backward
             pass to save memory.
-        channels_last: Hold the UNet in the channels-last memory format during
-            training (faster convolutions on most hardware; on 2 CPU cores the
-            toy UNet samples 11% faster, trains 8% slower, and a round takes
-            5% less time: benchmarks/toy_round.py). Numerically equivalent
-            up to float rounding.
+        channels_last: Hold the UNet (and the VAE decoder) in the channels-last
+            memory format during training (faster convolutions on most
+            hardware; on 2 CPU cores the toy UNet samples 11% faster, trains 8%
+            slower, and a round takes 5% less time: benchmarks/toy_round.py).
+            Numerically equivalent up to float rounding.
+        compile: ``torch.compile`` the UNet's and the VAE decoder's forward
+            (``nn.Module.compile``, in place: LoRA saving is unchanged). The
+            first round pays the compilation; its effect on round time has not
+            been measured on a GPU here (``benchmarks/fullsize.py --variants
+            compile`` measures it).
     """
 
     backbone: Backbone = "sd15"
@@ -98,6 +103,7 @@ class ModelConfig:
     finetune: Literal["lora", "full"] = "lora"
     gradient_checkpointing: bool = False
     channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass

@@ -139,7 +139,9 @@ class SPOTrainer:
         if config.model.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
         if config.model.channels_last:
-            self.backbone.unet.to(memory_format=torch.channels_last)
+            self.backbone.to_channels_last()
+        if config.model.compile:
+            self.backbone.compile()
         self.params = params
         self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
         if scorer is None and method_type.needs_scorer:
