@@ -168,3 +168,25 @@ def test_the_config_default_chunks_decodes_by_eight(tiny_sd15_path: Path) -> Non
     assert PoolSampler.from_config(backbone, SpyScorer(), config).decode_batch_size == 8
     config = load_config("sd15", [f"model.pretrained={tiny_sd15_path}", "sampling.decode_batch_size=null"])
     assert PoolSampler.from_config(backbone, SpyScorer(), config).decode_batch_size is None
+
+
+def test_non_finite_scores_make_a_counted_tie_never_a_pair(tiny_sd15_path: Path) -> None:
+    """A preference model that overflows (NaN / inf scores) turns that pool into a tie: no record
+    carries a non-finite score, the pools are counted, the score statistics stay finite."""
+    sampler, spy, _ = _sampler("sd15", tiny_sd15_path)
+
+    def overflowing(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+        scores = spy(images, prompts, timesteps)
+        scores[0] = float("nan")  # the first candidate of the first prompt's pool
+        scores[-1] = float("inf")  # the last candidate of the last prompt's pool
+        return scores
+
+    sampler.scorer = overflowing
+    rollout = sampler.rollout(PROMPTS, torch.Generator().manual_seed(0))
+    pools = len(TIMESTEPS_10[4:])
+    assert rollout.stats.nonfinite_pools == 2 * pools
+    assert rollout.stats.valid_pairs == (len(PROMPTS) - 2) * pools  # threshold 0: every other pool pairs
+    rec = rollout.records
+    assert torch.isfinite(rec.score_win).all() and torch.isfinite(rec.score_lose).all()
+    assert set(rec.prompt_index.tolist()) == {1}
+    assert all(torch.isfinite(torch.tensor(v)) for v in rollout.stats.score_mean.values())

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backbone, BackboneLoadError, Conditioning, check_model_path, resolve_device, resolve_dtype
+from .base import (
+    Backbone,
+    BackboneLoadError,
+    Conditioning,
+    check_device_request,
+    check_model_path,
+    resolve_device,
+    resolve_dtype,
+)
 from .lora import DEFAULT_TARGETS, LoRASettings, attach_lora, lora_state_dict
 from .sd15 import SD15Backbone
 from .sdxl import SDXLBackbone
@@ -49,6 +57,7 @@ __all__ = [
     "SD15Backbone",
     "SDXLBackbone",
     "attach_lora",
+    "check_device_request",
     "check_model_path",
     "load_backbone",
     "lora_state_dict",

@@ -117,6 +117,22 @@ class Conditioning:
         return self.negative_prompt_embeds is not None
 
 
+def check_device_request(device: str | None, dtype: str | torch.dtype) -> None:
+    """Refuse what cannot be honoured, before anything loads: a CUDA device on a machine without
+    CUDA, float16 weights on the CPU (``device`` None = CUDA when available, else the CPU)."""
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as err:
+            raise ModelLoadError(f"model.device: {device!r} is not a torch device ({err})") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"model.device: {device!r} was asked for, but CUDA is not available on this "
+                                 f"machine (torch {torch.__version__}); use model.device=cpu or leave it null")
+    on_cpu = (torch.device(device).type == "cpu") if device is not None else not torch.cuda.is_available()
+    if on_cpu and resolve_dtype(dtype) == torch.float16:
+        raise ModelLoadError("model.dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+
+
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``from_pretrained``'s dtype argument: ``dtype`` in diffusers >= 0.42, ``torch_dtype`` before."""
     import diffusers

@@ -167,7 +167,9 @@ class SPOObjective:
 
 
 def _mean(values: dict[Any, float]) -> float:
-    return sum(values.values()) / len(values) if values else float("nan")
+    """Mean of the finite values (a step whose scores were all non-finite holds NaN)."""
+    finite = [v for v in values.values() if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 class SPOMethod(Method):
@@ -203,6 +205,7 @@ class SPOMethod(Method):
                 "score_mean_per_t": stats.score_mean, "trajectory_score_per_t": trajectory,
                 # the continuing trajectory's score at the last pool (its final image, scored at t = 0)
                 "final_score": list(trajectory.values())[-1] if trajectory else float("nan"),
+                "nonfinite_pools": stats.nonfinite_pools,
             },
         )
 

@@ -43,7 +43,8 @@ def choose_pairs(
 
     ``best_worst`` (the release): the highest- and lowest-scored candidates. ``random`` (the
     paper's ablation): two distinct candidates drawn uniformly, ordered by score. The pair is
-    valid when the softmax gap of its two scores exceeds ``threshold`` (the tie rule).
+    valid when the softmax gap of its two scores exceeds ``threshold`` (the tie rule) and every
+    score of its row is finite (a NaN or inf score never makes a pair).
     """
     if scores.ndim != 2 or scores.shape[1] < 2:
         raise ValueError(f"scores must have shape (B, k >= 2), got {tuple(scores.shape)}")
@@ -62,7 +63,8 @@ def choose_pairs(
     s_win = scores.gather(1, win[:, None])[:, 0]
     s_lose = scores.gather(1, lose[:, None])[:, 0]
     gap = softmax_gap(s_win, s_lose)
-    valid = (gap > threshold) & (win != lose)
+    # a pool with a non-finite score (e.g. an fp16 overflow of the preference model) is a tie
+    valid = (gap > threshold) & (win != lose) & torch.isfinite(scores).all(dim=1)
     return PairChoice(win=win, lose=lose, valid=valid, gap=gap)
 
 

@@ -38,7 +38,8 @@ class RolloutStats:
     ``score_mean`` / ``score_std``: over all candidates of the pools branching at each timestep.
     ``trajectory_score``: mean score of the continuing candidate at each branching timestep.
     ``unet_rows``, ``decoded``, ``scored``: work done (UNet batch rows incl. CFG, images decoded
-    and scored), so benchmarks can compare the time to the floor.
+    and scored), so benchmarks can compare the time to the floor. ``nonfinite_pools``: pools
+    whose scores held a NaN or inf (ties; the score statistics leave those scores out).
     """
 
     pools: int = 0
@@ -51,6 +52,8 @@ class RolloutStats:
     unet_rows: int = 0
     decoded: int = 0
     scored: int = 0
+    #: pools with a non-finite score (counted as ties, never a pair)
+    nonfinite_pools: int = 0
 
     @property
     def valid_pair_rate(self) -> float:
@@ -234,8 +237,11 @@ class PoolSampler:
             stats.pools += batch
             stats.valid_pairs += int(valid.numel())
             stats.valid_per_step[t] = int(valid.numel())
-            stats.score_mean[t] = float(scores.mean())
-            stats.score_std[t] = float(scores.std(unbiased=False))
+            finite = torch.isfinite(scores)
+            stats.nonfinite_pools += int((~finite.all(dim=1)).sum())
+            kept = scores[finite]
+            stats.score_mean[t] = float(kept.mean()) if kept.numel() else float("nan")
+            stats.score_std[t] = float(kept.std(unbiased=False)) if kept.numel() else float("nan")
             if valid.numel() > 0:
                 rows = torch.arange(batch, device=scores.device)[valid]
                 win, lose = choice.win[valid], choice.lose[valid]
@@ -259,7 +265,9 @@ class PoolSampler:
             # ---- continue from one candidate, reusing its pass
             keep = choose_continuation(choice, k, self.resampler, generator)
             rows_all = torch.arange(batch, device=keep.device)
-            stats.trajectory_score[t] = float(scores[rows_all, keep].mean())
+            kept = scores[rows_all, keep]
+            kept = kept[torch.isfinite(kept)]
+            stats.trajectory_score[t] = float(kept.mean()) if kept.numel() else float("nan")
             x = cur.view(batch, k, *cur.shape[1:])[rows_all, keep]
             if out_next is not None:
                 out = out_next.view(batch, k, *out_next.shape[1:])[rows_all, keep]

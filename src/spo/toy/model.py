@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from ..backbones.base import Backbone, BackboneLoadError, Conditioning, resolve_device, resolve_dtype
+from ..backbones.base import (
+    Backbone,
+    BackboneLoadError,
+    Conditioning,
+    check_device_request,
+    resolve_device,
+    resolve_dtype,
+)
 from ..backbones.tiny import _bytes_to_unicode
 from ..builtin import TOY_WEIGHTS, resolve_weights
 from .grammar import vocabulary
@@ -167,6 +174,7 @@ class ToyBackbone(Backbone):
         path = Path(resolve_weights(pretrained, "model.pretrained")).expanduser()
         if not path.exists():
             raise BackboneLoadError(f"model.pretrained: no such directory {str(path)!r}")
+        check_device_request(str(device) if device is not None else None, dtype)
         pipeline = load_toy_pipeline(path, resolve_dtype(dtype))
         return cls(pipeline, device=resolve_device(device), dtype=dtype, negative_prompt=negative_prompt,
                    resolution=resolution or RESOLUTION)

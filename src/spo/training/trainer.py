@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, BackboneLoadError, LoRASettings, load_backbone
+from ..backbones import Backbone, BackboneLoadError, LoRASettings, check_device_request, load_backbone
 from ..config import SPOConfig, config_to_dict, load_config, save_config
 from ..data import load_prompts
 from ..errors import local_path
@@ -104,6 +105,9 @@ class SPOTrainer:
             local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
         self.config = config
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise TrainingError(f"--output {str(self.run_dir)!r} is a file, not a run directory")
+        check_device_request(config.model.device, config.model.dtype)
         self.progress = progress
         if prompts is not None:
             self.prompts = list(prompts)
@@ -117,7 +121,23 @@ class SPOTrainer:
             project_dir=str(self.run_dir / "logs"),
         )
         acc = self.accelerator
+        if config.model.device is not None and torch.device(config.model.device).type != acc.device.type:
+            raise TrainingError(f"model.device: {config.model.device!r} was asked for, but accelerate placed this "
+                                f"process on {str(acc.device)!r}")
+        created = not self.run_dir.exists()
         self.resume_from = self._prepare_run_dir(resume)
+        try:
+            self._set_up(config, method_type, scores, scorer, trackers)
+        except BaseException:
+            # a failed start leaves nothing behind: a run directory this call created is removed
+            if created and acc.is_main_process:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _set_up(self, config: SPOConfig, method_type: Any, scores: bool, scorer: Scorer | None,
+                trackers: list[str]) -> None:
+        """Everything after the run directory: models, method, optimiser, resume state."""
+        acc = self.accelerator
         acc.wait_for_everyone()  # every process has read the old config.yaml before it is rewritten
         self.config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, num_processes=acc.num_processes)
