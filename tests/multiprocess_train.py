@@ -42,11 +42,21 @@ def main() -> None:
         return original(records, round_index)
 
     trainer.train_on = train_on  # type: ignore[method-assign]
+    local_logs: list[dict] = []
+    collect = trainer.method.collect
+
+    def collect_and_keep(items, gen):  # noqa: ANN001, ANN202 - what this process alone saw
+        collected = collect(items, gen)
+        local_logs.append({"units": collected.units, "score_mean": collected.log["score_mean"],
+                           "score_mean_per_t": collected.log["score_mean_per_t"]})
+        return collected
+
+    trainer.method.collect = collect_and_keep  # type: ignore[method-assign]
     result = trainer.train()
     weights = torch.cat([p.detach().flatten() for p in trainer.params])
     (run / f"rank-{rank}.json").write_text(json.dumps({
         "rank": rank, "num_processes": trainer.accelerator.num_processes, "steps": result.steps,
-        "skipped": result.skipped_rounds, "local_records": seen, "weights": weights.double().sum().item(),
+        "skipped": result.skipped_rounds, "local_records": seen, "local_logs": local_logs, "weights": weights.double().sum().item(),
         "weights_hash": float((weights.double() * torch.arange(weights.numel(), dtype=torch.float64)).sum()),
     }))
 

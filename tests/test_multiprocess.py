@@ -73,5 +73,14 @@ def test_two_process_training(tiny_sd15_path: Path, tmp_path: Path) -> None:
     assert [e["num_processes"] for e in rounds] == [2, 2, 2, 2]
     assert rounds[0]["records_per_process"][1] == 0 and rounds[0]["records_per_process"][0] > 0
     assert not rounds[0]["skipped"] and rounds[1]["skipped"] and rounds[1]["valid_records"] == 0
+    # the round's statistics are both ranks' (rank 1 scored every candidate 0 in round 0), weighted by pools
+    local = [r["local_logs"][0] for r in ranks]
+    assert local[0]["score_mean"] != local[1]["score_mean"] == 0.0
+    weights = [entry["units"] for entry in local]
+    expected = sum(w * entry["score_mean"] for w, entry in zip(weights, local)) / sum(weights)
+    assert rounds[0]["score_mean"] == pytest.approx(expected, rel=1e-9)
+    t = next(iter(local[0]["score_mean_per_t"]))
+    expected_t = sum(w * entry["score_mean_per_t"][t] for w, entry in zip(weights, local)) / sum(weights)
+    assert rounds[0]["score_mean_per_t"][t] == pytest.approx(expected_t, rel=1e-9)
     assert "num_processes: 2" in (run / "config.yaml").read_text()
     assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -37,3 +37,41 @@ def gather_records(accelerator: Any, records: R, counts: list[int]) -> R:
         every = accelerator.gather(padded).view(accelerator.num_processes, largest, *tensor.shape[1:])
         gathered[name] = torch.cat([every[rank, :n] for rank, n in enumerate(counts)])
     return type(records).from_tensors(gathered)
+
+
+def reduce_log(accelerator: Any, log: dict[str, Any], weight: float) -> dict[str, Any]:
+    """A round's statistics over all processes, the same on every process: integers are summed
+    (counts), floats averaged weighted by ``weight`` (each process's units, e.g. its pools) with
+    NaNs left out, and ``{t: value}`` dicts averaged per key the same way. Every process must
+    log the same keys (and the same dict keys); anything else is kept as this process's."""
+    if accelerator.num_processes == 1:
+        return log
+    slots: list[tuple[str, Any, str]] = []  # (key, dict key or None, "sum" | "mean")
+    for key in sorted(log):
+        value = log[key]
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            slots.append((key, None, "sum"))
+        elif isinstance(value, float):
+            slots.append((key, None, "mean"))
+        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            slots += [(key, sub, "mean") for sub in sorted(value, key=str)]
+    local = torch.tensor([float(log[k] if sub is None else log[k][sub]) for k, sub, _ in slots] + [float(weight)],
+                         dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(local[None]).view(accelerator.num_processes, -1).cpu()
+    values, weights = every[:, :-1], every[:, -1:]
+    finite = torch.isfinite(values)
+    weighted = torch.where(finite, values * weights, torch.zeros_like(values)).sum(dim=0)
+    total = torch.where(finite, weights.expand_as(values), torch.zeros_like(values)).sum(dim=0)
+    out = dict(log)
+    for i, (key, sub, how) in enumerate(slots):
+        if how == "sum":
+            result: Any = int(values[:, i].sum())
+        else:
+            result = float(weighted[i] / total[i]) if total[i] > 0 else float("nan")
+        if sub is None:
+            out[key] = result
+        else:
+            out[key] = {**out[key], sub: result}  # a new dict: the caller's log is not changed
+    return out

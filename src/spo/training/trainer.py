@@ -39,7 +39,7 @@ from ..objectives import Method, method_class
 from ..sampling import Scorer
 from ..sampling.records import Records
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .distributed import gather_counts, gather_records
+from .distributed import gather_counts, gather_records, reduce_log
 from .metrics import MetricsLog
 from .seeding import PromptSchedule, derive_seed, generator
 
@@ -328,7 +328,8 @@ class SPOTrainer:
             "type": "round", "round": round_index, "num_processes": acc.num_processes,
             "valid_records": total, "records_per_process": counts, "pools": pools,
             "valid_pair_rate": (sum(gather_counts(acc, collected.valid)) / pools) if pools else 0.0,
-            **collected.log,
+            # every process's statistics, not the main process's alone
+            **reduce_log(acc, collected.log, collected.units),
         }
         t1 = time.perf_counter()
         steps: list[dict[str, float]] = []
