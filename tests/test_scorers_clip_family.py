@@ -320,8 +320,8 @@ def test_hpsv21_reads_its_own_file_prefixed_fp16_checkpoint(hps_files: dict[str,
     images, prompts = _images(2, 32, 48, seed=6), PROMPTS[:2]
     scorer = _hps_spec("hpsv21", hps_files["v21_dir"], hps_files).load()
     assert scorer.label == "HPSv2.1"
-    sd = {k.removeprefix("module."): v for k, v in torch.load(hps_files["v21_dir"] / "HPS_v2.1_compressed.pt",
-                                                                weights_only=True)["state_dict"].items()}
+    saved = torch.load(hps_files["v21_dir"] / "HPS_v2.1_compressed.pt", weights_only=True)
+    sd = {k.removeprefix("module."): v for k, v in saved["state_dict"].items()}
     from transformers import AutoTokenizer
 
     tokens = _open_clip_tokens(AutoTokenizer.from_pretrained(hps_files["tokenizer"]), prompts)
