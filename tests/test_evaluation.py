@@ -278,3 +278,29 @@ def test_geneval_layout(tiny_run: Path, tmp_path: Path) -> None:
     bad.write_text('{"tag": "x"}\n')
     assert main(["eval", str(tiny_run), "--geneval", str(bad), "--output", str(tmp_path / "g2")]) == 2
     assert not (tmp_path / "g2").exists()
+
+
+def test_a_lora_saved_again_with_other_metadata_order_is_the_same_model(tiny_run: Path, tmp_path: Path) -> None:
+    """A finished run re-saves its LoRA on resume; safetensors may order the header differently,
+    so the identity is the tensors, not the file's bytes."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from spo.evaluation.evaluate import EvalModel
+
+    lora = tiny_run / "lora" / "pytorch_lora_weights.safetensors"
+    tensors = load_file(str(lora))
+    copy = tmp_path / "lora"
+    copy.mkdir()
+    save_file(dict(reversed(list(tensors.items()))), str(copy / "pytorch_lora_weights.safetensors"),
+              metadata={"b": "2", "a": "1"})
+    assert (copy / "pytorch_lora_weights.safetensors").read_bytes() != lora.read_bytes()
+    same = EvalModel("m", "x", lora=str(copy)).identity()
+    assert same == EvalModel("m", "x", lora=str(tiny_run / "lora")).identity()
+    changed = dict(tensors)
+    name = sorted(changed)[0]
+    changed[name] = changed[name] + 1e-3
+    save_file(changed, str(copy / "pytorch_lora_weights.safetensors"))
+    assert EvalModel("m", "x", lora=str(copy)).identity() != same
+    assert _json.dumps(same)  # serialisable into model.json

@@ -60,13 +60,19 @@ class EvalModel:
     method: str | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What makes this model's images: the weights (the LoRA by content) and its key."""
+        """What makes this model's images: the weights (the LoRA by its tensors: names, dtypes,
+        shapes and values; not the file's bytes, whose metadata order safetensors does not fix)
+        and its key."""
         lora_hash = None
         if self.lora is not None:
+            from safetensors.torch import load_file
+
             digest = hashlib.sha256()
-            with open(Path(self.lora) / "pytorch_lora_weights.safetensors", "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            tensors = load_file(str(Path(self.lora) / "pytorch_lora_weights.safetensors"))
+            for name in sorted(tensors):
+                t = tensors[name].contiguous()
+                digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             lora_hash = digest.hexdigest()
         return {"key": self.key, "pretrained": self.pretrained, "lora_sha256": lora_hash}
 
