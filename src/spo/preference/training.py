@@ -31,7 +31,7 @@ from ..config import SPOConfig, save_config
 from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
 from ..diffusion import predict_x0_and_epsilon
 from ..errors import local_path
-from ..training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..training.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ..training.metrics import MetricsLog
 from ..training.seeding import derive_seed, generator
 from .clip_scorer import CLIPScorer
@@ -182,7 +182,10 @@ class SPMTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not existing:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return latest_checkpoint(self.run_dir, "step") if resume else None
+        if not resume:
+            return None
+        warn = print if self.accelerator.is_main_process else (lambda _: None)
+        return latest_good_checkpoint(self.run_dir, "step", warn=warn)
 
     def _splits(self) -> tuple[list[int], list[int], Any]:
         cfg = self.config.spm

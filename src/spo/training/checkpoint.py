@@ -3,13 +3,17 @@
 Layout of ``RUN_DIR/checkpoints/round-000012/`` (after 12 completed rounds):
 ``trainable.safetensors`` (the trainable weights: LoRA adapters, or the whole UNet),
 ``optimizer.pt``, ``lr_scheduler.pt``, ``rng-{rank}.pt`` (one per process) and
-``trainer_state.json`` (counters). Everything is written to a hidden temporary directory,
+``trainer_state.json`` (counters), and ``manifest.json`` (each file's size and sha256, written
+after every other file but the state). Everything is written to a hidden temporary directory,
 then renamed; the ``.pt`` files hold only tensors and plain types and are read back with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. On resume, :func:`latest_good_checkpoint` checks the
+manifest and falls back to the previous checkpoint, with a warning, when the latest one was
+truncated or damaged after it was written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,6 +28,7 @@ from .seeding import rng_state, set_rng_state
 
 _NAME = re.compile(r"^(round|step)-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +55,56 @@ def list_checkpoints(run_dir: str | Path, kind: str = "round") -> list[Path]:
 def latest_checkpoint(run_dir: str | Path, kind: str = "round") -> Path | None:
     found = list_checkpoints(run_dir, kind)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (a file missing, of the wrong size or
+    with the wrong hash against its manifest), or ``None`` when it is intact. A checkpoint
+    written before manifests existed is taken as it is."""
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__})"
+    for name, entry in sorted(manifest.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{name} is {size} bytes, the manifest says {entry.get('bytes')}"
+        if _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_good_checkpoint(run_dir: str | Path, kind: str = "round", warn: Any = None) -> Path | None:
+    """The newest intact checkpoint; each newer damaged one is reported through ``warn`` (one
+    line each). Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
+    found = list_checkpoints(run_dir, kind)
+    problems = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for line in problems:
+                (warn or print)(f"warning: {line}; resuming from {path.name}")
+            return path
+        problems.append(f"checkpoint {path.name} is damaged: {problem}")
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(
+            p.removeprefix("checkpoint ") for p in problems))
+    return None
 
 
 def save_checkpoint(
@@ -82,6 +137,9 @@ def save_checkpoint(
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        (tmp / MANIFEST).write_text(json.dumps({p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                                                for p in files}, indent=2))
         (tmp / STATE_FILE).write_text(json.dumps({**state, f"{kind}s_done": done}, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -38,7 +38,14 @@ from ..errors import local_path
 from ..objectives import Method, method_class
 from ..sampling import Scorer
 from ..sampling.records import Records
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .distributed import gather_counts, gather_records, reduce_log
 from .metrics import MetricsLog
 from .seeding import PromptSchedule, derive_seed, generator
@@ -220,7 +227,7 @@ class SPOTrainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             return None
-        latest = latest_checkpoint(self.run_dir)
+        latest = latest_good_checkpoint(self.run_dir, warn=print if acc.is_main_process else (lambda _: None))
         if latest is None:
             if acc.is_main_process:
                 print(f"--resume: no checkpoint in {self.run_dir}; starting from the beginning")
