@@ -8,13 +8,12 @@ or a frozen copy under full fine-tuning. Everything SPO needs from a model goes 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import contextlib
 import copy
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,8 +233,7 @@ class Backbone(ABC):
 
         torch_dtype = resolve_dtype(dtype)
         resolved_device = resolve_device(device)
-        if resolved_device.type == "cpu" and torch_dtype == torch.float16:
-            raise ModelLoadError("model.dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+        check_device_request(str(resolved_device), torch_dtype)
         check_model_path(pretrained, "model.pretrained")
         extra: dict[str, Any] = dict(cls.pipeline_kwargs)
         if vae is not None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..builtin import resolve_weights
 from ..errors import ModelLoadError
+from ..weights import read_state_dict
 from .clip_scorer import CLIPScorer, load_clip_parts
 from .preprocess import clip_preprocess, save_clip_image_config
 
@@ -154,20 +155,7 @@ class StepAwarePreferenceModel(CLIPScorer):
         path = Path(path).expanduser()
         if not path.exists():
             raise ModelLoadError(f"preference.checkpoint: no such file {str(path)!r}")
-        try:
-            if path.suffix == ".safetensors":
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch's own message advises unsafe loading: not repeated
-            raise ModelLoadError(
-                f"preference.checkpoint: {str(path)!r} is not a safetensors file nor a torch checkpoint of plain "
-                f"tensors ({type(err).__name__}); only tensors are read, never pickled code"
-            ) from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelLoadError(f"preference.checkpoint: {str(path)!r} holds no state dict of tensors")
+        state = read_state_dict(path, "preference.checkpoint")  # tensors only, 'state_dict' unwrapped
         # buffers that older transformers saved and newer ones recompute
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
         expected = {k for k in self.state_dict() if not k.endswith("position_ids")}

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ...errors import ModelLoadError
 from ...preference.clip_scorer import load_clip_parts
 from ...preference.preprocess import clip_preprocess
-from ._checkpoint import read_state_dict, resolve_file
+from ...weights import read_state_dict, resolve_file
 from .base import Scorer
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ...errors import ModelLoadError, local_path
 from ...preference.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from ._checkpoint import error_line, read_state_dict, resolve_file
+from ...weights import error_line, read_state_dict, resolve_file
 from .base import Scorer
 
 HUB_REPO = "xswu/HPSv2"

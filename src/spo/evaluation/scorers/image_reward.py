@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ...errors import ModelLoadError, local_path
 from ...preference.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
-from ._checkpoint import read_state_dict, resolve_file
+from ...weights import read_state_dict, resolve_file
 from .base import Scorer
 
 #: the published normalisation of the MLP output (ImageReward.py: ``self.mean``, ``self.std``)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...errors import ModelLoadError, local_path
 from ...preference.clip_scorer import CLIPScorer, load_clip_parts
-from ._checkpoint import error_line
+from ...weights import error_line
 from .base import Scorer
 
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -1,4 +1,5 @@
-"""Reading a scorer's weights file: a local file, a directory holding it, or a hub repo's copy.
+"""Reading a weights file (a scorer's, a released SPM's): a local file, a directory holding it,
+or a hub repo's copy.
 
 Only tensors are read: a safetensors file, or a torch checkpoint through
 ``torch.load(weights_only=True, map_location="cpu")`` (never pickled code).
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ...errors import ModelLoadError, local_path
+from .errors import ModelLoadError, local_path
 
 
 def error_line(err: BaseException) -> str:
