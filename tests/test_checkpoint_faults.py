@@ -121,3 +121,24 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint(tiny_sd15_path: Pa
     result = resumed.train()
     assert result.rounds == 3 and [c.name for c in list_checkpoints(run)] == ["round-000002", "round-000003"]
     assert torch.isfinite(torch.cat([p.detach().flatten() for p in resumed.params])).all()
+
+
+def test_a_failed_checkpoint_write_is_one_error_line_and_leaves_no_half_written_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`spo train` when the disk fills during a checkpoint: exit 1 (not the user's input), one
+    `error:` line naming the checkpoint and the cause, no traceback, no temporary directory."""
+    from spo.training import checkpoint as checkpoint_module
+
+    def disk_full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
+    run = tmp_path / "run"
+    code = main(["train", "--output", str(run), "train.rounds=1", "train.prompts_per_round=2",
+                 "sampling.num_inference_steps=6", "logging.tensorboard=false"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1, err
+    assert lines[-1].startswith("error: writing checkpoint") and "round-000001" in lines[-1], err
+    assert "No space left on device" in lines[-1] and "Traceback" not in err, err
+    assert list((run / "checkpoints").iterdir()) == []

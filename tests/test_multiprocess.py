@@ -23,13 +23,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _launch(script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     # `--cpu --num_processes 2` silently runs ONE process; this form gives two gloo ranks
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_process_baselines(tiny_sd15_path: Path, pickapic_path: Path, tmp_path: Path) -> None:
@@ -84,3 +84,30 @@ def test_two_process_training(tiny_sd15_path: Path, tmp_path: Path) -> None:
     assert rounds[0]["score_mean_per_t"][t] == pytest.approx(expected_t, rel=1e-9)
     assert "num_processes: 2" in (run / "config.yaml").read_text()
     assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+FAULTS_SCRIPT = Path(__file__).with_name("multiprocess_faults.py")
+
+
+def test_a_write_failing_on_one_process_stops_both_with_the_same_error(tiny_sd15_path: Path, tmp_path: Path) -> None:
+    """A full disk at a checkpoint (main process or the other one) or at the final LoRA: both
+    ranks end (the launch has a timeout) with the same error naming the write and the cause,
+    and the checkpoints written before are intact."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green stars\na yellow cat\n")
+    proc = _launch(FAULTS_SCRIPT, str(tiny_sd15_path), str(prompts), str(tmp_path), timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {
+        "checkpoint": ("writing checkpoint", "round-000002", "failed on the main process", ["round-000001"]),
+        "rng": ("writing checkpoint", "round-000001", "failed on process 1", []),
+        "final_lora": ("writing the final LoRA", "final_lora", "failed on the main process", ["round-000001"]),
+    }
+    for name, (what, where, who, checkpoints) in expected.items():
+        ranks = [json.loads((tmp_path / name / f"rank-{r}.json").read_text()) for r in range(2)]
+        assert [r["rank"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks), name
+        assert ranks[0]["error"] == ranks[1]["error"] is not None, (name, ranks)
+        message = ranks[0]["error"]
+        assert message.startswith(what) and where in message and who in message, message
+        assert "OSError: [Errno 28] No space left on device" in message, message
+        assert ranks[0]["checkpoints"] == checkpoints and ranks[0]["hidden"] == [], (name, ranks[0])
+    assert not (tmp_path / "final_lora" / "lora").exists()

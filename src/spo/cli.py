@@ -158,7 +158,7 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from .toy.pretrain import PretrainSettings, pretrain
 
     settings = PretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    summary = pretrain(args.output, settings)
+    summary = pretrain(args.output, settings, resume=args.resume)
     _summary([
         ("output", f"{args.output}/base (and snapshots)"),
         ("steps", str(settings.steps)),
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=_positive_int, default=3600)
     pre.add_argument("--batch-size", type=_positive_int, default=64)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its latest checkpoint (OUTPUT/pretrain-run)")
     pre.set_defaults(func=cmd_toy_pretrain, config=[])
     score = toy_sub.add_parser("score", help="sample a toy model and score with the oracles")
     score.add_argument("model", help="a toy model directory")
@@ -513,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .preference.training import SPMTrainingError
     from .toy.build import BuildError
     from .toy.grammar import PromptGrammarError
-    from .training import CheckpointError, TrainingError
+    from .toy.loop_checkpoint import ToyTrainingError
+    from .training import CheckpointError, TrainingError, WriteError
 
     parser = build_parser()
     # overrides may come after options (`spo train sd15 --output X pools.k=4`): argparse leaves
@@ -527,9 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
-            SPMTrainingError, PromptGrammarError, BuildError, EvaluationError, ScorerSpecError) as err:
+            SPMTrainingError, PromptGrammarError, BuildError, EvaluationError, ScorerSpecError, ToyTrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:  # not the user's input: the disk or the file system (exit 1)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

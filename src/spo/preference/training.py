@@ -32,6 +32,7 @@ from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, loa
 from ..diffusion import predict_x0_and_epsilon
 from ..errors import local_path
 from ..training.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..training.distributed import write_everywhere
 from ..training.metrics import MetricsLog
 from ..training.seeding import derive_seed, generator
 from .clip_scorer import CLIPScorer
@@ -116,9 +117,8 @@ class SPMTrainer:
         self.resume_from = self._prepare_run_dir(resume)
         acc.wait_for_everyone()
         self.config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_processes=acc.num_processes))
-        if acc.is_main_process:
-            save_config(self.config, self.run_dir / "config.yaml")
-        acc.wait_for_everyone()
+        write_everywhere(acc, f"writing {self.run_dir / 'config.yaml'}",
+                         lambda: save_config(self.config, self.run_dir / "config.yaml"))
 
         with acc.main_process_first():  # one process prepares the datasets cache, then the others read it
             self.train_data = load_preference_split(cfg.data, cfg.train_split)
@@ -178,10 +178,13 @@ class SPMTrainer:
         existing = list_checkpoints(self.run_dir, "step")
         if existing and not resume:
             raise SPMTrainingError(f"{self.run_dir} already holds checkpoints ({existing[-1].name}); pass --resume or choose another --output")
-        if self.accelerator.is_main_process:
+
+        def make() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not existing:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+        write_everywhere(self.accelerator, f"creating the run directory {self.run_dir}", make)
         if not resume:
             return None
         warn = print if self.accelerator.is_main_process else (lambda _: None)
@@ -361,21 +364,23 @@ class SPMTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="SPM steps", unit="step",
                    disable=not (self.progress and acc.is_main_process))
         start = time.perf_counter()
-        while self.step < end:
-            entry = self.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", skipped=self.skipped_rows)
-            if self.step % cfg.validate_every == 0 and self.step != cfg.steps:
-                self.validate()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.checkpoint()
-        bar.close()
+        try:  # the bar ends its line even when a round fails, so the error starts a line of its own
+            while self.step < end:
+                entry = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", skipped=self.skipped_rows)
+                if self.step % cfg.validate_every == 0 and self.step != cfg.steps:
+                    self.validate()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.checkpoint()
+        finally:
+            bar.close()
         spm_path = None
         if self.step == cfg.steps:
             self.validate()
-            if acc.is_main_process:
-                spm_path = self.spm.save_clip(self.run_dir / "reward") if self.clean else self.spm.save(self.run_dir / "spm")
-        acc.wait_for_everyone()
+            spm_path = write_everywhere(
+                acc, f"writing the trained {'reward model' if self.clean else 'SPM'} to {self.run_dir}",
+                lambda: self.spm.save_clip(self.run_dir / "reward") if self.clean else self.spm.save(self.run_dir / "spm"))
         if acc.trackers:
             acc.end_training()
         self.seconds = time.perf_counter() - start

@@ -107,6 +107,19 @@ def latest_good_checkpoint(run_dir: str | Path, kind: str = "round", warn: Any =
     return None
 
 
+class _OneProcess:
+    """What the checkpoint functions need of an accelerator, for single-process loops (the toy
+    world's pretraining) that have none."""
+
+    is_main_process = True
+    process_index = 0
+    num_processes = 1
+    scaler = None
+
+
+ONE_PROCESS = _OneProcess()
+
+
 def save_checkpoint(
     accelerator: Any,
     run_dir: str | Path,
@@ -119,34 +132,53 @@ def save_checkpoint(
     keep: int = 2,
     kind: str = "round",
 ) -> Path:
-    """Write the checkpoint after ``done`` rounds (or steps: ``kind="step"``) on every process."""
+    """Write the checkpoint after ``done`` rounds (or steps: ``kind="step"``) on every process
+    (``accelerator``: :data:`ONE_PROCESS` for a loop without one; ``lr_scheduler`` may be None).
+
+    Each stage ends with :func:`~spo.training.distributed.write_everywhere`, so a failed write
+    on any process (a full disk) stops every process with the same :class:`WriteError`, and the
+    previous checkpoint stays the latest."""
+    from .distributed import write_everywhere
+
     root = checkpoint_dir(run_dir)
     final = root / f"{kind}-{done:06d}"
     tmp = root / f".tmp-{kind}-{done:06d}"
-    if accelerator.is_main_process:
+    what = f"writing checkpoint {final}"
+
+    def start() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        if getattr(accelerator, "scaler", None) is not None:  # fp16 loss scale: resume exactly
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+
+    def files() -> None:
+        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if lr_scheduler is not None:
+                torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if getattr(accelerator, "scaler", None) is not None:  # fp16 loss scale: resume exactly
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+
+    def finish() -> None:
+        written = sorted(p for p in tmp.iterdir() if p.is_file())
         (tmp / MANIFEST).write_text(json.dumps({p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                                                for p in files}, indent=2))
+                                                for p in written}, indent=2))
         (tmp / STATE_FILE).write_text(json.dumps({**state, f"{kind}s_done": done}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir, kind)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    try:
+        write_everywhere(accelerator, what, start)
+        write_everywhere(accelerator, what, files, main_only=False)
+        write_everywhere(accelerator, what, finish)
+    except Exception:
+        if accelerator.is_main_process:  # the half-written copy goes; the previous checkpoint is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -174,7 +206,8 @@ def load_checkpoint(
         for name, param in trainable.items():
             param.copy_(saved[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if getattr(accelerator, "scaler", None) is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"

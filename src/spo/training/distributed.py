@@ -75,3 +75,31 @@ def reduce_log(accelerator: Any, log: dict[str, Any], weight: float) -> dict[str
         else:
             out[key] = {**out[key], sub: result}  # a new dict: the caller's log is not changed
     return out
+
+
+class WriteError(RuntimeError):
+    """A write (checkpoint, final weights, config, log) failed on some process; every process
+    raises this with the same message instead of waiting for the failed one."""
+
+
+def write_everywhere(accelerator: Any, what: str, write: Any, *, main_only: bool = True) -> Any:
+    """Run ``write()`` on the main process (``main_only``) or on every process, then tell every
+    process whether it worked: a failure anywhere raises :class:`WriteError` with the same
+    message on all of them. This is also a barrier. Without it, a main-process write that fails
+    (a full disk, a lost mount) leaves the other processes waiting at the next collective
+    forever. Returns what ``write`` returned (``None`` where it did not run)."""
+    result, message, cause = None, None, None
+    if accelerator.is_main_process or not main_only:
+        try:
+            result = write()
+        except Exception as err:  # noqa: BLE001 - reported to every process below
+            cause = err
+            where = "the main process" if accelerator.is_main_process else f"process {accelerator.process_index}"
+            message = f"{what} failed on {where}: {type(err).__name__}: {err}"
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        message = next((m for m in gather_object([message]) if m is not None), None)
+    if message is not None:
+        raise WriteError(message) from cause
+    return result

@@ -21,25 +21,38 @@ class MetricsLog:
     def truncate_after(self, done: int, key: str = "round") -> None:
         """Drop lines written after the checkpoint a run resumes from (``round >= done``, or with
         ``key="step"``: ``step > done``), so a resumed run's log reads as if it never stopped."""
-        if not self.accelerator.is_main_process or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the interruption
-            value = int(entry.get(key, -1))
-            if (value < done) if key == "round" else (value <= done):
-                kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+        from .distributed import write_everywhere
+
+        def rewrite() -> None:
+            if not self.path.exists():
+                return
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the interruption
+                value = int(entry.get(key, -1))
+                if (value < done) if key == "round" else (value <= done):
+                    kept.append(line)
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+
+        write_everywhere(self.accelerator, f"rewriting {self.path}", rewrite)
 
     def write(self, entry: dict[str, Any], tracker_step: int, prefix: str) -> None:
+        """Append ``entry`` (main process) and log its numbers; every process calls this, and a
+        failed append stops all of them with the same error."""
+        from .distributed import write_everywhere
+
+        clean = {k: _json_safe(v) for k, v in entry.items()}
+
+        def append() -> None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+
+        write_everywhere(self.accelerator, f"appending to {self.path}", append)
         if not self.accelerator.is_main_process:
             return
-        clean = {k: _json_safe(v) for k, v in entry.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
         numbers = {
             f"{prefix}/{k}": float(v)
             for k, v in entry.items()

@@ -46,7 +46,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .distributed import gather_counts, gather_records, reduce_log
+from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
 from .metrics import MetricsLog
 from .seeding import PromptSchedule, derive_seed, generator
 
@@ -149,9 +149,8 @@ class SPOTrainer:
         self.config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, num_processes=acc.num_processes)
         )
-        if acc.is_main_process:
-            save_config(self.config, self.run_dir / "config.yaml")
-        acc.wait_for_everyone()
+        write_everywhere(acc, f"writing {self.run_dir / 'config.yaml'}",
+                         lambda: save_config(self.config, self.run_dir / "config.yaml"))
 
         torch.manual_seed(derive_seed(config.seed, "init"))  # same adapter init on every process
         self.backbone: Backbone = load_backbone(
@@ -214,6 +213,13 @@ class SPOTrainer:
             raise TrainingError("data.prompts: give a prompts file (one prompt per line, or a JSON list)")
         return load_prompts(config.data.prompts)
 
+    def _fresh_run_dir(self) -> None:
+        def make() -> None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+        write_everywhere(self.accelerator, f"creating the run directory {self.run_dir}", make)
+
     def _prepare_run_dir(self, resume: bool) -> Path | None:
         acc = self.accelerator
         existing = list_checkpoints(self.run_dir)
@@ -223,16 +229,13 @@ class SPOTrainer:
                     f"{self.run_dir} already holds checkpoints ({existing[-1].name}); "
                     "pass --resume to continue that run, or choose another --output"
                 )
-            if acc.is_main_process:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self._fresh_run_dir()
             return None
         latest = latest_good_checkpoint(self.run_dir, warn=print if acc.is_main_process else (lambda _: None))
         if latest is None:
             if acc.is_main_process:
                 print(f"--resume: no checkpoint in {self.run_dir}; starting from the beginning")
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self._fresh_run_dir()
             return None
         saved_path = self.run_dir / "config.yaml"
         if saved_path.exists():
@@ -379,17 +382,19 @@ class SPOTrainer:
         bar = tqdm(total=cfg.train.rounds, initial=self.rounds_done, desc=f"{cfg.objective.name} rounds", unit="round",
                    disable=not (self.progress and acc.is_main_process))
         last: dict[str, Any] = {}
-        while self.rounds_done < end:
-            last = self.run_round(self.rounds_done)
-            self.rounds_done += 1
-            bar.update(1)
-            if not last["skipped"]:
-                key = self.method.progress_metric
-                bar.set_postfix({"loss": f"{last['loss']:.4f}", key: f"{last[key]:.3g}",
-                                 "valid": f"{last['valid_pair_rate']:.2f}"})
-            if self.rounds_done % cfg.logging.checkpoint_every == 0 or self.rounds_done == cfg.train.rounds:
-                self.checkpoint()
-        bar.close()
+        try:  # the bar ends its line even when a round fails, so the error starts a line of its own
+            while self.rounds_done < end:
+                last = self.run_round(self.rounds_done)
+                self.rounds_done += 1
+                bar.update(1)
+                if not last["skipped"]:
+                    key = self.method.progress_metric
+                    bar.set_postfix({"loss": f"{last['loss']:.4f}", key: f"{last[key]:.3g}",
+                                     "valid": f"{last['valid_pair_rate']:.2f}"})
+                if self.rounds_done % cfg.logging.checkpoint_every == 0 or self.rounds_done == cfg.train.rounds:
+                    self.checkpoint()
+        finally:
+            bar.close()
         lora_path = None
         if self.rounds_done == cfg.train.rounds:
             lora_path = self.save_final()
@@ -401,16 +406,14 @@ class SPOTrainer:
     def save_final(self) -> Path | None:
         """The final weights: ``lora/pytorch_lora_weights.safetensors`` (diffusers format), or
         ``unet/`` under full fine-tuning."""
-        acc = self.accelerator
-        path = None
-        if acc.is_main_process:
+        def save() -> Path:
             if self.config.model.finetune == "lora":
-                path = self.backbone.save_lora(self.run_dir / "lora")
-            else:
-                path = self.run_dir / "unet"
-                self.backbone.unet.save_pretrained(path)
-        acc.wait_for_everyone()
-        return path
+                return self.backbone.save_lora(self.run_dir / "lora")
+            self.backbone.unet.save_pretrained(self.run_dir / "unet")
+            return self.run_dir / "unet"
+
+        what = "writing the final " + ("LoRA" if self.config.model.finetune == "lora" else "UNet")
+        return write_everywhere(self.accelerator, f"{what} to {self.run_dir}", save)
 
 
 def _flat_config(config: SPOConfig) -> dict[str, Any]:
