@@ -1,8 +1,8 @@
 """``spo toy build``: regenerate every shipped toy weight from seeds, stage by stage.
 
-Stages (each writes under OUTPUT; a finished stage is not redone; an interrupted ``pickscore``
-or ``spm`` stage resumes from its last checkpoint, an interrupted ``pretrain``, ``data`` or
-``clip`` stage starts that stage again, as they keep no checkpoints):
+Stages (each writes under OUTPUT; a finished stage is not redone; an interrupted ``pretrain``,
+``clip``, ``pickscore`` or ``spm`` stage resumes from its last checkpoint and ends with the
+weights an uninterrupted one would have; an interrupted ``data`` stage starts again):
 
 1. ``pretrain``  the base model and two weaker snapshots (``base/``, ``snapshot-*/``);
 2. ``data``      the generic preference set in Pick-a-Pic format (``preference-data/``);
@@ -157,7 +157,7 @@ class ToyBuild:
 
     # ------------------------------------------------------------------ stages
     def _pretrain(self) -> dict[str, Any]:
-        return pretrain(self.output, self.settings.pretrain, progress=self.progress)
+        return pretrain(self.output, self.settings.pretrain, progress=self.progress, resume=True)
 
     def _data(self) -> dict[str, Any]:
         missing = [m for m in self.settings.data.models if not (self.output / m / "toy_model.json").exists()]
@@ -169,7 +169,7 @@ class ToyBuild:
         return build_preference_data(self.output, target, self.settings.data, progress=self.progress)
 
     def _clip(self) -> dict[str, Any]:
-        return pretrain_toy_clip(self.output / "clip", self.settings.clip, progress=self.progress)
+        return pretrain_toy_clip(self.output / "clip", self.settings.clip, progress=self.progress, resume=True)
 
     def _train_and_place(self, run: Path, settings: PreferenceTraining, overrides: list[str], saved: str,
                          marker: str, target: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ and the toy SPM is built from the toy PickScore, as the paper builds its SPM fro
 Training data, drawn on the fly from the seed: distinct training scenes per batch, each rendered
 and, as in the base model's training set, often degraded in detail; the caption always describes
 what is drawn (contrastive pairs must be true). Loss: CLIP's symmetric InfoNCE
-(``CLIPModel(..., return_loss=True)``).
+(``CLIPModel(..., return_loss=True)``). The loop checkpoints itself and resumes exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..preference.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, save_clip_image_config
 from .grammar import parse_prompt, training_prompts
+from .loop_checkpoint import load_loop, resume_point, save_loop
 from .model import MAX_LENGTH, RESOLUTION, build_toy_tokenizer
 from .render import degrade_randomly, render, to_tensor_range
 
@@ -71,30 +72,51 @@ def contrastive_batch(rng: np.random.Generator, size: int, settings: ToyCLIPSett
     return torch.from_numpy(np.stack(images)), texts
 
 
-def pretrain_toy_clip(output: str | Path, settings: ToyCLIPSettings | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train the toy CLIP and save it as a CLIPModel directory (with tokenizer and image processor)."""
+def pretrain_toy_clip(output: str | Path, settings: ToyCLIPSettings | None = None, progress: bool = True, *,
+                      resume: bool = False, checkpoint_every: int = 100, stop_after: int | None = None) -> dict[str, Any]:
+    """Train the toy CLIP and save it as a CLIPModel directory (with tokenizer and image processor).
+
+    Every ``checkpoint_every`` steps the loop state goes to ``OUTPUT-run/checkpoints`` (beside
+    the model directory, so the shipped directory holds the model alone); ``resume`` continues
+    from the latest one to the same weights as an uninterrupted run. ``stop_after``: stop after
+    that many steps in total, as an interruption would (tests)."""
     settings = settings or ToyCLIPSettings()
     output = Path(output)
+    run_dir = output.with_name(output.name + "-run")
+    wanted = json.loads(json.dumps(asdict(settings)))
+    resume_from = resume_point(run_dir, resume, "toy CLIP training")
     rng = np.random.default_rng(settings.seed)
     model, tokenizer = build_toy_clip(settings.seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
-    losses, accuracies = [], []
-    start = time.perf_counter()
-    bar = tqdm(range(1, settings.steps + 1), desc="toy CLIP (contrastive)", unit="step", disable=not progress)
-    for step in bar:
-        images, texts = contrastive_batch(rng, settings.batch_size, settings)
-        tokens = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-        pixels = clip_preprocess(images, RESOLUTION, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels, return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(out.loss.detach()))
-        accuracies.append(float((out.logits_per_image.argmax(-1) == torch.arange(len(texts))).float().mean()))
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}", acc=f"{np.mean(accuracies[-25:]):.2f}")
+    state_tensors = dict(model.named_parameters())
+    done, history = 0, {"losses": [], "accuracies": [], "seconds": 0.0}
+    if resume_from is not None:
+        done, history = load_loop(resume_from, tensors=state_tensors, optimizer=optimizer, rng=rng, settings=wanted)
+    losses, accuracies = list(history["losses"]), list(history["accuracies"])
+    start = time.perf_counter() - float(history["seconds"])
+    end = settings.steps if stop_after is None else min(stop_after, settings.steps)
+    with tqdm(total=settings.steps, initial=done, desc="toy CLIP (contrastive)", unit="step", disable=not progress) as bar:
+        for step in range(done + 1, end + 1):
+            images, texts = contrastive_batch(rng, settings.batch_size, settings)
+            tokens = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+            pixels = clip_preprocess(images, RESOLUTION, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+            out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                        return_loss=True)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(out.loss.detach()))
+            accuracies.append(float((out.logits_per_image.argmax(-1) == torch.arange(len(texts))).float().mean()))
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-25:]):.3f}", acc=f"{np.mean(accuracies[-25:]):.2f}")
+            if step % checkpoint_every == 0 and step != settings.steps:
+                save_loop(run_dir, step, tensors=state_tensors, optimizer=optimizer, rng=rng, settings=wanted,
+                          history={"losses": losses, "accuracies": accuracies, "seconds": time.perf_counter() - start})
+    if end < settings.steps:
+        return {"settings": wanted, "stopped_after": end}
     model.eval()
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

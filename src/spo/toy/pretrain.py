@@ -9,13 +9,15 @@ Standard epsilon-prediction DDPM training (1000 steps, linear betas), the text e
 jointly, 10% of prompts dropped to "" for classifier-free guidance, an EMA of the weights is what
 gets saved. Step-based (not time-based), so the same seed rebuilds the same weights on the same
 software; snapshots at given fractions of the run are the "weaker checkpoints" of the toy
-preference data.
+preference data. The loop checkpoints itself (``OUTPUT/pretrain-run``) and ``--resume`` ends
+with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .grammar import parse_prompt, training_prompts
+from .loop_checkpoint import load_loop, resume_point, save_loop
 from .model import ToyPipeline, build_toy_pipeline
 from .render import degrade_randomly, misalign, render, to_tensor_range
 
@@ -75,11 +78,19 @@ def _encode(pipeline: ToyPipeline, prompts: list[str]) -> torch.Tensor:
     return pipeline.text_encoder(ids)[0]
 
 
-def pretrain(output: str | Path, settings: PretrainSettings | None = None, progress: bool = True) -> dict:
+def pretrain(output: str | Path, settings: PretrainSettings | None = None, progress: bool = True, *,
+             resume: bool = False, checkpoint_every: int = 100, stop_after: int | None = None) -> dict:
     """Train the toy base model; writes ``OUTPUT/base`` (EMA weights), snapshots
-    ``OUTPUT/snapshot-NNNNN`` and ``OUTPUT/pretrain.json``; returns the summary."""
+    ``OUTPUT/snapshot-NNNNN`` and ``OUTPUT/pretrain.json``; returns the summary.
+
+    Every ``checkpoint_every`` steps the loop state goes to ``OUTPUT/pretrain-run/checkpoints``;
+    ``resume`` continues from the latest one to the same weights as an uninterrupted run.
+    ``stop_after``: stop after that many steps in total, as an interruption would (tests)."""
     settings = settings or PretrainSettings()
     output = Path(output)
+    run_dir = output / "pretrain-run"
+    wanted = json.loads(json.dumps(asdict(settings)))
+    resume_from = resume_point(run_dir, resume, "toy pretraining")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     pipeline = build_toy_pipeline(seed=settings.seed)
@@ -87,35 +98,48 @@ def pretrain(output: str | Path, settings: PretrainSettings | None = None, progr
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    state_tensors = {**{f"unet.{n}": p for n, p in unet.named_parameters()},
+                     **{f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()},
+                     **{f"ema.{i:04d}": e for i, e in enumerate(ema)}}
+    done, history = 0, {"losses": [], "seconds": 0.0}
+    if resume_from is not None:
+        done, history = load_loop(resume_from, tensors=state_tensors, optimizer=optimizer, rng=rng, settings=wanted)
     alphas = pipeline.scheduler.alphas_cumprod
     snapshot_steps = set(settings.snapshot_steps())
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, settings.steps + 1), desc="toy pretraining", unit="step", disable=not progress)
-    for step in bar:
-        x0, prompts = training_batch(rng, settings.batch_size, settings)
-        drop = rng.random(len(prompts)) < settings.cfg_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        t = torch.randint(0, len(alphas), (len(prompts),))
-        noise = torch.randn_like(x0)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(x_t, t, encoder_hidden_states=_encode(pipeline, prompts), return_dict=False)[0]
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(settings.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema, params):
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step in snapshot_steps or step == settings.steps:
-            name = "base" if step == settings.steps else f"snapshot-{step:05d}"
-            _save_ema(pipeline, params, ema, output / name)
+    losses: list[float] = list(history["losses"])
+    start = time.perf_counter() - float(history["seconds"])
+    end = settings.steps if stop_after is None else min(stop_after, settings.steps)
+    with tqdm(total=settings.steps, initial=done, desc="toy pretraining", unit="step", disable=not progress) as bar:
+        for step in range(done + 1, end + 1):
+            x0, prompts = training_batch(rng, settings.batch_size, settings)
+            drop = rng.random(len(prompts)) < settings.cfg_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop)]
+            t = torch.randint(0, len(alphas), (len(prompts),))
+            noise = torch.randn_like(x0)
+            a = alphas[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = unet(x_t, t, encoder_hidden_states=_encode(pipeline, prompts), return_dict=False)[0]
+            loss = F.mse_loss(pred, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                decay = min(settings.ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(ema, params):
+                    e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if step in snapshot_steps or step == settings.steps:
+                name = "base" if step == settings.steps else f"snapshot-{step:05d}"
+                _save_ema(pipeline, params, ema, output / name)
+            if step % checkpoint_every == 0 and step != settings.steps:
+                save_loop(run_dir, step, tensors=state_tensors, optimizer=optimizer, rng=rng, settings=wanted,
+                          history={"losses": losses, "seconds": time.perf_counter() - start})
+    if end < settings.steps:
+        return {"settings": wanted, "stopped_after": end}
     seconds = time.perf_counter() - start
     summary = {"settings": asdict(settings), "seconds": round(seconds, 1),
                "steps_per_second": round(settings.steps / seconds, 3),
@@ -132,4 +156,8 @@ def _save_ema(pipeline: ToyPipeline, params: list[torch.nn.Parameter], ema: list
             target.copy_(value)
     saved.unet.eval()
     saved.text_encoder.eval()
-    saved.save_pretrained(directory)
+    partial = directory.with_name(directory.name + ".partial")  # a kill mid-save leaves no half model
+    shutil.rmtree(partial, ignore_errors=True)
+    saved.save_pretrained(partial)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
