@@ -53,7 +53,8 @@ class ConfigError(ValueError):
 
     Attributes:
         errors: The individual problems, one message each.  ``str(error)``
-            is the single message, or a numbered list when there are several.
+            is the single message, or all of them on one line when there are several
+            (a command-line error is one ``error:`` line).
     """
 
     def __init__(self, errors: str | Sequence[str]) -> None:
@@ -61,8 +62,7 @@ class ConfigError(ValueError):
         if len(self.errors) == 1:
             message = self.errors[0]
         else:
-            lines = "\n".join(f"  - {e}" for e in self.errors)
-            message = f"invalid configuration ({len(self.errors)} problems):\n{lines}"
+            message = f"invalid configuration ({len(self.errors)} problems): " + "; ".join(self.errors)
         super().__init__(message)
 
 
@@ -402,7 +402,10 @@ def _parse_yaml(text: str, label: str) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse {label} as YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"cannot parse {label} as YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -35,17 +35,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone
-from .generate import ImageJob, generate_images, load_png
+from .generate import EvaluationError, ImageJob, generate_images, load_png
 from .grids import write_comparison_grids
 from .scorers.base import Scorer
 from .stats import Estimate
 
 FORMAT = "spo-eval/1"
 BASE = "base"
-
-
-class EvaluationError(RuntimeError):
-    """An evaluation that cannot go on (e.g. its directory holds another evaluation's images)."""
 
 
 @dataclass

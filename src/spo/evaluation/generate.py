@@ -24,11 +24,16 @@ from ..backbones import Backbone, load_backbone
 from ..config import SPOConfig
 from ..images import image_grid, save_images, to_pil
 from ..sampling import ddim_sample
+from ..training.output import output_problem
 
 #: ``per_image``: one generator per image (any batch size gives the same images);
 #: ``per_seed``: one generator per seed drawing the whole prompt set as one batch (the toy
 #: world's evaluations were measured this way, so they stay reproducible)
 NOISE_LAYOUTS = ("per_image", "per_seed")
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot go on (e.g. its directory holds another evaluation's images)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,9 @@ def generate(
     per image as ``spo eval``; write ``images/``, a grid (one row per seed) and ``generation.json``."""
     start = time.perf_counter()
     output = Path(output)
+    problem = output_problem(output, resume=True)  # (a rerun rewrites its own images)
+    if problem:
+        raise EvaluationError(problem)
     backbone = backbone or load_backbone(config.model, config.sampling.negative_prompt)
     s = config.sampling
     jobs = [ImageJob(i, k, p) for k in range(seeds) for i, p in enumerate(prompts)]

@@ -92,7 +92,7 @@ class BuildSettings:
 
 def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, overrides: list[str], seed: int) -> list[str]:
     return [
-        "train-spm", "toy", "--output", str(run), *(["--resume"] if (run / "checkpoints").exists() else []),
+        "train-spm", "toy", "--output", str(run), *(["--resume"] if run.exists() else []),
         f"spm.data={output / 'preference-data'}", f"spm.steps={settings.steps}", f"spm.batch_size={settings.batch_size}",
         f"spm.lr={settings.lr}", f"spm.validate_every={settings.validate_every}",
         f"spm.checkpoint_every={settings.checkpoint_every}",

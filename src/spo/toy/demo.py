@@ -18,7 +18,6 @@ from ..config import load_config
 from ..data import load_prompts
 from ..sampling import Scorer
 from ..training import SPOTrainer
-from ..training.checkpoint import list_checkpoints
 from .eval_run import evaluate_run
 
 
@@ -30,7 +29,8 @@ def run_demo(output: str | Path, overrides: Sequence[str] = (), *, eval_seeds: i
     config = load_config("toy", list(overrides))
     run_dir = output / "spo"
     start = time.perf_counter()
-    trainer = SPOTrainer(config, run_dir, scorer=scorer, resume=bool(list_checkpoints(run_dir)), progress=progress)
+    # an interrupted demo resumes (from its latest checkpoint, or from the start when it had none)
+    trainer = SPOTrainer(config, run_dir, scorer=scorer, resume=run_dir.is_dir(), progress=progress)
     result = trainer.train()
     train_seconds = time.perf_counter() - start
     prompts = load_prompts(config.eval.prompts or "toy:validation-prompts")

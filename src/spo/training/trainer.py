@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .output import output_problem, removed_on_failure
 from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
 from .metrics import MetricsLog
 from .seeding import PromptSchedule, derive_seed, generator
@@ -112,9 +112,10 @@ class SPOTrainer:
             local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
         self.config = config
         self.run_dir = Path(run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TrainingError(f"--output {str(self.run_dir)!r} is a file, not a run directory")
-        check_device_request(config.model.device, config.model.dtype)
+        problem = output_problem(self.run_dir, resume=resume or bool(list_checkpoints(self.run_dir)))
+        if problem:  # (existing checkpoints without --resume have their own message below)
+            raise TrainingError(problem)
+        check_device_request(config.model.device, config.model.dtype, config.train.mixed_precision)
         self.progress = progress
         if prompts is not None:
             self.prompts = list(prompts)
@@ -131,15 +132,13 @@ class SPOTrainer:
         if config.model.device is not None and torch.device(config.model.device).type != acc.device.type:
             raise TrainingError(f"model.device: {config.model.device!r} was asked for, but accelerate placed this "
                                 f"process on {str(acc.device)!r}")
-        created = not self.run_dir.exists()
-        self.resume_from = self._prepare_run_dir(resume)
-        try:
+        if config.train.num_processes is not None and config.train.num_processes != acc.num_processes:
+            raise TrainingError(f"train.num_processes: {config.train.num_processes} processes were asked for, but this "
+                                f"run has {acc.num_processes}; start it with `accelerate launch --num_processes "
+                                f"{config.train.num_processes} ...`, or leave train.num_processes null")
+        with removed_on_failure(self.run_dir, acc.is_main_process):
+            self.resume_from = self._prepare_run_dir(resume)
             self._set_up(config, method_type, scores, scorer, trackers)
-        except BaseException:
-            # a failed start leaves nothing behind: a run directory this call created is removed
-            if created and acc.is_main_process:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise
 
     def _set_up(self, config: SPOConfig, method_type: Any, scores: bool, scorer: Scorer | None,
                 trackers: list[str]) -> None:
@@ -156,6 +155,7 @@ class SPOTrainer:
         self.backbone: Backbone = load_backbone(
             dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt
         )
+        self.backbone.check_prompts(self.prompts)
         if scores:  # x0-hat decoded for the scorer only (pools, final-image rewards)
             self.backbone.load_score_decoder(config.preference.decoder)
         if config.model.finetune == "lora":
