@@ -1,4 +1,4 @@
-"""The stochastic DDIM maths shared by sampling and training; knows no model."""
+"""The stochastic DDIM and flow-SDE maths shared by sampling and training; knows no model."""
 
 from .ddim import (
     PREDICTION_TYPES,
@@ -12,12 +12,15 @@ from .ddim import (
     expand_to,
     predict_x0_and_epsilon,
 )
-from .schedule import DDIMSchedule
+from .flow import flow_sde_posterior, flow_sde_std, flow_x0
+from .schedule import DDIMSchedule, FlowSDESchedule, Schedule, is_flow_config, schedule_from_config
 
 __all__ = [
     "PREDICTION_TYPES",
     "DDIMSchedule",
     "DDIMStepOutput",
+    "FlowSDESchedule",
+    "Schedule",
     "PredictionType",
     "ddim_log_prob",
     "ddim_posterior",
@@ -25,5 +28,10 @@ __all__ = [
     "ddim_variance",
     "epsilon_from_x0",
     "expand_to",
+    "flow_sde_posterior",
+    "flow_sde_std",
+    "flow_x0",
+    "is_flow_config",
     "predict_x0_and_epsilon",
+    "schedule_from_config",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone
-from ..diffusion import DDIMSchedule
+from ..diffusion import Schedule
 from ..sampling.records import Records
 
 
@@ -81,7 +81,7 @@ class Method(ABC):
     def check_inputs(cls, config: Any) -> None:
         """Fail on unusable inputs (missing data, ...) with a clear error before any model loads."""
 
-    def schedule(self) -> DDIMSchedule:
+    def schedule(self) -> Schedule:
         """The DDIM schedule of sampling (and of the log-probabilities)."""
         return self.backbone.schedule(self.config.sampling.num_inference_steps)
 
@@ -98,7 +98,7 @@ class Method(ABC):
         return records
 
     @abstractmethod
-    def loss(self, backbone: Backbone, schedule: DDIMSchedule, records: Records) -> LossOutput:
+    def loss(self, backbone: Backbone, schedule: Schedule, records: Records) -> LossOutput:
         """The loss of a micro-batch of records (policy with gradient, reference without)."""
 
     def state_dict(self) -> dict[str, Any]:

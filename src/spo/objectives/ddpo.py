@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
-from ..diffusion import DDIMSchedule
+from ..diffusion import Schedule
 from ..sampling import ddim_sample
 from ..sampling.records import Records
 from .base import Collected, LossOutput, Method
@@ -179,7 +179,7 @@ class DDPOMethod(Method):
             adv = batch_advantages(rewards)
         return records.replace(advantage=adv.to(records.reward.device).repeat_interleave(n))
 
-    def loss(self, backbone: Backbone, schedule: DDIMSchedule, records: Records) -> LossOutput:
+    def loss(self, backbone: Backbone, schedule: Schedule, records: Records) -> LossOutput:
         assert isinstance(records, StepRecords)
         s, o = self.config.sampling, self.config.objective
         log_prob = step_log_probs(backbone, schedule, records.cond, records.timesteps, records.x_t, records.x_prev,

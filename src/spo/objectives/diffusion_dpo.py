@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
-from ..diffusion import DDIMSchedule
+from ..diffusion import Schedule
 from ..sampling.records import Records
 from .base import Collected, LossOutput, Method
 
@@ -47,19 +47,14 @@ def diffusion_dpo_loss(err_win: Tensor, err_lose: Tensor, err_win_ref: Tensor, e
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def denoising_errors(backbone: Backbone, schedule: DDIMSchedule, cond: Conditioning, x0: Tensor, timesteps: Tensor,
+def denoising_errors(backbone: Backbone, schedule: Schedule, cond: Conditioning, x0: Tensor, timesteps: Tensor,
                      noise: Tensor, *, reference: bool = False) -> Tensor:
-    """Per-sample mean squared error of the network's prediction at x_t = sqrt(abar_t) x0 +
-    sqrt(1 - abar_t) eps (target eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0)."""
-    abar = schedule.alpha_bar(timesteps.cpu()).to(x0.device, torch.float32).view(-1, *([1] * (x0.ndim - 1)))
-    x_t = abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise.float()
+    """Per-sample mean squared error of the network's prediction at x_t = ``schedule.add_noise``
+    (sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with target eps or v; for a flow model
+    (1 - s) x0 + s eps with target v = eps - x0)."""
+    x_t = schedule.add_noise(x0, noise, timesteps.cpu())
     out = backbone.predict(x_t.to(x0.dtype), timesteps, cond, 1.0, reference=reference).float()
-    if schedule.prediction_type == "epsilon":
-        target = noise.float()
-    elif schedule.prediction_type == "v_prediction":
-        target = abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()
-    else:
-        raise ValueError(f"Diffusion-DPO needs an epsilon or v prediction, not {schedule.prediction_type!r}")
+    target = schedule.training_target(x0, noise, timesteps.cpu())
     return ((out - target) ** 2).mean(dim=tuple(range(1, out.ndim)))
 
 
@@ -133,12 +128,12 @@ class DiffusionDPOMethod(Method):
         if n == 0:
             empty = bb.initial_latents(1, generator)[:0]
             cond = bb.encode_prompts([""], with_negative=False).index(torch.zeros(0, dtype=torch.long))
-            none = torch.zeros(0, dtype=torch.long, device=bb.device)
+            none = torch.zeros(0, dtype=self.schedule().timesteps.dtype, device=bb.device)
             return Collected(LatentPairRecords(cond, empty, empty, none, empty), units=len(items), valid=0)
         images = torch.stack(wins + loses).to(bb.device)
         latents = bb.encode_images(images, generator)
         schedule = self.schedule()
-        timesteps = torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator).to(bb.device)
+        timesteps = schedule.training_timesteps(n, generator).to(bb.device)
         noise = torch.randn(latents[:n].shape, generator=generator).to(bb.device, latents.dtype)
         records = LatentPairRecords(
             cond=bb.encode_prompts(captions, with_negative=False), x0_win=latents[:n], x0_lose=latents[n:],
@@ -146,7 +141,7 @@ class DiffusionDPOMethod(Method):
         )
         return Collected(records=records, units=len(items), valid=n)
 
-    def loss(self, backbone: Backbone, schedule: DDIMSchedule, records: Records) -> LossOutput:
+    def loss(self, backbone: Backbone, schedule: Schedule, records: Records) -> LossOutput:
         assert isinstance(records, LatentPairRecords)
         n = len(records)
         cond = Conditioning.cat([records.cond, records.cond])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
-from ..diffusion import DDIMSchedule, ddim_log_prob
+from ..diffusion import Schedule, ddim_log_prob
 from ..sampling import PoolSampler
 from ..sampling.records import TransitionRecords
 from .base import Collected, Method
@@ -80,7 +80,7 @@ def spo_loss(
 
 def step_log_probs(
     backbone: Backbone,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     cond: Conditioning,
     timesteps: Tensor,
     x_t: Tensor,
@@ -100,7 +100,7 @@ def step_log_probs(
 
 def transition_log_probs(
     backbone: Backbone,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     records: TransitionRecords,
     *,
     guidance_scale: float,
@@ -158,7 +158,7 @@ class SPOObjective:
             eta=s.eta,
         )
 
-    def __call__(self, backbone: Backbone, schedule: DDIMSchedule, records: TransitionRecords) -> SPOLossOutput:
+    def __call__(self, backbone: Backbone, schedule: Schedule, records: TransitionRecords) -> SPOLossOutput:
         kwargs = dict(guidance_scale=self.guidance_scale, eta=self.eta, reduction=self.reduction)
         with torch.no_grad():
             ref_w, ref_l = transition_log_probs(backbone, schedule, records, reference=True, **kwargs)  # type: ignore[arg-type]
@@ -189,7 +189,7 @@ class SPOMethod(Method):
     def make_sampler(config: Any, backbone: Backbone, scorer: Any) -> PoolSampler:
         return PoolSampler.from_config(backbone, scorer, config)
 
-    def schedule(self) -> DDIMSchedule:
+    def schedule(self) -> Schedule:
         return self.sampler.schedule()
 
     def collect(self, items: Any, generator: torch.Generator) -> Collected:
@@ -209,7 +209,7 @@ class SPOMethod(Method):
             },
         )
 
-    def loss(self, backbone: Backbone, schedule: DDIMSchedule, records: Any) -> SPOLossOutput:
+    def loss(self, backbone: Backbone, schedule: Schedule, records: Any) -> SPOLossOutput:
         return self.objective(backbone, schedule, records)
 
 

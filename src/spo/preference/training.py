@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, BackboneLoadError, Conditioning, load_backbone, resolve_dtype
+from ..backbones import Backbone, BackboneLoadError, Conditioning, check_device_request, load_backbone, resolve_dtype
 from ..config import SPOConfig, save_config
 from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
-from ..diffusion import predict_x0_and_epsilon
 from ..errors import local_path
 from ..training.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from ..training.distributed import write_everywhere
+from ..training.output import output_problem, removed_on_failure
 from ..training.metrics import MetricsLog
 from ..training.seeding import derive_seed, generator
 from .clip_scorer import CLIPScorer
@@ -80,11 +80,11 @@ def noised_x0_images(
     t = timesteps.repeat_interleave(2).to(latents.device)
     eps = noise.repeat_interleave(2, dim=0).to(latents)
     schedule = backbone.schedule(1)
-    # noising and the x0 estimate in fp32: alpha-bar rounded to fp16 is ~7% off in sqrt(1 - abar) at small t
-    abar = schedule.alphas_cumprod[t.cpu()].to(latents.device, torch.float32).view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * latents.float() + (1 - abar).sqrt() * eps.float()
+    # noising (DDPM's, or the flow's (1 - s) x0 + s eps) and the x0 estimate in fp32: alpha-bar
+    # rounded to fp16 is ~7% off in sqrt(1 - abar) at small t
+    x_t = schedule.add_noise(latents, eps, t.cpu())
     out = backbone.predict(x_t.to(latents.dtype), t, cond.repeat_interleave(2), guidance_scale)
-    x0, _ = predict_x0_and_epsilon(out, x_t, abar.flatten(), schedule.prediction_type)
+    x0 = schedule.predict_x0(out, t.cpu(), x_t)
     return backbone.decode_for_scoring(x0.to(latents.dtype)).view(n, 2, *images.shape[2:])
 
 
@@ -105,6 +105,10 @@ class SPMTrainer:
         cfg = config.spm
         if not cfg.data:
             raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
+        problem = output_problem(run_dir, resume=resume or bool(list_checkpoints(run_dir, "step")))
+        if problem:
+            raise SPMTrainingError(problem)
+        check_device_request(config.model.device, config.model.dtype, cfg.mixed_precision, "spm.mixed_precision")
         self.clean = config.preference.variant == "clean"  # a clean-image reward model (PickScore-style)
         if config.preference.decoder is not None and not self.clean:  # fail before anything is written
             local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
@@ -114,6 +118,15 @@ class SPMTrainer:
             log_with=(["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else []) or None,
             project_dir=str(self.run_dir / "logs"),
         )
+        if config.train.num_processes is not None and config.train.num_processes != acc.num_processes:
+            raise SPMTrainingError(f"train.num_processes: {config.train.num_processes} processes were asked for, but "
+                                   f"this run has {acc.num_processes}; start it with `accelerate launch "
+                                   f"--num_processes {config.train.num_processes} ...`, or leave it null")
+        with removed_on_failure(self.run_dir, acc.is_main_process):  # a failed start leaves nothing
+            self._set_up(config, resume)
+
+    def _set_up(self, config: SPOConfig, resume: bool) -> None:
+        acc, cfg = self.accelerator, config.spm
         self.resume_from = self._prepare_run_dir(resume)
         acc.wait_for_everyone()
         self.config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_processes=acc.num_processes))
@@ -133,7 +146,7 @@ class SPMTrainer:
             self.backbone.unet.requires_grad_(False)
             if config.preference.decoder is not None:  # the SPM learns on what `spo train` will score
                 self.backbone.load_score_decoder(config.preference.decoder)
-            self.num_train_timesteps = int(self.backbone.schedule(1).alphas_cumprod.numel())
+            self.num_train_timesteps = int(self.backbone.schedule(1).num_train_timesteps)
             self.validation_timesteps = list(cfg.validation_timesteps)
             too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]
             if too_late:
@@ -279,7 +292,8 @@ class SPMTrainer:
                     images = torch.stack([p["images"] for p in pairs])
                     captions = [p["caption"] for p in pairs]
                     labels = self._relabel(images, captions, torch.tensor([p["labels"] for p in pairs]))
-                    t = torch.randint(0, self.num_train_timesteps, (len(pairs),), generator=gen)
+                    t = (torch.randint(0, 1, (len(pairs),), generator=gen) if self.clean
+                         else self.backbone.schedule(1).training_timesteps(len(pairs), gen))
                     noise = self._noise(len(pairs), gen)
                     s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=True)
                     loss = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device))
@@ -333,7 +347,8 @@ class SPMTrainer:
                     continue
                 gen = generator(self.config.seed, "spm-val", t_value, start, acc.process_index)
                 images = torch.stack([p["images"] for _, p in keep])
-                t = torch.full((len(keep),), t_value, dtype=torch.long)
+                t = torch.full((len(keep),), t_value,
+                               dtype=torch.long if self.clean else self.backbone.schedule(1).timesteps.dtype)
                 noise = self._noise(len(keep), gen)
                 s0, s1 = self._score_pairs([p["caption"] for _, p in keep], images, t, noise, gen, grad=False)
                 correct, counted = pair_accuracy(s0.cpu(), s1.cpu(), torch.tensor([p["labels"] for _, p in keep]))

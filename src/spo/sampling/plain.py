@@ -85,7 +85,7 @@ def ddim_sample(
     if return_trajectory:
         return Trajectory(
             states=torch.stack(states, dim=1),
-            timesteps=torch.tensor(timesteps, dtype=torch.long),
+            timesteps=torch.tensor(timesteps, dtype=schedule.timesteps.dtype),
             log_probs=torch.stack(log_probs, dim=1) if log_probs else x.new_zeros(x.shape[0], 0),
         )
     return x

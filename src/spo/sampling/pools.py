@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
-from ..diffusion import DDIMSchedule, predict_x0_and_epsilon
+from ..diffusion import Schedule
 from .pairs import PairRule, Resampler, choose_continuation, choose_pairs
 from .records import TransitionRecords
 
@@ -147,7 +147,7 @@ class PoolSampler:
             **{"decode_batch_size": s.decode_batch_size, **kwargs},
         )
 
-    def schedule(self) -> DDIMSchedule:
+    def schedule(self) -> Schedule:
         return self.backbone.schedule(self.num_inference_steps)
 
     # ------------------------------------------------------------------------------ helpers
@@ -167,7 +167,7 @@ class PoolSampler:
         images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk])  # preference.decoder if set
                             for start in range(0, x0.shape[0], chunk)])
         stats.decoded += images.shape[0]
-        ts = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
+        ts = torch.full((images.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=images.device)
         scores = self.scorer(images, list(prompts), ts).float().to(x0.device)
         stats.scored += images.shape[0]
         return scores
@@ -225,9 +225,7 @@ class PoolSampler:
             end = i + m
             if end < n:
                 out_next = self._predict(cur, ts[end], cond_k, stats)
-                x0_hat, _ = predict_x0_and_epsilon(
-                    out_next, cur, schedule.alpha_bar(ts[end]).to(cur.device), schedule.prediction_type
-                )
+                x0_hat = schedule.predict_x0(out_next, ts[end], cur)
                 score_t = ts[end]
             else:
                 out_next, x0_hat, score_t = None, cur, 0
@@ -251,7 +249,7 @@ class PoolSampler:
                     records.append(
                         TransitionRecords(
                             cond=cond.index(rows),
-                            timesteps=torch.full((rows.numel(),), t_m, dtype=torch.long, device=bb.device),
+                            timesteps=torch.full((rows.numel(),), t_m, dtype=schedule.timesteps.dtype, device=bb.device),
                             x_t_win=x_from[rows, win],
                             x_prev_win=x_to[rows, win],
                             x_t_lose=x_from[rows, lose],
@@ -273,16 +271,16 @@ class PoolSampler:
                 out = out_next.view(batch, k, *out_next.shape[1:])[rows_all, keep]
             i = end
 
-        merged = TransitionRecords.cat(records) if records else _empty_records(cond, x)
+        merged = TransitionRecords.cat(records) if records else _empty_records(cond, x, schedule.timesteps.dtype)
         return Rollout(records=merged, stats=stats, final_latents=x)
 
 
-def _empty_records(cond: Conditioning, x: Tensor) -> TransitionRecords:
+def _empty_records(cond: Conditioning, x: Tensor, timestep_dtype: torch.dtype) -> TransitionRecords:
     none = torch.zeros(0, dtype=torch.long, device=x.device)
     empty_x = x[:0]
     return TransitionRecords(
         cond=cond.index(none),
-        timesteps=none,
+        timesteps=torch.zeros(0, dtype=timestep_dtype, device=x.device),
         x_t_win=empty_x,
         x_prev_win=empty_x,
         x_t_lose=empty_x,

@@ -42,7 +42,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone
-from ..diffusion import predict_x0_and_epsilon
 from ..sampling import ddim_sample
 from ..sampling.pairs import softmax_gap
 from ..training.seeding import derive_seed
@@ -132,8 +131,7 @@ def draw_pools(backbone: Backbone, settings: PoolAccuracySettings, progress: boo
         if i + 1 < len(ts):
             score_t = ts[i + 1]
             out_next = backbone.predict(candidates, score_t, cond_k, cfg)
-            x0_hat, _ = predict_x0_and_epsilon(out_next, candidates, schedule.alpha_bar(score_t).to(candidates.device),
-                                               schedule.prediction_type)
+            x0_hat = schedule.predict_x0(out_next, score_t, candidates)
         else:
             score_t, x0_hat = 0, candidates
         finals = []
