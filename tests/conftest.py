@@ -32,6 +32,13 @@ def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from spo.backbones.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd3", tmp_path_factory.mktemp("tiny-sd3"), seed=0)
+
+
 @pytest.fixture(params=["sd15", "sdxl"])
 def tiny_path(request: pytest.FixtureRequest) -> tuple[str, Path]:
     """(kind, directory) for each tiny pipeline."""

@@ -18,7 +18,9 @@ from spo.training import SPOTrainer
 
 def main() -> None:
     model, prompts, run = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    config = load_config("sd15", [
+    preset = sys.argv[4] if len(sys.argv) > 4 else "sd15"  # sd3: the flow SDE through the same trainer
+    extra = ["pools.kappa=null", "pools.divert_start_step=2", "lora.rank=4", "lora.alpha=4"] if preset == "sd3" else []
+    config = load_config(preset, [*extra,
         f"model.pretrained={model}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
         "train.mixed_precision=no", f"data.prompts={prompts}", "train.rounds=4", "train.prompts_per_round=2",
         "train.batch_size=4", "sampling.num_inference_steps=8", "pools.threshold=0.0", "optimizer.lr=1e-3",

@@ -111,3 +111,19 @@ def test_a_write_failing_on_one_process_stops_both_with_the_same_error(tiny_sd15
         assert "OSError: [Errno 28] No space left on device" in message, message
         assert ranks[0]["checkpoints"] == checkpoints and ranks[0]["hidden"] == [], (name, ranks[0])
     assert not (tmp_path / "final_lora" / "lora").exists()
+
+
+def test_two_process_training_on_a_flow_model(tiny_sd3_path: Path, tmp_path: Path) -> None:
+    """SPO on the tiny SD3 pipeline (flow SDE) on two gloo ranks: both ranks, the same LoRA."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green stars\na yellow cat\n")
+    run = tmp_path / "run"
+    proc = _launch(SCRIPT, str(tiny_sd3_path), str(prompts), str(run), "sd3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((run / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert ranks[0]["weights_hash"] == pytest.approx(ranks[1]["weights_hash"], rel=1e-12, abs=1e-12)
+    rounds = [e for e in read_metrics(run / "metrics.jsonl") if e["type"] == "round"]
+    assert [e["num_processes"] for e in rounds] == [2, 2, 2, 2]
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -14,10 +14,11 @@ from .base import (
     resolve_dtype,
 )
 from .lora import DEFAULT_TARGETS, LoRASettings, attach_lora, lora_state_dict
+from .sd3 import SD3Backbone
 from .sd15 import SD15Backbone
 from .sdxl import SDXLBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {"sd15": SD15Backbone, "sdxl": SDXLBackbone}
+BACKBONES: dict[str, type[Backbone]] = {"sd15": SD15Backbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}
 
 
 def load_backbone(model_config: Any, negative_prompt: str | None = None) -> Backbone:
@@ -55,6 +56,7 @@ __all__ = [
     "Conditioning",
     "LoRASettings",
     "SD15Backbone",
+    "SD3Backbone",
     "SDXLBackbone",
     "attach_lora",
     "check_device_request",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..diffusion import DDIMSchedule
+from ..diffusion import Schedule, schedule_from_config
 from ..errors import ModelLoadError, local_path
 from .lora import LoRASettings, attach_lora, lora_state_dict
 
@@ -116,9 +116,11 @@ class Conditioning:
         return self.negative_prompt_embeds is not None
 
 
-def check_device_request(device: str | None, dtype: str | torch.dtype) -> None:
+def check_device_request(device: str | None, dtype: str | torch.dtype, mixed_precision: str = "no",
+                         mixed_precision_key: str = "train.mixed_precision") -> None:
     """Refuse what cannot be honoured, before anything loads: a CUDA device on a machine without
-    CUDA, float16 weights on the CPU (``device`` None = CUDA when available, else the CPU)."""
+    CUDA, float16 weights on the CPU (``device`` None = CUDA when available, else the CPU), fp16
+    autocast on the CPU (accelerate would quietly train in float32)."""
     if device is not None:
         try:
             kind = torch.device(device).type
@@ -130,6 +132,9 @@ def check_device_request(device: str | None, dtype: str | torch.dtype) -> None:
     on_cpu = (torch.device(device).type == "cpu") if device is not None else not torch.cuda.is_available()
     if on_cpu and resolve_dtype(dtype) == torch.float16:
         raise ModelLoadError("model.dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+    if on_cpu and mixed_precision == "fp16":
+        raise ModelLoadError(f"{mixed_precision_key}: 'fp16' autocast is not available on the CPU (accelerate would "
+                             "silently train in float32); use 'no' or 'bf16'")
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -240,6 +245,9 @@ class Backbone(ABC):
             extra["vae"] = _load_vae(vae, torch_dtype)
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
         try:
+            for name, entry in pipeline_cls.load_config(pretrained, revision=revision).items():
+                if isinstance(entry, (list, tuple)) and list(entry) == [None, None]:
+                    extra.setdefault(name, None)  # saved without it (SD3 without T5): loaded without it
             pipeline = pipeline_cls.from_pretrained(
                 pretrained, revision=revision, variant=variant, **dtype_kwarg(torch_dtype), **extra
             )
@@ -266,7 +274,7 @@ class Backbone(ABC):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.negative_prompt = negative_prompt
-        self.unet = pipeline.unet
+        self.unet = self._denoiser(pipeline)
         self.vae = getattr(pipeline, "vae", None)  # None: a pixel-space model, decode = identity
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.resolution = int(resolution or self.unet.config.sample_size * self.vae_scale_factor)
@@ -274,7 +282,7 @@ class Backbone(ABC):
         #: the module ``predict`` calls for the policy (a DDP wrapper of ``unet`` in training)
         self.policy_forward: torch.nn.Module | None = None
         self._reference_active = False
-        self._schedules: dict[int, DDIMSchedule] = {}
+        self._schedules: dict[int, Schedule] = {}
         #: (prompt, with_negative) -> its text-encoder outputs, one row (most recently used last)
         self._prompt_cache: OrderedDict[tuple[str, bool], Conditioning] = OrderedDict()
         self.lora_settings: LoRASettings | None = None
@@ -287,6 +295,14 @@ class Backbone(ABC):
             self.vae.to(dtype=self._vae_dtype())
 
     # ----------------------------------------------------------------------- loading helpers
+    #: the prefix of the denoiser's keys in the pipeline's LoRA files (``unet``; SD3: ``transformer``)
+    lora_prefix: str = "unet"
+
+    def _denoiser(self, pipeline: Any) -> torch.nn.Module:
+        """The network that predicts (noise, v or velocity): ``pipeline.unet``; SD3 overrides it
+        with its transformer. The backbone calls it ``unet`` whatever it is."""
+        return pipeline.unet
+
     def _frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
 
@@ -305,10 +321,11 @@ class Backbone(ABC):
         side = self.resolution // self.vae_scale_factor
         return (int(self.unet.config.in_channels), side, side)
 
-    def schedule(self, num_inference_steps: int) -> DDIMSchedule:
-        """The model's DDIM schedule (from its own scheduler config), built once per step count."""
+    def schedule(self, num_inference_steps: int) -> Schedule:
+        """The model's sampling schedule, built once per step count from its own scheduler: DDIM
+        for noise-prediction models, the flow SDE for flow-matching ones."""
         if num_inference_steps not in self._schedules:
-            self._schedules[num_inference_steps] = DDIMSchedule.from_config(self.pipeline.scheduler.config, num_inference_steps)
+            self._schedules[num_inference_steps] = schedule_from_config(self.pipeline.scheduler, num_inference_steps)
         return self._schedules[num_inference_steps]
 
     def initial_latents(self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
@@ -322,6 +339,10 @@ class Backbone(ABC):
     #: how many prompts' text-encoder outputs are kept (the text encoders are frozen, so a prompt
     #: always encodes the same); 0 turns the cache off
     prompt_cache_size: int = 1024
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Refuse prompts this model cannot be conditioned on (a closed vocabulary); raises a
+        ``ValueError`` naming the first one. Open-vocabulary backbones accept any text."""
 
     def encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
         """Encode prompts (and the negative prompt for classifier-free guidance).
@@ -407,17 +428,17 @@ class Backbone(ABC):
         dtype = self._unet_dtype(unet)
         context = self.reference_model() if (reference and not self._reference_active) else contextlib.nullcontext()
         with context:
-            out = unet(
-                x_in.to(dtype),
-                t_in,
-                encoder_hidden_states=hidden.to(dtype),
-                added_cond_kwargs=None if added is None else {k: v.to(dtype) for k, v in added.items()},
-                return_dict=False,
-            )[0]
+            out = self._forward(unet, x_in.to(dtype), t_in, hidden.to(dtype),
+                                None if added is None else {k: v.to(dtype) for k, v in added.items()})
         if guided:
             out_uncond, out_cond = out.float().chunk(2)  # combine in fp32: w amplifies rounding
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         return out
+
+    def _forward(self, net: torch.nn.Module, x: Tensor, t: Tensor, hidden: Tensor,
+                 added: dict[str, Tensor] | None) -> Tensor:
+        """One call of the denoiser (a ``UNet2DConditionModel``'s signature)."""
+        return net(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
     def _unet_dtype(self, unet: torch.nn.Module) -> torch.dtype:
         module = getattr(unet, "module", unet)  # through a DDP wrapper
@@ -430,7 +451,8 @@ class Backbone(ABC):
             return x0.float().clamp(-1, 1)
         latents = x0.to(self.vae.dtype)
         scale, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
-        latents = latents * stats[1] / scale + stats[0] if stats else latents / scale
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE: z = latents / scale + shift
+        latents = latents * stats[1] / scale + stats[0] if stats else latents / scale + shift
         images = self.vae.decode(latents, return_dict=False)[0]
         return images.clamp(-1, 1)
 
@@ -487,7 +509,8 @@ class Backbone(ABC):
         posterior = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
         scale, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
-        scaled = (latents - stats[0]) * scale / stats[1] if stats else latents * scale
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        scaled = (latents - stats[0]) * scale / stats[1] if stats else (latents - shift) * scale
         return scaled.to(self.dtype)
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -572,8 +595,8 @@ class Backbone(ABC):
                     for k, v in self.unet.peft_config[self._adapter_name].to_dict().items()}
         type(self.pipeline).save_lora_weights(
             save_directory=str(directory),
-            unet_lora_layers=self.lora_state_dict(),
             safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
+            **{f"{self.lora_prefix}_lora_layers": self.lora_state_dict(),
+               f"{self.lora_prefix}_lora_adapter_metadata": metadata},
         )
         return directory / "pytorch_lora_weights.safetensors"

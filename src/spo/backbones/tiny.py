@@ -174,12 +174,42 @@ def build_tiny_sdxl(seed: int = 0, force_zeros_for_empty_prompt: bool = True) ->
     )
 
 
+def build_tiny_sd3(seed: int = 0) -> Any:
+    """A StableDiffusion3Pipeline with tiny random weights and no T5 (as diffusers allows): the
+    transformer and VAE of diffusers' own SD3 pipeline tests (MMDiT, 1 layer, 32x32 latents of 4
+    channels, VAE shift 0.0609 / scale 1.5035), two projected CLIP text encoders (hidden 32,
+    pooled 32 + 32 = the transformer's 64), byte-level tokenizers built offline, and SD3's
+    ``FlowMatchEulerDiscreteScheduler`` (shift 3.0, SD3-medium's)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden=32, projection=32)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden=32, projection=32)),
+        tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
 def save_tiny_pipeline(
     kind: str, directory: str | Path, seed: int = 0, fit_vae_steps: int = 0, **kwargs: Any
 ) -> Path:
-    """Build a tiny ``sd15`` or ``sdxl`` pipeline and ``save_pretrained`` it to ``directory``
-    (``fit_vae_steps`` > 0: first teach its VAE to reconstruct, see :func:`fit_tiny_vae`)."""
-    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
+    """Build a tiny ``sd15``, ``sdxl`` or ``sd3`` pipeline and ``save_pretrained`` it to
+    ``directory`` (``fit_vae_steps`` > 0: first teach its VAE to reconstruct, see :func:`fit_tiny_vae`)."""
+    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
     if kind not in builders:
         raise ValueError(f"unknown tiny pipeline {kind!r}; expected one of {sorted(builders)}")
     directory = Path(directory)

@@ -44,7 +44,7 @@ __all__ = [
     "SPOConfig",
 ]
 
-Backbone = Literal["sd15", "sdxl", "toy"]
+Backbone = Literal["sd15", "sdxl", "sd3", "toy"]
 """Supported diffusion backbones."""
 
 DType = Literal["float32", "float16", "bfloat16"]

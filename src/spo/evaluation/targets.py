@@ -71,7 +71,7 @@ def model_loader(config: SPOConfig) -> Any:
     def load(model: EvalModel) -> Backbone:
         backbone = load_backbone(config.model, config.sampling.negative_prompt)
         if model.lora is not None:
-            backbone.unet.load_lora_adapter(model.lora, prefix="unet", weight_name=LORA_FILE)
+            backbone.unet.load_lora_adapter(model.lora, prefix=backbone.lora_prefix, weight_name=LORA_FILE)
             backbone.unet.requires_grad_(False)
         return backbone
 
