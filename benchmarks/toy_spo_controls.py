@@ -64,7 +64,8 @@ def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
 
 
 def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, overrides: list[str],
-            progress: bool, eval_prompts: int = 0, eval_seeds: int = 3) -> dict[str, Any]:
+            progress: bool, eval_prompts: int = 0, eval_seeds: int = 3, eval_eta: float = 1.0,
+            preset: str = "toy") -> dict[str, Any]:
     run_dir = out / label / f"seed{seed}" / "spo"
     scorer, judge_overrides = judge_setup(name, seed)
     results = {}
@@ -73,7 +74,7 @@ def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, ove
         eval_dir = run_dir.parent / f"eval-r{budget}"
         if not (eval_dir / "eval.json").exists():
             if not kept.exists():
-                config = load_config("toy", [f"seed={seed}", *judge_overrides, *overrides, f"train.rounds={budget}",
+                config = load_config(preset, [f"seed={seed}", *judge_overrides, *overrides, f"train.rounds={budget}",
                                              "logging.keep_checkpoints=1"])
                 trainer = SPOTrainer(config, run_dir, scorer=scorer, resume=bool(list_checkpoints(run_dir)),
                                      progress=progress)
@@ -86,7 +87,7 @@ def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, ove
             start = time.perf_counter()
             prompts = load_prompts("toy:validation-prompts")
             evaluate_run(run_dir, prompts[:eval_prompts] if eval_prompts else prompts, eval_dir, seeds=eval_seeds,
-                         guidance_scale=3.0, num_inference_steps=20, lora=kept,
+                         guidance_scale=3.0, num_inference_steps=20, eta=eval_eta, lora=kept,
                          base_cache=out / f"base-eval-{eval_prompts or len(prompts)}x{eval_seeds}")
             (eval_dir / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
         result = base_vs_fine_tuned(json.loads((eval_dir / "eval.json").read_text()))
@@ -163,6 +164,10 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--eval-prompts", type=int, default=0, help="the first N validation prompts (0: all 24)")
     parser.add_argument("--eval-seeds", type=int, default=3, help="sampling seeds per evaluation prompt")
+    parser.add_argument("--eval-eta", type=float, default=1.0,
+                        help="DDIM eta of the evaluation sampler (1.0, as the toy preset trains); for the flow toy "
+                        "model (preset toy-flow) its SDE noise level")
+    parser.add_argument("--preset", default="toy", help="the base preset of every run (toy, or toy-flow)")
     parser.add_argument("--table", action="store_true", help="only print --output's results as a markdown table")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
@@ -185,7 +190,8 @@ def main() -> None:
         for seed in args.seeds:
             print(f"== judge {label}, seed {seed}", flush=True)
             entry["runs"][str(seed)] = run_one(label, name, seed, args.budgets, args.output_dir, args.overrides,
-                                               not args.no_progress, args.eval_prompts, args.eval_seeds)
+                                               not args.no_progress, args.eval_prompts, args.eval_seeds, args.eval_eta,
+                                               args.preset)
         entry["overrides"] = args.overrides
         entry["summary"] = summarise(entry["runs"])
         report["judges"][label] = entry

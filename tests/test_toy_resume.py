@@ -68,3 +68,22 @@ def test_spo_toy_pretrain_resume_through_the_cli(tmp_path: Path, capsys: pytest.
     assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "--resume" in err
     assert main(["toy", "pretrain", "--output", str(out), "--steps", "6", "--batch-size", "4", "--resume"]) == 0
     assert json.loads((out / "pretrain.json").read_text())["settings"]["steps"] == 6
+
+
+def test_flow_pretraining_in_miniature(tmp_path: Path) -> None:
+    """`spo toy pretrain --objective flow`: the same networks with a flow-matching scheduler,
+    loaded back as a flow backbone (its schedule is the flow SDE), resumable like the other."""
+    from spo.diffusion import FlowSDESchedule
+    from spo.toy.model import ToyBackbone
+
+    settings = PretrainSettings(steps=6, batch_size=4, snapshots=[])
+    summary = pretrain(tmp_path / "whole", settings, progress=False, objective="flow", checkpoint_every=2)
+    assert summary["objective"] == "flow" and summary["loss_last_100"] > 0
+    pretrain(tmp_path / "cut", settings, progress=False, objective="flow", checkpoint_every=2, stop_after=3)
+    with pytest.raises(ToyTrainingError, match="objective"):  # an epsilon run cannot resume a flow one
+        pretrain(tmp_path / "cut", settings, progress=False, resume=True)
+    pretrain(tmp_path / "cut", settings, progress=False, objective="flow", checkpoint_every=2, resume=True)
+    _same_files(tmp_path / "whole" / "base" / "unet" / "diffusion_pytorch_model.safetensors",
+                tmp_path / "cut" / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    backbone = ToyBackbone.from_pretrained(str(tmp_path / "whole" / "base"), device="cpu")
+    assert isinstance(backbone.schedule(4), FlowSDESchedule)

@@ -23,7 +23,7 @@ TOY_BUILD_VERSIONS = ("v1", "v2")
 TOY_REWARD_VERSIONS = ("v1",)
 #: the version that ``toy:pickscore`` / ``toy:spm`` / ``toy:clip`` name (``toy:spm-v1`` names one)
 TOY_DEFAULT_VERSION = "v1"
-TOY_WEIGHT_NAMES = ("base", *TOY_REWARD_MODELS,
+TOY_WEIGHT_NAMES = ("base", "base-flow", *TOY_REWARD_MODELS,
                     *(f"{m}-{v}" for v in TOY_REWARD_VERSIONS for m in TOY_REWARD_MODELS))
 TOY_PROMPT_SETS = ("training-prompts", "validation-prompts")
 #: the shipped toy generic preference pairs (Pick-a-Pic format, the v1 build's ``preference-data``):

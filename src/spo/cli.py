@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .builtin import TOY_BUILD_VERSIONS
 
@@ -20,10 +20,12 @@ DEMO_PROMPTS = [
 
 def _split_positionals(values: Sequence[str]) -> tuple[str | None, list[str]]:
     """``[SOURCE] [key=value ...]``: the one item without '=' is the preset or YAML file."""
+    from .config import ConfigError
+
     sources = [v for v in values if "=" not in v]
     overrides = [v for v in values if "=" in v]
     if len(sources) > 1:
-        raise SystemExit(f"error: expected at most one preset or config file, got {sources}")
+        raise ConfigError(f"expected at most one preset or config file, got {sources}")
     return (sources[0] if sources else None), overrides
 
 
@@ -158,7 +160,7 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from .toy.pretrain import PretrainSettings, pretrain
 
     settings = PretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    summary = pretrain(args.output, settings, resume=args.resume)
+    summary = pretrain(args.output, settings, resume=args.resume, objective=args.objective, device=args.device)
     _summary([
         ("output", f"{args.output}/base (and snapshots)"),
         ("steps", str(settings.steps)),
@@ -340,7 +342,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     source, overrides = _split_positionals(args.config)
     if source is not None:
-        raise SystemExit(f"error: spo demo runs the toy preset; give only key=value overrides, not {source!r}")
+        from .config import ConfigError
+
+        raise ConfigError(f"spo demo runs the toy preset; give only key=value overrides, not {source!r}")
     out = run_demo(args.output, [f"seed={args.seed}", *overrides], eval_seeds=args.seeds, eval_prompts=args.eval_prompts)
     ev, train = out["eval"], out["train"]
     print(format_table(ev))
@@ -369,8 +373,16 @@ def _summary(rows: Sequence[tuple[str, str]]) -> None:
     print(line)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one ``error:`` line (exit 2), the usage on
+    ``--help`` only."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spo",
         description="Step-by-step Preference Optimization (SPO) for text-to-image diffusion models.",
     )
@@ -423,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=_positive_int, default=3600)
     pre.add_argument("--batch-size", type=_positive_int, default=64)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--objective", choices=["epsilon", "flow"], default="epsilon",
+                     help="epsilon: DDPM noise prediction (the shipped toy:base); flow: rectified flow, as SD3 "
+                     "(the shipped toy:base-flow)")
+    pre.add_argument("--device", default="cpu", help="where the networks run (cuda: a GPU; the random draws stay "
+                     "on the CPU)")
     pre.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its latest checkpoint (OUTPUT/pretrain-run)")
     pre.set_defaults(func=cmd_toy_pretrain, config=[])
@@ -483,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", help="default: RUN_DIR/report.html")
     report.set_defaults(func=cmd_report, config=[])
 
-    tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl pipeline (for tests and trials)")
-    tiny.add_argument("kind", choices=["sd15", "sdxl"])
+    tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl/sd3 pipeline (for tests and trials)")
+    tiny.add_argument("kind", choices=["sd15", "sdxl", "sd3"])
     tiny.add_argument("output")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--clip", action="store_true", help="also save a tiny CLIPModel to OUTPUT/clip (a scorer)")

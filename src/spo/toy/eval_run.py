@@ -51,6 +51,7 @@ def evaluate_run(
     seeds: int = 3,
     guidance_scale: float = 3.0,
     num_inference_steps: int = 20,
+    eta: float = 1.0,
     reward: str | None = EVAL_REWARD,
     lora: str | Path | None = None,
     base_cache: str | Path | None = None,
@@ -64,7 +65,8 @@ def evaluate_run(
     LoRA, e.g. a copy kept from an earlier point of the run. ``base_cache`` (a directory) keeps
     the base model's images and scores, so that many runs of one base model are evaluated
     against one sampling of it. Noise: one generator per seed over the whole prompt set (the
-    layout every toy result in docs/toy-world.md was measured with).
+    layout every toy result in docs/toy-world.md was measured with). ``eta``: DDIM's (1.0, as
+    the toy preset trains), or for the flow toy model the SDE's noise level.
 
     Returns eval.json's content plus, for the toy benchmarks, ``base`` / ``fine_tuned`` /
     ``difference`` (the fine-tuned model's), ``grid`` and ``prompts``."""
@@ -76,7 +78,7 @@ def evaluate_run(
     models = [EvalModel(BASE, str(base_dir))]
     if lora_dir is not None:
         models.append(EvalModel("fine_tuned", str(base_dir), lora=str(lora_dir), run=str(target), method=_method_of(target)))
-    protocol = Protocol(list(prompts), source, seeds=seeds, seed=0, num_inference_steps=num_inference_steps, eta=1.0,
+    protocol = Protocol(list(prompts), source, seeds=seeds, seed=0, num_inference_steps=num_inference_steps, eta=eta,
                         guidance_scale=guidance_scale, noise="per_seed", extra={"reward_model": reward})
     result = evaluate(models, protocol, toy_scorers(reward), output, load_model=load_toy_model,
                       batch_size=len(prompts), image_dirs={BASE: Path(base_cache)} if base_cache else None,

@@ -109,9 +109,15 @@ class ToyPipeline:
         StableDiffusionPipeline.save_lora_weights(**kwargs)
 
 
-def build_toy_pipeline(seed: int = 0) -> ToyPipeline:
-    """An untrained toy model (a 1.3 M-parameter UNet, a 0.1 M text encoder), weights from ``seed``."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+#: what the toy base model learns to predict: the noise (DDPM, the default and the paper's
+#: setting) or the velocity of rectified flow (the SD3 family's objective)
+OBJECTIVES = ("epsilon", "flow")
+
+
+def build_toy_pipeline(seed: int = 0, objective: str = "epsilon") -> ToyPipeline:
+    """An untrained toy model (a 1.3 M-parameter UNet, a 0.1 M text encoder), weights from
+    ``seed``; ``objective="flow"`` gives it a flow-matching scheduler (same networks)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -128,17 +134,33 @@ def build_toy_pipeline(seed: int = 0) -> ToyPipeline:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
     )
-    # SD's conventions (1000 steps, epsilon, leading spacing + offset 1), with the linear beta
-    # schedule that trains better in pixel space (environment notes)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown toy objective {objective!r}; expected one of {list(OBJECTIVES)}")
+    if objective == "flow":  # SD3's scheduler class; no shift at 32x32 (SD3 shifts for 1024 px)
+        scheduler: Any = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:
+        # SD's conventions (1000 steps, epsilon, leading spacing + offset 1), with the linear beta
+        # schedule that trains better in pixel space (environment notes)
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+            prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        )
     return ToyPipeline(unet, text_encoder, tokenizer, scheduler)
 
 
+def _scheduler_class(directory: Path) -> Any:
+    """The saved scheduler's class (the toy models ship a DDIM or a flow-matching one)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    try:
+        name = json.loads((directory / "scheduler_config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        name = None
+    return FlowMatchEulerDiscreteScheduler if name == "FlowMatchEulerDiscreteScheduler" else DDIMScheduler
+
+
 def load_toy_pipeline(directory: str | Path, dtype: torch.dtype = torch.float32) -> ToyPipeline:
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     directory = Path(directory)
@@ -149,7 +171,7 @@ def load_toy_pipeline(directory: str | Path, dtype: torch.dtype = torch.float32)
             UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype),
             CLIPTextModel.from_pretrained(directory / "text_encoder", dtype=dtype),
             CLIPTokenizer.from_pretrained(directory / "tokenizer"),
-            DDIMScheduler.from_pretrained(directory / "scheduler"),
+            _scheduler_class(directory / "scheduler").from_pretrained(directory / "scheduler"),
         )
     except (OSError, ValueError) as err:
         raise BackboneLoadError(f"model.pretrained: could not load the toy model in {str(directory)!r}: {err}") from err
@@ -178,6 +200,15 @@ class ToyBackbone(Backbone):
         pipeline = load_toy_pipeline(path, resolve_dtype(dtype))
         return cls(pipeline, device=resolve_device(device), dtype=dtype, negative_prompt=negative_prompt,
                    resolution=resolution or RESOLUTION)
+
+    def check_prompts(self, prompts: Any) -> None:
+        """The toy world's vocabulary is its grammar: a prompt outside it would be conditioned on
+        subword noise, silently. Raises :class:`~spo.toy.grammar.PromptGrammarError`."""
+        from .grammar import parse_prompt
+
+        for prompt in prompts:
+            if prompt:  # "" is the unconditional prompt
+                parse_prompt(prompt)
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: Any, *, with_negative: bool = True) -> Conditioning:

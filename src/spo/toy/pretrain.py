@@ -75,25 +75,36 @@ def training_batch(rng: np.random.Generator, size: int, settings: PretrainSettin
 def _encode(pipeline: ToyPipeline, prompts: list[str]) -> torch.Tensor:
     ids = pipeline.tokenizer(prompts, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-    return pipeline.text_encoder(ids)[0]
+    return pipeline.text_encoder(ids.to(pipeline.text_encoder.device))[0]
 
 
 def pretrain(output: str | Path, settings: PretrainSettings | None = None, progress: bool = True, *,
-             resume: bool = False, checkpoint_every: int = 100, stop_after: int | None = None) -> dict:
+             resume: bool = False, checkpoint_every: int = 100, stop_after: int | None = None,
+             objective: str = "epsilon", device: str = "cpu") -> dict:
     """Train the toy base model; writes ``OUTPUT/base`` (EMA weights), snapshots
     ``OUTPUT/snapshot-NNNNN`` and ``OUTPUT/pretrain.json``; returns the summary.
 
     Every ``checkpoint_every`` steps the loop state goes to ``OUTPUT/pretrain-run/checkpoints``;
     ``resume`` continues from the latest one to the same weights as an uninterrupted run.
-    ``stop_after``: stop after that many steps in total, as an interruption would (tests)."""
+    ``stop_after``: stop after that many steps in total, as an interruption would (tests).
+
+    ``objective="flow"`` trains the same networks on the same data with the rectified-flow
+    objective instead (SD3's): x_s = (1 - s) x0 + s eps with s logit-normal(0, 1), target
+    v = eps - x0, network timestep 1000 s; the model gets a flow-matching scheduler.
+
+    ``device`` runs the networks there (a GPU); every random draw stays on the CPU, so the data,
+    noise and timesteps are the CPU run's and only the arithmetic differs."""
     settings = settings or PretrainSettings()
     output = Path(output)
     run_dir = output / "pretrain-run"
+    # the objective is recorded beside the settings (the epsilon build's records predate it)
     wanted = json.loads(json.dumps(asdict(settings)))
+    if objective != "epsilon":
+        wanted["objective"] = objective
     resume_from = resume_point(run_dir, resume, "toy pretraining")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    pipeline = build_toy_pipeline(seed=settings.seed)
+    pipeline = build_toy_pipeline(seed=settings.seed, objective=objective).to(device)
     unet, text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
@@ -104,9 +115,12 @@ def pretrain(output: str | Path, settings: PretrainSettings | None = None, progr
     done, history = 0, {"losses": [], "seconds": 0.0}
     if resume_from is not None:
         done, history = load_loop(resume_from, tensors=state_tensors, optimizer=optimizer, rng=rng, settings=wanted)
-    alphas = pipeline.scheduler.alphas_cumprod
+    alphas = getattr(pipeline.scheduler, "alphas_cumprod", None)
     snapshot_steps = set(settings.snapshot_steps())
     losses: list[float] = list(history["losses"])
+    # where each stretch of steps ran (a resumed run may change device): part of the record
+    segments = list(history.get("segments", [{"from_step": 0, "device": "not recorded"}] if done else []))
+    segments.append({"from_step": done, "device": _device_name(device)})
     start = time.perf_counter() - float(history["seconds"])
     end = settings.steps if stop_after is None else min(stop_after, settings.steps)
     with tqdm(total=settings.steps, initial=done, desc="toy pretraining", unit="step", disable=not progress) as bar:
@@ -114,12 +128,20 @@ def pretrain(output: str | Path, settings: PretrainSettings | None = None, progr
             x0, prompts = training_batch(rng, settings.batch_size, settings)
             drop = rng.random(len(prompts)) < settings.cfg_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop)]
-            t = torch.randint(0, len(alphas), (len(prompts),))
-            noise = torch.randn_like(x0)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            if objective == "flow":
+                s = torch.sigmoid(torch.randn(len(prompts)))  # logit-normal(0, 1), as SD3 trains
+                noise = torch.randn_like(x0)
+                x_t = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+                t, target = s * 1000, noise - x0
+            else:
+                t = torch.randint(0, len(alphas), (len(prompts),))
+                noise = torch.randn_like(x0)
+                a = alphas[t].view(-1, 1, 1, 1)
+                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                target = noise
+            x_t, t, target = x_t.to(device), t.to(device), target.to(device)
             pred = unet(x_t, t, encoder_hidden_states=_encode(pipeline, prompts), return_dict=False)[0]
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -137,15 +159,23 @@ def pretrain(output: str | Path, settings: PretrainSettings | None = None, progr
                 _save_ema(pipeline, params, ema, output / name)
             if step % checkpoint_every == 0 and step != settings.steps:
                 save_loop(run_dir, step, tensors=state_tensors, optimizer=optimizer, rng=rng, settings=wanted,
-                          history={"losses": losses, "seconds": time.perf_counter() - start})
+                          history={"losses": losses, "seconds": time.perf_counter() - start, "segments": segments})
     if end < settings.steps:
         return {"settings": wanted, "stopped_after": end}
     seconds = time.perf_counter() - start
-    summary = {"settings": asdict(settings), "seconds": round(seconds, 1),
+    summary = {"settings": asdict(settings), **({"objective": objective} if objective != "epsilon" else {}),
+               **({"segments": segments} if len(segments) > 1 or torch.device(device).type != "cpu" else {}),
+               "seconds": round(seconds, 1),
                "steps_per_second": round(settings.steps / seconds, 3),
                "loss_first_100": float(np.mean(losses[:100])), "loss_last_100": float(np.mean(losses[-100:]))}
     (output / "pretrain.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return str(device)
 
 
 def _save_ema(pipeline: ToyPipeline, params: list[torch.nn.Parameter], ema: list[torch.Tensor], directory: Path) -> None:
