@@ -41,7 +41,14 @@ def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(params=["sd15", "sdxl"])
 def tiny_path(request: pytest.FixtureRequest) -> tuple[str, Path]:
-    """(kind, directory) for each tiny pipeline."""
+    """(kind, directory) for each tiny UNet pipeline."""
+    return request.param, request.getfixturevalue(f"tiny_{request.param}_path")
+
+
+@pytest.fixture(params=["sd15", "sdxl", "sd3"])
+def tiny_any_path(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(kind, directory) for each tiny pipeline, the flow model (SD3) included: for what must work
+    through the backbone interface whatever the model family."""
     return request.param, request.getfixturevalue(f"tiny_{request.param}_path")
 
 

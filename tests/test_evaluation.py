@@ -94,10 +94,10 @@ def test_each_image_has_its_own_noise_whatever_the_batch(tiny_run: Path, tmp_pat
     assert len({image_seed(0, s, i) for s in range(3) for i in range(100)}) == 300
 
 
-def test_base_and_fine_tuned_share_the_noise(tiny_path: tuple[str, Path], tmp_path: Path) -> None:
+def test_base_and_fine_tuned_share_the_noise(tiny_any_path: tuple[str, Path], tmp_path: Path) -> None:
     """A LoRA that changes nothing (B = 0 at init) gives the base's images exactly: the same noise
     per (prompt, seed), so paired differences are exactly zero (SD-1.5 and SDXL)."""
-    kind, path = tiny_path
+    kind, path = tiny_any_path
     run = tmp_path / "zero-run"
     config = load_config(kind, [f"model.pretrained={path}", "model.resolution=32", "model.device=cpu",
                                 "model.dtype=float32", "model.vae=null", "sampling.num_inference_steps=4",

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo.backbones import LoRASettings, SD15Backbone, SDXLBackbone
+from spo.backbones import LoRASettings, SD15Backbone, SD3Backbone, SDXLBackbone
 from spo.config import load_config
 from spo.objectives import SPOObjective, spo_loss, transition_log_probs
 from spo.sampling import PoolSampler
 
-BACKBONES = {"sd15": SD15Backbone, "sdxl": SDXLBackbone}
+BACKBONES = {"sd15": SD15Backbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}
 
 
 def _reference_loss(lw, lwr, ll, llr, beta, eps):  # noqa: ANN001, ANN202
@@ -74,8 +74,8 @@ def _rollout(kind: str, path: Path, inner_steps: int = 1):  # noqa: ANN202
     return backbone, sampler, sampler.rollout(["a red circle", "a blue square"], torch.Generator().manual_seed(0)).records
 
 
-def test_first_step_loss_is_log2(tiny_path: tuple[str, Path]) -> None:
-    kind, path = tiny_path
+def test_first_step_loss_is_log2(tiny_any_path: tuple[str, Path]) -> None:
+    kind, path = tiny_any_path
     backbone, sampler, records = _rollout(kind, path)
     objective = SPOObjective.from_config(load_config("sd15"))
     assert objective.guidance_scale == 5.0  # CFG inside the log-prob model, as in sampling
