@@ -143,6 +143,16 @@ def ddim_log_prob(
     raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
 
 
+def draw_transition(mean: Tensor, std: Tensor, noise: Tensor | None, *, stochastic: bool, what: str) -> Tensor:
+    """x' = mean + std * noise for a stochastic step (``noise`` standard normal, owned by the
+    caller so that sampling and diffusers stay in step), or the mean for a deterministic one."""
+    if not stochastic:
+        return mean
+    if noise is None:
+        raise ValueError(f"{what} needs `noise` (a standard-normal tensor)")
+    return mean + std * noise.to(mean.dtype)
+
+
 @dataclass
 class DDIMStepOutput:
     """One DDIM transition: the drawn ``prev_sample`` and everything needed to score or train it."""
@@ -175,12 +185,7 @@ def ddim_step(
     if clip_sample_range is not None:
         x0 = x0.clamp(-clip_sample_range, clip_sample_range)
     mean, std = ddim_posterior(x0, eps, alpha_bar_t, alpha_bar_prev, eta)
-    if eta > 0:
-        if noise is None:
-            raise ValueError("ddim_step with eta > 0 needs `noise` (a standard-normal tensor)")
-        prev = mean + std * noise.to(mean.dtype)
-    else:
-        prev = mean
+    prev = draw_transition(mean, std, noise if eta > 0 else None, stochastic=eta > 0, what="ddim_step with eta > 0")
     return DDIMStepOutput(
         prev_sample=prev.to(x_t.dtype),
         pred_original_sample=x0,

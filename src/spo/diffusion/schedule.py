@@ -30,6 +30,7 @@ from .ddim import (
     PredictionType,
     ddim_posterior,
     ddim_step,
+    draw_transition,
     expand_to,
     predict_x0_and_epsilon,
 )
@@ -229,12 +230,7 @@ class FlowSDESchedule:
              noise: Tensor | None = None) -> DDIMStepOutput:
         """One SDE step (``eta`` = 0: the Euler step of diffusers' ``FlowMatchEulerDiscreteScheduler``)."""
         mean, std = self.posterior(model_output, t, x_t, eta=eta)
-        if eta > 0:
-            if noise is None:
-                raise ValueError("a flow SDE step with noise level > 0 needs `noise` (a standard-normal tensor)")
-            prev = mean + std * noise.to(mean.dtype)
-        else:
-            prev = mean
+        prev = draw_transition(mean, std, noise, stochastic=eta > 0, what="a flow SDE step with noise level > 0")
         s, _ = self.sigma_pair(t)
         x0 = flow_x0(model_output, x_t, s.to(x_t.device))
         return DDIMStepOutput(prev_sample=prev.to(x_t.dtype), pred_original_sample=x0,
