@@ -25,6 +25,16 @@ end (results merge into ``--output``).
     python benchmarks/toy_spo_controls.py --judges ideal-aesthetic random --seeds 0 1 2 \\
         --budgets 60 300 --output-dir runs/controls --output benchmarks/results/toy-spo-controls.json
     python benchmarks/toy_spo_controls.py --table --output benchmarks/results/toy-spo-controls.json
+
+The flow-matching twin (``--preset toy-flow``; evaluated with the SDE at the training noise level):
+
+    python benchmarks/toy_spo_controls.py --preset toy-flow --eval-eta 0.7 --judges ideal-aesthetic \\
+        --seeds 0 --budgets 60 --output-dir runs/flow-controls --output benchmarks/results/toy-flow-spo.json
+    python benchmarks/toy_spo_controls.py --preset toy-flow --eval-eta 0.7 --judges spm-v1 \\
+        --seeds 0 1 2 --budgets 60 --output-dir runs/flow-controls --output benchmarks/results/toy-flow-spo.json
+    python benchmarks/toy_spo_controls.py sampling.eta=1.0 --preset toy-flow --eval-eta 1.0 \\
+        --judges ideal-aesthetic-a1=ideal-aesthetic spm-v1-a1=spm-v1 --seeds 0 --budgets 60 \\
+        --output-dir runs/flow-controls-a1 --output benchmarks/results/toy-flow-spo.json
 """
 
 from __future__ import annotations
@@ -193,6 +203,7 @@ def main() -> None:
                                                not args.no_progress, args.eval_prompts, args.eval_seeds, args.eval_eta,
                                                args.preset)
         entry["overrides"] = args.overrides
+        entry["preset"], entry["eval_eta"] = args.preset, args.eval_eta
         entry["summary"] = summarise(entry["runs"])
         report["judges"][label] = entry
         if args.output:
