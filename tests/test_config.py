@@ -21,8 +21,8 @@ from spo.config import (
     validate,
 )
 
-PRESETS = ["sd15", "sd15-d3po", "sd15-ddpo", "sd15-diffusion-dpo", "sdxl", "sdxl-d3po", "sdxl-ddpo",
-           "sdxl-diffusion-dpo", "toy", "toy-d3po", "toy-ddpo", "toy-diffusion-dpo"]
+PRESETS = ["sd15", "sd15-d3po", "sd15-ddpo", "sd15-diffusion-dpo", "sd3", "sdxl", "sdxl-d3po", "sdxl-ddpo",
+           "sdxl-diffusion-dpo", "toy", "toy-d3po", "toy-ddpo", "toy-diffusion-dpo", "toy-flow"]
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -152,8 +152,8 @@ def test_yaml_preset_may_be_a_relative_file(tmp_path):
 
 
 def test_yaml_unknown_preset_key(tmp_path):
-    path = write_yaml(tmp_path / "run.yaml", "preset: sd3\n")
-    with pytest.raises(ConfigError, match="sd3") as info:
+    path = write_yaml(tmp_path / "run.yaml", "preset: sd4\n")
+    with pytest.raises(ConfigError, match="sd4") as info:
         load_config(path)
     assert "sd15, sd15-d3po" in str(info.value)
 

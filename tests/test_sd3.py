@@ -138,3 +138,16 @@ def test_spm_training_noises_the_flow_way(tiny_sd3_path: Path, tiny_clip_path: P
     v = backbone.predict(x_t, t.repeat(2), cond.repeat_interleave(2), 1.0)
     expected = backbone.decode(x_t - 0.999 * v).view(1, 2, 3, 32, 32)
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_mspo_on_sd3_starts_at_log_2(tiny_sd3_path: Path, prompts_file: Path, tmp_path: Path) -> None:
+    """MSPO (each branch runs j - 1 more SDE steps before scoring) on the flow model, unchanged."""
+    config = _config(tiny_sd3_path, prompts_file, "train.rounds=1", "pools.inner_steps=2", "pools.k=2")
+    trainer = SPOTrainer(config, tmp_path / "run", scorer=brightness, progress=False)
+    rollout = trainer.method.sampler.rollout(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    records = rollout.records
+    shared = int(records.shared_x_t.sum())  # the branching transitions; the inner ones start from the branch
+    assert 0 < shared < len(records), (shared, len(records))
+    trainer.train()
+    steps = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["type"] == "step"]
+    assert steps and steps[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
