@@ -31,7 +31,7 @@ from ..config import SPOConfig, save_config
 from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
 from ..errors import local_path
 from ..training.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from ..training.distributed import write_everywhere
+from ..training.distributed import process_count_problem, write_everywhere
 from ..training.output import output_problem, removed_on_failure
 from ..training.metrics import MetricsLog
 from ..training.seeding import derive_seed, generator
@@ -118,10 +118,9 @@ class SPMTrainer:
             log_with=(["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else []) or None,
             project_dir=str(self.run_dir / "logs"),
         )
-        if config.train.num_processes is not None and config.train.num_processes != acc.num_processes:
-            raise SPMTrainingError(f"train.num_processes: {config.train.num_processes} processes were asked for, but "
-                                   f"this run has {acc.num_processes}; start it with `accelerate launch "
-                                   f"--num_processes {config.train.num_processes} ...`, or leave it null")
+        problem = process_count_problem(config.train.num_processes, acc.num_processes)
+        if problem:
+            raise SPMTrainingError(problem)
         with removed_on_failure(self.run_dir, acc.is_main_process):  # a failed start leaves nothing
             self._set_up(config, resume)
 

@@ -77,6 +77,15 @@ def reduce_log(accelerator: Any, log: dict[str, Any], weight: float) -> dict[str
     return out
 
 
+def process_count_problem(requested: int | None, launched: int) -> str | None:
+    """Why ``train.num_processes`` (``requested``; None: whatever was launched) cannot be honoured
+    by a launch of ``launched`` processes, or ``None``. It is refused, never overwritten."""
+    if requested is None or requested == launched:
+        return None
+    return (f"train.num_processes: {requested} processes were asked for, but this run has {launched}; start it "
+            f"with `accelerate launch --num_processes {requested} ...`, or leave train.num_processes null")
+
+
 class WriteError(RuntimeError):
     """A write (checkpoint, final weights, config, log) failed on some process; every process
     raises this with the same message instead of waiting for the failed one."""

@@ -46,7 +46,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .output import output_problem, removed_on_failure
-from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
+from .distributed import gather_counts, gather_records, process_count_problem, reduce_log, write_everywhere
 from .metrics import MetricsLog
 from .seeding import PromptSchedule, derive_seed, generator
 
@@ -132,10 +132,9 @@ class SPOTrainer:
         if config.model.device is not None and torch.device(config.model.device).type != acc.device.type:
             raise TrainingError(f"model.device: {config.model.device!r} was asked for, but accelerate placed this "
                                 f"process on {str(acc.device)!r}")
-        if config.train.num_processes is not None and config.train.num_processes != acc.num_processes:
-            raise TrainingError(f"train.num_processes: {config.train.num_processes} processes were asked for, but this "
-                                f"run has {acc.num_processes}; start it with `accelerate launch --num_processes "
-                                f"{config.train.num_processes} ...`, or leave train.num_processes null")
+        problem = process_count_problem(config.train.num_processes, acc.num_processes)
+        if problem:
+            raise TrainingError(problem)
         with removed_on_failure(self.run_dir, acc.is_main_process):
             self.resume_from = self._prepare_run_dir(resume)
             self._set_up(config, method_type, scores, scorer, trackers)
