@@ -22,7 +22,11 @@ def test_text_and_json_formats(tmp_path: Path) -> None:
     "name,content,match",
     [
         ("empty.txt", "\n \n", "no prompt"),
-        ("bad.json", "[1, 2]", "list of strings"),
+        ("bad.json", "[1, 2]", "entry 1: expected a string or an object"),
+        ("dict.json", '{"caption": "a cat"}', "JSON list of strings or of objects"),
+        ("nocaption.json", '[{"caption": "a cat"}, {"text": "a dog"}]', "entry 2: an object needs a string 'caption'"),
+        ("broken.jsonl", '{"caption": "a cat"}\n{"caption": ', "line 2: not valid JSON"),
+        ("number.jsonl", '{"caption": 3}', "line 1: an object needs a string 'caption'"),
         ("broken.json", "[\"a\", ", "not valid JSON"),
         ("latin1.txt", b"\xff\xfe\x00bad", "could not be read"),
     ],
@@ -42,3 +46,37 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         load_prompts(tmp_path / "nope.txt")
     with pytest.raises(PromptsError, match="not a file"):
         load_prompts(tmp_path)
+
+
+def test_caption_objects_and_json_lines(tmp_path: Path) -> None:
+    """The release's format (a JSON list of {"caption", "trainset_idx"}) and JSON Lines with a
+    caption read the captions in order, duplicates kept; a text file whose prompt starts with a
+    brace stays text."""
+    js = tmp_path / "objects.json"
+    js.write_text('[{"caption": "a cat", "trainset_idx": 3}, {"caption": " "}, {"caption": "a cat"}, "a dog"]')
+    assert load_prompts(js) == ["a cat", "a cat", "a dog"]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"caption": "a cat", "id": 1}\n\n{"caption": "a dog"}\n')
+    assert load_prompts(lines) == ["a cat", "a dog"]
+    unsuffixed = tmp_path / "prompts"
+    unsuffixed.write_text('{"caption": "a fox"}\n')
+    assert load_prompts(unsuffixed) == ["a fox"]
+    text = tmp_path / "braces.txt"
+    text.write_text("{a cat} in a hat\n")
+    assert load_prompts(text) == ["{a cat} in a hat"]
+
+
+RELEASE_PROMPTS = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "spo-release"
+                   / "spo_training_and_inference" / "assets" / "prompts" / "4k_training_prompts.json")
+
+
+def test_the_release_prompt_file_reads_as_the_release_reads_it() -> None:
+    """Parity: the release's own 4k training prompt file gives the 4000 captions its
+    PromptDataset reads (``info["caption"]`` per entry, in order)."""
+    if not RELEASE_PROMPTS.exists():
+        pytest.skip(f"the authors' release is not at {RELEASE_PROMPTS}")
+    import json
+
+    captions = [entry["caption"] for entry in json.loads(RELEASE_PROMPTS.read_text())]
+    assert load_prompts(RELEASE_PROMPTS) == captions
+    assert len(captions) == 4000

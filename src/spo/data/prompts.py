@@ -1,4 +1,5 @@
-"""Prompt lists: a text file with one prompt per line, or a JSON list of strings."""
+"""Prompt lists: a text file with one prompt per line, a JSON list (of strings, or of objects with a
+``caption`` as the release's ``4k_training_prompts.json``), or JSON Lines with a ``caption``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,22 @@ class PromptsError(ValueError):
     """A prompts file is missing, unreadable, empty or malformed."""
 
 
-def load_prompts(path: str | Path) -> list[str]:
-    """Read prompts from ``path``: a ``.json`` file holding a list of strings, else one per line.
+CAPTION_KEY = "caption"
 
-    Blank lines are skipped. Any problem raises :class:`PromptsError` naming the file. The
-    built-in sets ``toy:training-prompts`` and ``toy:validation-prompts`` are the toy grammar's.
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Read prompts from ``path``:
+
+    - a JSON list (``.json``, or text starting with ``[``) of strings, or of objects each holding a
+      ``"caption"`` string: the authors' release ships its 4k Pick-a-Pic training prompts as
+      ``[{"caption": ..., "trainset_idx": ...}, ...]`` and reads ``caption``;
+    - JSON Lines (``.jsonl``, or text whose first line is a JSON object): one object with a
+      ``"caption"`` per line;
+    - else plain text, one prompt per line.
+
+    Blank prompts are skipped; order and duplicates are kept (the release's data set keeps
+    them). Any problem raises :class:`PromptsError` naming the file (and the entry). The built-in
+    sets ``toy:training-prompts`` and ``toy:validation-prompts`` are the toy grammar's.
     """
     from ..builtin import BuiltinError, builtin_prompts, is_builtin
 
@@ -33,18 +45,56 @@ def load_prompts(path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as err:
         raise PromptsError(f"prompts file {str(p)!r} could not be read: {err}") from err
     stripped = text.lstrip()
-    if p.suffix.lower() == ".json" or stripped.startswith("["):
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl" or (suffix not in (".json", ".txt") and _first_line_is_object(stripped)):
+        entries = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PromptsError(f"prompts file {str(p)!r}, line {number}: not valid JSON: {err}") from None
+        prompts = _captions(entries, p, "line")
+    elif suffix == ".json" or stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PromptsError(f"prompts file {str(p)!r} is not valid JSON: {err}") from err
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise PromptsError(f"prompts file {str(p)!r} must hold a JSON list of strings")
-        prompts = [x.strip() for x in data if x.strip()]
+        if not isinstance(data, list):
+            raise PromptsError(f"prompts file {str(p)!r} must hold a JSON list of strings or of objects with "
+                               f"a {CAPTION_KEY!r}")
+        prompts = _captions(data, p, "entry")
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PromptsError(f"prompts file {str(p)!r} holds no prompt")
+    return prompts
+
+
+def _first_line_is_object(text: str) -> bool:
+    """Whether the first line of ``text`` is a JSON object (a JSON Lines file without the suffix)."""
+    try:
+        return isinstance(json.loads(text.split("\n", 1)[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _captions(entries: list[object], path: Path, unit: str) -> list[str]:
+    """The prompts of JSON entries: strings as they are, objects by their ``caption`` (entries
+    numbered from 1 in errors, as lines are)."""
+    prompts = []
+    for number, entry in enumerate(entries, start=1):
+        if isinstance(entry, dict):
+            entry = entry.get(CAPTION_KEY)
+            if not isinstance(entry, str):
+                raise PromptsError(f"prompts file {str(path)!r}, {unit} {number}: an object needs a string "
+                                   f"{CAPTION_KEY!r} (the release's format: {{\"caption\": ...}})")
+        elif not isinstance(entry, str):
+            raise PromptsError(f"prompts file {str(path)!r}, {unit} {number}: expected a string or an object with "
+                               f"a {CAPTION_KEY!r}, got {type(entry).__name__}")
+        if entry.strip():
+            prompts.append(entry.strip())
     return prompts
 
 
