@@ -43,6 +43,39 @@ def resolve_file(weights: str, what: str, filename: str) -> Path:
     return path
 
 
+def is_hub_file_reference(ref: str) -> bool:
+    """Whether ``ref`` reads as ``OWNER/REPO/PATH/IN/REPO`` (a file of a hub repo) rather than a
+    local path: relative, not starting with ``.`` or ``~``, at least two ``/``, and nothing of
+    that name on disk."""
+    p = Path(ref).expanduser()
+    return not (p.is_absolute() or ref.startswith((".", "~")) or p.exists()) and ref.count("/") >= 2
+
+
+def resolve_weights_file(ref: str, what: str) -> Path:
+    """The weights file ``ref`` names: a local file, or ``REPO_ID/FILE`` (``owner/name`` then the
+    file's path inside that repo, e.g. ``SPO-Diffusion-Models/Step-Aware_Preference_Models/sd-v1-5_step-aware_preference_model.bin``)
+    fetched through ``huggingface_hub`` (offline: from its cache). A missing file raises a
+    :class:`ModelLoadError` that names ``what`` (the config field) and ``ref``, trying both
+    readings."""
+    p = Path(ref).expanduser()
+    if p.is_file():
+        return p
+    if p.exists():
+        raise ModelLoadError(f"{what}: {str(p)!r} is a directory; expected a weights file")
+    if not is_hub_file_reference(ref):
+        raise ModelLoadError(f"{what}: no such file {str(p)!r} (a file of a hub repo is written REPO_ID/FILE)")
+    owner, name, filename = ref.split("/", 2)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(f"{owner}/{name}", filename))
+    except Exception as err:  # noqa: BLE001 - offline, missing repo or file, network: one message
+        raise ModelLoadError(
+            f"{what}: {ref!r} is no local file, nor could {filename!r} be fetched from the hub repo "
+            f"{owner}/{name}: {error_line(err)}"
+        ) from None
+
+
 def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     """The tensors of ``path`` (safetensors or a torch checkpoint of plain tensors), on the CPU; a
     checkpoint dict holding ``'state_dict'`` (as open_clip's training saves) is unwrapped."""
