@@ -190,3 +190,13 @@ def test_non_finite_scores_make_a_counted_tie_never_a_pair(tiny_sd15_path: Path)
     assert torch.isfinite(rec.score_win).all() and torch.isfinite(rec.score_lose).all()
     assert set(rec.prompt_index.tolist()) == {1}
     assert all(torch.isfinite(torch.tensor(v)) for v in rollout.stats.score_mean.values())
+
+
+def test_kappa_750_is_one_pool_fewer_than_the_releases_divert_step() -> None:
+    """The release's divert_start_step=4 pools the 16 steps t = 751 ... 1 of SD-1.5's 20-step
+    schedule; the paper's kappa = 750 starts at t = 701 (15 pools); kappa = 751 is the release's."""
+    timesteps = list(range(951, 0, -50))
+    assert len(timesteps) == 20
+    assert timesteps[divert_index(timesteps, 4, None)] == 751 and len(timesteps) - divert_index(timesteps, 4, None) == 16
+    assert timesteps[divert_index(timesteps, 4, 750)] == 701 and len(timesteps) - divert_index(timesteps, 4, 750) == 15
+    assert divert_index(timesteps, 4, 751) == 4

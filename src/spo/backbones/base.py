@@ -227,10 +227,13 @@ class Backbone(ABC):
         vae: str | None = None,
         negative_prompt: str | None = None,
         resolution: int | None = None,
+        components: dict[str, Any] | None = None,
     ) -> "Backbone":
         """Load from a local diffusers directory or a hub id.
 
         ``vae`` replaces the pipeline's VAE (e.g. the fp16-safe ``madebyollin/sdxl-vae-fp16-fix``).
+        ``components`` replace the pipeline's own, loaded already in ``dtype`` (``spo eval``: a
+        fine-tuned pipeline's UNet in the base's pipeline), and the pipeline does not read those.
         A missing local path, or a directory that is not a diffusers pipeline, fails before any
         weight is read, with a message naming the path.
         """
@@ -243,6 +246,7 @@ class Backbone(ABC):
         extra: dict[str, Any] = dict(cls.pipeline_kwargs)
         if vae is not None:
             extra["vae"] = _load_vae(vae, torch_dtype)
+        extra.update(components or {})
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
         try:
             for name, entry in pipeline_cls.load_config(pretrained, revision=revision).items():
@@ -445,16 +449,18 @@ class Backbone(ABC):
         return module.conv_in.weight.dtype
 
     # ----------------------------------------------------------------------- the VAE
-    def decode(self, x0: Tensor) -> Tensor:
-        """Decode latents (e.g. an x0-prediction) to images in [-1, 1], shape (B, 3, H, W)."""
+    def decode(self, x0: Tensor, *, clamp: bool = True) -> Tensor:
+        """Decode latents (e.g. an x0-prediction) to images in [-1, 1], shape (B, 3, H, W);
+        ``clamp=False`` returns the decoder's output as it is (the release's SPM resizes the
+        unclamped image and clamps after)."""
         if self.vae is None:
-            return x0.float().clamp(-1, 1)
+            return x0.float().clamp(-1, 1) if clamp else x0.float()
         latents = x0.to(self.vae.dtype)
         scale, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE: z = latents / scale + shift
         latents = latents * stats[1] / scale + stats[0] if stats else latents / scale + shift
         images = self.vae.decode(latents, return_dict=False)[0]
-        return images.clamp(-1, 1)
+        return images.clamp(-1, 1) if clamp else images
 
     def load_score_decoder(self, path: str) -> Any:
         """Load the ``AutoencoderTiny`` (``preference.decoder``) that :meth:`decode_for_scoring` uses.
@@ -487,20 +493,22 @@ class Backbone(ABC):
         self.score_decoder = decoder
         return decoder
 
-    def decode_for_scoring(self, x0: Tensor) -> Tensor:
+    def decode_for_scoring(self, x0: Tensor, *, clamp: bool = True) -> Tensor:
         """Decode latents for the preference model only: with the tiny decoder when one is loaded
         (:meth:`load_score_decoder`), else exactly :meth:`decode`. Images in [-1, 1], (B, 3, H, W).
 
         The tiny decoder is fed the latents as diffusers' SD/SDXL pipelines feed a VAE set to an
         ``AutoencoderTiny`` (``vae.decode(latents / vae.config.scaling_factor)``; TAESD's factor is
         1.0: it takes the UNet's scaled latents as they are) and ``AutoencoderTiny.decode`` returns
-        images in [-1, 1] (``DecoderTiny``: ``x.mul(2).sub(1)``), clamped here as :meth:`decode` does.
+        images in [-1, 1] (``DecoderTiny``: ``x.mul(2).sub(1)``), clamped here as :meth:`decode` does
+        (``clamp=False``: as decoded).
         """
         decoder = self.score_decoder
         if decoder is None:
-            return self.decode(x0)
+            return self.decode(x0, clamp=clamp)
         latents = x0.to(decoder.dtype) / decoder.config.scaling_factor
-        return decoder.decode(latents, return_dict=False)[0].clamp(-1, 1)
+        images = decoder.decode(latents, return_dict=False)[0]
+        return images.clamp(-1, 1) if clamp else images
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Encode images in [-1, 1] to (scaled) latents, sampling the VAE posterior."""

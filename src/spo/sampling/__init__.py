@@ -2,7 +2,7 @@
 
 from .pairs import PairChoice, choose_continuation, choose_pairs, softmax_gap
 from .plain import Trajectory, ddim_sample
-from .pools import PoolSampler, Rollout, RolloutStats, Scorer, branch_steps, divert_index
+from .pools import PoolSampler, Rollout, RolloutStats, Scorer, branch_steps, divert_index, pool_segments
 from .records import Records, TransitionRecords
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "TransitionRecords",
     "Trajectory",
     "branch_steps",
+    "pool_segments",
     "choose_continuation",
     "choose_pairs",
     "ddim_sample",

@@ -10,6 +10,11 @@ One rollout of B prompts, following the authors' release:
 4. pair choice (best/worst, tie threshold) turns every cached transition of the win and lose
    branches into a training record;
 5. one candidate (uniformly at random by default) continues, reusing its UNet pass.
+
+With ``fold_last_step`` (the release's SDXL pipeline) a pool that would start at the very last
+step is not drawn: that step is folded into the preceding segment, whose candidates each take it
+on their own before they are scored (segment lengths j, ..., j, j + 1 when j does not divide the
+remaining steps; SPO's last two steps form one segment).
 """
 
 from __future__ import annotations
@@ -78,9 +83,27 @@ def divert_index(timesteps: Sequence[int], divert_start_step: int, kappa: int | 
     return len(timesteps)
 
 
-def branch_steps(num_steps: int, first: int, inner_steps: int) -> list[int]:
-    """Step indices that branch: first, first + j, first + 2j, ... (below ``num_steps``)."""
-    return list(range(first, num_steps, max(1, inner_steps)))
+def branch_steps(num_steps: int, first: int, inner_steps: int, fold_last_step: bool = False) -> list[int]:
+    """Step indices that branch: first, first + j, first + 2j, ... (below ``num_steps``); with
+    ``fold_last_step`` a branch at the last step is dropped (folded into the segment before it)."""
+    return [i for i, _ in pool_segments(num_steps, first, inner_steps, fold_last_step)]
+
+
+def pool_segments(num_steps: int, first: int, inner_steps: int, fold_last_step: bool = False) -> list[tuple[int, int]]:
+    """(branching step, steps in its segment) for every pool of a rollout: segments of j =
+    ``inner_steps`` steps from ``first`` on, the last one cut at ``num_steps``. With
+    ``fold_last_step`` a segment that would start at the last step joins the one before it, as
+    the release's SDXL pipeline does (it branches only where ``i != len(timesteps) - 1``)."""
+    j = max(1, inner_steps)
+    out: list[tuple[int, int]] = []
+    i = first
+    while i < num_steps:
+        m = min(j, num_steps - i)
+        if fold_last_step and i + m == num_steps - 1:
+            m += 1
+        out.append((i, m))
+        i += m
+    return out
 
 
 class PoolSampler:
@@ -93,6 +116,12 @@ class PoolSampler:
         divert_start_step / kappa: where pools start (see :func:`divert_index`).
         inner_steps: MSPO j (1 = SPO). resampler / pair: the paper's ablation variants.
         decode_batch_size: decode and score at most this many images at once (None = all).
+        fold_last_step: never open a pool at the last step; fold it into the segment before
+            (the release's SDXL pipeline; its SD-1.5 pipeline pools the last step too).
+
+    A scorer whose ``takes_unclamped_images`` attribute is true gets the VAE's decoded x0-hat as
+    it is (the release's SPM resizes the unclamped image, then clamps); others get it clamped to
+    [-1, 1].
     """
 
     def __init__(
@@ -111,6 +140,7 @@ class PoolSampler:
         resampler: Resampler = "random",
         pair: PairRule = "best_worst",
         decode_batch_size: int | None = None,
+        fold_last_step: bool = False,
     ) -> None:
         if k < 2:
             raise ValueError(f"a candidate pool needs k >= 2, got {k}")
@@ -127,6 +157,8 @@ class PoolSampler:
         self.resampler = resampler
         self.pair = pair
         self.decode_batch_size = decode_batch_size
+        self.fold_last_step = fold_last_step
+        self.clamp_images = not getattr(scorer, "takes_unclamped_images", False)
 
     @classmethod
     def from_config(cls, backbone: Backbone, scorer: Scorer, config: Any, **kwargs: Any) -> "PoolSampler":
@@ -144,6 +176,7 @@ class PoolSampler:
             inner_steps=p.inner_steps,
             resampler=p.resampler,
             pair=p.pair,
+            fold_last_step=p.fold_last_step,
             **{"decode_batch_size": s.decode_batch_size, **kwargs},
         )
 
@@ -164,8 +197,8 @@ class PoolSampler:
         round's memory peak), then score all images in one call (chunked scoring saved no memory
         and tripled its time at full size: docs/benchmarks.md)."""
         chunk = self.decode_batch_size or x0.shape[0]
-        images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk])  # preference.decoder if set
-                            for start in range(0, x0.shape[0], chunk)])
+        images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk], clamp=self.clamp_images)
+                            for start in range(0, x0.shape[0], chunk)])  # preference.decoder if set
         stats.decoded += images.shape[0]
         ts = torch.full((images.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=images.device)
         scores = self.scorer(images, list(prompts), ts).float().to(x0.device)
@@ -197,6 +230,7 @@ class PoolSampler:
         x = bb.initial_latents(batch, generator)
         out = self._predict(x, ts[0], cond, stats)
         first = divert_index(ts, self.divert_start_step, self.kappa)
+        lengths = dict(pool_segments(n, first, self.inner_steps, self.fold_last_step))
         i = 0
         while i < n:
             t = ts[i]
@@ -208,7 +242,7 @@ class PoolSampler:
                 continue
 
             # ---- a pool: k candidates x_{t-1} from the shared x_t (one pass, k noises)
-            m = min(self.inner_steps, n - i)
+            m = lengths[i]
             x_k = x.repeat_interleave(k, dim=0)
             out_k = out.repeat_interleave(k, dim=0)
             noise = self._noise(x_k.shape, generator, out.dtype)
