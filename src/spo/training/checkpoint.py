@@ -2,7 +2,8 @@
 
 Layout of ``RUN_DIR/checkpoints/round-000012/`` (after 12 completed rounds):
 ``trainable.safetensors`` (the trainable weights: LoRA adapters, or the whole UNet),
-``optimizer.pt``, ``lr_scheduler.pt``, ``rng-{rank}.pt`` (one per process) and
+``optimizer.pt``, ``lr_scheduler.pt``, ``rng-{rank}.pt`` (one per process), ``grads-{rank}.safetensors``
+(only while gradients are accumulating across rounds: each process's own, not yet reduced) and
 ``trainer_state.json`` (counters), and ``manifest.json`` (each file's size and sha256, written
 after every other file but the state). Everything is written to a hidden temporary directory,
 then renamed; the ``.pt`` files hold only tensors and plain types and are read back with
@@ -131,13 +132,16 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
     kind: str = "round",
+    grads: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint after ``done`` rounds (or steps: ``kind="step"``) on every process
     (``accelerator``: :data:`ONE_PROCESS` for a loop without one; ``lr_scheduler`` may be None).
 
     Each stage ends with :func:`~spo.training.distributed.write_everywhere`, so a failed write
     on any process (a full disk) stops every process with the same :class:`WriteError`, and the
-    previous checkpoint stays the latest."""
+    previous checkpoint stays the latest. ``grads``: this process's accumulated gradients, when an
+    optimiser step is still open (``train.carry_accumulation``), restored by
+    :func:`load_checkpoint`."""
     from .distributed import write_everywhere
 
     root = checkpoint_dir(run_dir)
@@ -152,6 +156,9 @@ def save_checkpoint(
 
     def files() -> None:
         torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if grads:
+            save_file({k: v.detach().contiguous().cpu() for k, v in grads.items()},
+                      str(tmp / f"grads-{accelerator.process_index}.safetensors"))
         if accelerator.is_main_process:
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -190,7 +197,8 @@ def load_checkpoint(
     optimizer: Any,
     lr_scheduler: Any,
 ) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and this process's RNG; returns the trainer state."""
+    """Restore weights, optimiser, scheduler, this process's RNG and its accumulated gradients
+    (when the checkpoint holds them); returns the trainer state."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.exists():
@@ -205,6 +213,11 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name].to(param.device, param.dtype))
+    grads_file = path / f"grads-{accelerator.process_index}.safetensors"
+    if grads_file.exists():
+        grads = load_file(str(grads_file))
+        for name, param in trainable.items():
+            param.grad = grads[name].to(param.device, param.dtype) if name in grads else None
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))

@@ -10,7 +10,9 @@ One round, on every process:
 3. gather every process's records; if fewer than the processes, skip the round (all agree);
    the method prepares the gathered records (DDPO: advantages);
 4. shuffle them with one permutation shared by all processes and split them evenly;
-5. update the policy (LoRA) in micro-batches with gradient accumulation, AdamW, clipping;
+5. update the policy (LoRA) in micro-batches with gradient accumulation, AdamW, clipping
+   (with ``train.carry_accumulation``, as the release: a round's leftover micro-batches join
+   the next round's first optimiser step);
 6. log, and every ``logging.checkpoint_every`` rounds write an atomic checkpoint.
 
 All randomness of a round is derived from (seed, round, rank), so ``resume`` continues exactly.
@@ -107,6 +109,12 @@ class SPOTrainer:
             raise TrainingError(f"sampling.eta must be > 0 for {config.objective.name}: a deterministic step "
                                 "has no log-probability")
         method_type.check_inputs(config)
+        if scorer is None and method_type.needs_scorer:
+            from ..preference.selection import time_modules_problem
+
+            problem = time_modules_problem(config.preference)
+            if problem:
+                raise TrainingError(problem)
         scores = method_type.needs_scorer and config.preference.decoder is not None
         if scores:  # a missing local decoder fails before the run directory is written
             local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
@@ -150,6 +158,8 @@ class SPOTrainer:
         write_everywhere(acc, f"writing {self.run_dir / 'config.yaml'}",
                          lambda: save_config(self.config, self.run_dir / "config.yaml"))
 
+        if torch.cuda.is_available():  # the release: allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
         torch.manual_seed(derive_seed(config.seed, "init"))  # same adapter init on every process
         self.backbone: Backbone = load_backbone(
             dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt
@@ -170,7 +180,11 @@ class SPOTrainer:
         self.params = params
         self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
         if scorer is None and method_type.needs_scorer:
+            from ..preference.selection import describe_preference
+
             scorer = build_scorer(config, acc.device)
+            if self.progress and acc.is_main_process:
+                print(describe_preference(config.preference))
         self.scorer = scorer
         self.method: Method = method_type(config, self.backbone, scorer)
         self.schedule = self.method.schedule()
@@ -194,12 +208,16 @@ class SPOTrainer:
         self.rounds_done = 0
         self.step = 0
         self.skipped_rounds = 0
+        #: micro-batches backpropagated since the last optimiser step (train.carry_accumulation),
+        #: with their summed diagnostics and pairs
+        self.pending = {"micro_batches": 0, "pairs": 0, "sums": dict.fromkeys(self.metric_names, 0.0)}
         if self.resume_from is not None:
             state = load_checkpoint(
                 acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
             )
             self.rounds_done, self.step = int(state["rounds_done"]), int(state["step"])
             self.skipped_rounds = int(state.get("skipped_rounds", 0))
+            self.pending = state.get("pending", self.pending)
             self.method.load_state_dict(state.get("method", {}))
             self.metrics.truncate_after(self.rounds_done)
         if trackers:
@@ -271,7 +289,9 @@ class SPOTrainer:
             return self.method.collect(self._round_prompts(round_index), gen)
 
     def train_on(self, records: Records, round_index: int) -> list[dict[str, float]]:
-        """Optimiser steps over this process's share of the round's records."""
+        """Optimiser steps over this process's share of the round's records: micro-batches of
+        ``train.batch_size``, ``train.gradient_accumulation_steps`` per step; with
+        ``train.carry_accumulation`` a step may take micro-batches of the previous round."""
         acc, cfg = self.accelerator, self.config.train
         self.policy.train()
         logs = []
@@ -281,42 +301,77 @@ class SPOTrainer:
                 n, generator=generator(self.config.seed, "epoch", round_index, epoch, acc.process_index)
             )
             micro = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            if cfg.carry_accumulation:
+                for rows in micro:
+                    entry = self._carried_micro_batch(records, rows, round_index)
+                    if entry is not None:
+                        logs.append(entry)
+                continue
             for g in range(0, len(micro), cfg.gradient_accumulation_steps):
                 group = micro[g : g + cfg.gradient_accumulation_steps]
                 logs.append(self._optimizer_step(records, group, round_index))
         return logs
 
-    def _optimizer_step(self, records: Records, group: list[torch.Tensor], round_index: int) -> dict[str, float]:
+    def _backward(self, records: Records, rows: torch.Tensor, weight: float, sync: bool, round_index: int) -> dict[str, float]:
+        """One micro-batch: the method's loss times ``weight``, backpropagated (gradients reduced
+        across processes only with ``sync``); a non-finite loss on any process stops all."""
         acc = self.accelerator
+        batch = records.index(rows)
+        with (contextlib.nullcontext() if sync else acc.no_sync(self.policy)), acc.autocast():
+            out = self.method.loss(self.backbone, self.schedule, batch)
+            loss = out.loss * weight
+        bad = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0], device=acc.device)
+        if float(acc.reduce(bad, reduction="sum")) > 0:
+            latest = latest_checkpoint(self.run_dir)
+            raise TrainingError(
+                f"non-finite {self.config.objective.name} loss in round {round_index} (step {self.step}); nothing was saved after "
+                f"{latest.name if latest else 'the start'}: lower optimizer.lr or check the scorer, then --resume"
+            )
+        acc.backward(loss)
+        return {k: float(out.metrics[k]) for k in self.metric_names}
+
+    def _optimizer_step(self, records: Records, group: list[torch.Tensor], round_index: int) -> dict[str, float]:
+        """One step on ``group``'s micro-batches, each weighted by its share of the pairs."""
         total = sum(len(rows) for rows in group)
         sums = dict.fromkeys(self.metric_names, 0.0)
         for j, rows in enumerate(group):
-            last = j == len(group) - 1
-            batch = records.index(rows)
-            sync = contextlib.nullcontext() if last else acc.no_sync(self.policy)
-            with sync, acc.autocast():
-                out = self.method.loss(self.backbone, self.schedule, batch)
-                loss = out.loss * (len(rows) / total)
-            bad = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0], device=acc.device)
-            if float(acc.reduce(bad, reduction="sum")) > 0:
-                latest = latest_checkpoint(self.run_dir)
-                raise TrainingError(
-                    f"non-finite {self.config.objective.name} loss in round {round_index} (step {self.step}); nothing was saved after "
-                    f"{latest.name if latest else 'the start'}: lower optimizer.lr or check the scorer, then --resume"
-                )
-            acc.backward(loss)
+            metrics = self._backward(records, rows, len(rows) / total, j == len(group) - 1, round_index)
             for k in self.metric_names:
-                sums[k] += out.metrics[k] * len(rows) / total
+                sums[k] += metrics[k] * len(rows) / total
+        return self._step(sums, total, round_index)
+
+    def _carried_micro_batch(self, records: Records, rows: torch.Tensor, round_index: int) -> dict[str, float] | None:
+        """One micro-batch of an accumulation that may span rounds (the release's accelerate
+        counter): its mean loss divided by the accumulation steps; the step comes with the
+        micro-batch that completes the count (returns its log entry), else None."""
+        steps = self.config.train.gradient_accumulation_steps
+        pending = self.pending
+        completes = pending["micro_batches"] + 1 == steps
+        metrics = self._backward(records, rows, 1.0 / steps, completes, round_index)
+        pending["micro_batches"] += 1
+        pending["pairs"] += len(rows)
+        for k in self.metric_names:
+            pending["sums"][k] += metrics[k]
+        if not completes:
+            return None
+        means = {k: v / steps for k, v in pending["sums"].items()}
+        pairs = pending["pairs"]
+        self.pending = {"micro_batches": 0, "pairs": 0, "sums": dict.fromkeys(self.metric_names, 0.0)}
+        return self._step(means, pairs, round_index)
+
+    def _step(self, metrics: dict[str, float], pairs: int, round_index: int) -> dict[str, float]:
+        """Clip (``optimizer.max_grad_norm``), step, zero the gradients; log the step."""
+        acc = self.accelerator
         grad_norm = float("nan")
         if self.config.optimizer.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        local = torch.tensor([sums[k] for k in self.metric_names], device=acc.device, dtype=torch.float64)
+        local = torch.tensor([metrics[k] for k in self.metric_names], device=acc.device, dtype=torch.float64)
         mean = (acc.reduce(local, reduction="sum") / acc.num_processes).tolist()
         entry = {"type": "step", "step": self.step, "round": round_index, **dict(zip(self.metric_names, mean))}
-        entry.update(lr=self.lr_scheduler.get_last_lr()[0], grad_norm=grad_norm, pairs=total * acc.num_processes,
+        entry.update(lr=self.lr_scheduler.get_last_lr()[0], grad_norm=grad_norm, pairs=pairs * acc.num_processes,
                      num_processes=acc.num_processes)
         if self.step % self.config.logging.log_every == 0:
             self.metrics.write(entry, self.step, "train")
@@ -370,7 +425,9 @@ class SPOTrainer:
             self.accelerator, self.run_dir, self.rounds_done, trainable=self.trainable, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints,
             state={"step": self.step, "skipped_rounds": self.skipped_rounds, "seed": self.config.seed,
-                   "method": self.method.state_dict()},
+                   "method": self.method.state_dict(), "pending": self.pending},
+            grads=({n: p.grad for n, p in self.trainable.items() if p.grad is not None}
+                   if self.pending["micro_batches"] else None),
         )
 
     def train(self, stop_after: int | None = None) -> TrainResult:
@@ -386,7 +443,7 @@ class SPOTrainer:
                 last = self.run_round(self.rounds_done)
                 self.rounds_done += 1
                 bar.update(1)
-                if not last["skipped"]:
+                if "loss" in last:  # a round with an optimiser step (a carried accumulation may have none)
                     key = self.method.progress_metric
                     bar.set_postfix({"loss": f"{last['loss']:.4f}", key: f"{last[key]:.3g}",
                                      "valid": f"{last['valid_pair_rate']:.2f}"})
