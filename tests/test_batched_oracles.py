@@ -81,3 +81,27 @@ def test_edge_cases() -> None:
         alignment_batch(torch.from_numpy(flat), prompts[:1])
     with pytest.raises(ValueError, match="B, H, W, 3"):
         aesthetic_batch(torch.zeros(2, 3, 32, 32))
+
+
+def test_shared_arithmetic_is_bit_identical() -> None:
+    """The pieces whose rounding decides threshold pixels agree bit for bit on random data, with no
+    BLAS (its float32 kernels round differently per CPU), no np.percentile (numpy < 2.4 placed a
+    float32 array's percentile in float32) and no torch.sqrt (one ulp low for some float32 inputs)."""
+    from spo.toy import batched_oracles as B
+    from spo.toy import oracles as O
+
+    rng = np.random.default_rng(0)
+    d = (rng.random((4, 32, 32, 3), dtype=np.float32) - 0.5) * 2
+    axis = (rng.random((64, 3), dtype=np.float32) - 0.5) * 2
+    td, taxis = torch.from_numpy(d), torch.from_numpy(axis)
+    squares = d * d
+    ordered = (squares[..., 0] + squares[..., 1]) + squares[..., 2]
+    correctly_rounded = np.sqrt(ordered.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(O._norm3(d), correctly_rounded)
+    assert np.array_equal(B._norm3(td).numpy(), correctly_rounded)
+    assert np.array_equal(B._dot3(td, taxis[0]).numpy(), O._dot3(d, axis[0]))
+    assert B._squared_length(taxis).tolist() == [O._squared_length(a) for a in axis]
+    values = d.reshape(4, -1)
+    assert B._percentile(torch.from_numpy(values), 98).tolist() == [O._percentile(v, 98) for v in values]
+    assert np.allclose([O._percentile(v, 98) for v in values], np.percentile(values.astype(np.float64), 98, axis=1),
+                       rtol=0, atol=1e-15)

@@ -5,10 +5,12 @@ the same scores for a batch at once, fast enough to judge every candidate of an 
 label a large preference set. Where a threshold decides (which pixels are far from the
 background, pure, on the object's side, part of an object), the float32 arithmetic follows the
 reference operation by operation (norms and dot products summed channel by channel in order,
-medians as the mean of the two middle values, each comparison in the precision numpy makes it),
-so the decisions agree; tests compare both on renders, degradations and model samples. Exact
-agreement on pixels sitting exactly on a threshold relies on this machine's float32 arithmetic
-and numpy's BLAS matching an ordered sum (they do here; the CI test would show it elsewhere).
+the colour axis's squared length summed in float64, medians as the mean of the two middle values,
+the 98th percentile interpolated in float64, each comparison in the precision the reference
+makes it), so the decisions agree; tests compare both on renders, degradations and model samples.
+Neither side goes through BLAS (whose float32 kernels round differently per CPU), a numpy
+function whose rounding changed between versions or torch's inexact CPU square root, so the
+agreement holds on every machine.
 
 Images are (B, H, W, 3) float32 in [0, 1], as the numpy oracles take them one by one
 (:func:`to_oracle_images` converts the models' (B, 3, H, W) tensors in [-1, 1]).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,22 +67,35 @@ def _neighbourhood(x: Tensor) -> list[Tensor]:
 
 
 def _norm3(d: Tensor) -> Tensor:
-    """Euclidean norm over the last axis (3), summed in order as numpy does (bit-identical)."""
+    """Euclidean norm over the last axis (3), summed in order as the reference's ``_norm3``; the
+    square root is numpy's, correctly rounded: torch's CPU ``sqrt`` (2.13) is one ulp low for about
+    0.5% of float32 inputs, enough to move a pixel across a threshold (a median, the pure test)."""
     s = d * d
-    return torch.sqrt((s[..., 0] + s[..., 1]) + s[..., 2])
+    return torch.from_numpy(np.sqrt(((s[..., 0] + s[..., 1]) + s[..., 2]).numpy()))
 
 
 def _dot3(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b over the last axis (3), summed in order as numpy's matmul does."""
+    """a @ b over the last axis (3), summed in order as the reference's ``_dot3``."""
     p = a * b
     return (p[..., 0] + p[..., 1]) + p[..., 2]
 
 
 def _squared_length(axis: Tensor) -> Tensor:
-    """axis @ axis per row, float32, computed by numpy as the reference does: its BLAS dot product
-    rounds differently from an ordered sum, and a division by it decides pixels that sit exactly
-    on a threshold (a blurred edge is 0.5 covered)."""
-    return torch.tensor([float(a @ a) for a in axis.numpy()], dtype=torch.float32)
+    """axis @ axis per row as the reference's ``_squared_length``: float32 products summed in order
+    in float64, rounded to float32 (a division by it decides pixels that sit exactly on a
+    threshold: a blurred edge is 0.5 covered)."""
+    p = (axis * axis).double()
+    return ((p[..., 0] + p[..., 1]) + p[..., 2]).float()
+
+
+def _percentile(values: Tensor, q: float) -> Tensor:
+    """Per row of (B, N): the reference's ``_percentile`` (linear interpolation in float64)."""
+    v = values.double().sort(dim=1).values
+    n = v.shape[1]
+    position = q / 100 * (n - 1)
+    lo = int(position)
+    hi = min(lo + 1, n - 1)
+    return v[:, lo] + (v[:, hi] - v[:, lo]) * (position - lo)
 
 
 def _median(values: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -164,7 +180,7 @@ def aesthetic_defects_batch(images: Tensor) -> dict[str, Tensor]:
     side = (alpha > 0.5).float()[..., None]
     band = torch.stack([n != side for n in _neighbourhood(side)]).any(dim=0)[..., 0]
     excess = ((~pure) & (~band)).sum(dim=(1, 2)).double() / (band.sum(dim=(1, 2)).double() + 8)
-    p98 = torch.quantile(off_line.reshape(b, -1).double(), 0.98, dim=1)
+    p98 = _percentile(off_line.reshape(b, -1), 98)
     return {"noise": noise, "off_line": (p98 - allowance).clamp(min=0.0), "excess": excess}
 
 
