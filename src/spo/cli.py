@@ -205,21 +205,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import EvaluationError, Protocol, evaluate, format_table
     from .evaluation.geneval import load_geneval_metadata, write_geneval_images
     from .evaluation.scorers import ScorerSpec, load_scorers
-    from .evaluation.targets import eval_models, model_loader, resolve_target
+    from .evaluation.targets import base_config, eval_models, model_loader, prepare_targets, resolve_target
 
     targets, overrides = [v for v in args.config if "=" not in v], [v for v in args.config if "=" in v]
-    if not targets:
-        raise EvaluationError("spo eval needs a run directory, a preset or a config file (e.g. spo eval runs/demo/spo)")
+    if not targets and args.base is None:
+        raise EvaluationError("spo eval needs a run directory, a preset or a config file, a fine-tuned pipeline or a "
+                              "LoRA file (e.g. spo eval runs/demo/spo; spo eval --base sd15 OWNER/PIPELINE)")
     specs = [ScorerSpec.parse(text) for text in args.scorer]
     toy = _toy_targets(targets)
     resolved = [resolve_target(t, overrides) if t not in toy else toy[t] for t in targets]
-    config = resolved[0].config
-    models = eval_models(resolved)
-    if len(targets) > 1 and args.output is None:
-        raise EvaluationError("--output is needed when several runs are compared")
-    first = targets[0]
-    default = Path("runs") / f"eval-{first[len(PREFIX):]}" if is_builtin(first) else (
-        Path(first) / "eval" if resolved[0].run is not None else Path("runs") / f"eval-{Path(first).stem}")
+    config = base_config(resolved, args.base, overrides)
+    prepare_targets(resolved, config)  # downloads and checks before anything is written
+    models = eval_models(resolved, config)
+    compared = models[1:]
+    if len(compared) > 1 and args.output is None:
+        raise EvaluationError("--output is needed when several models are compared")
+    first = targets[0] if targets else args.base
+    if compared and compared[0].run is not None:
+        default = Path(compared[0].run) / "eval"
+    elif compared:
+        default = Path("runs") / f"eval-{compared[0].key}"
+    else:
+        default = Path("runs") / (f"eval-{first[len(PREFIX):]}" if is_builtin(first) else f"eval-{Path(first).stem}")
     output = Path(args.output) if args.output else default
     if output.exists() and not output.is_dir():
         raise EvaluationError(f"--output {str(output)!r} is a file")
@@ -229,6 +236,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     steps = args.steps or config.sampling.num_inference_steps
     eta = args.eta if args.eta is not None else config.sampling.eta
     load_model = model_loader(config)
+    for m in compared:
+        if m.unet is not None:
+            print(f"{m.key}: the {Path(m.unet).name} of {m.source} in the base's pipeline; its other components are "
+                  "not read (the base's text encoder(s), VAE and scheduler make its images)")
+        elif m.source is not None:
+            print(f"{m.key}: the LoRA file {m.lora} ({m.lora_naming} naming) on the base's {config.model.pretrained}")
     if args.geneval:
         metadata = load_geneval_metadata(args.geneval)
         folders = write_geneval_images(models, metadata, output, load_model=load_model,
@@ -472,8 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "rerunning resumes. Toy-world targets are scored by the toy PickScore and the oracles.",
     )
     ev.add_argument("config", nargs="*", metavar="TARGET|key=value",
-                    help="run directories (config.yaml + lora/) of one base model, or a preset / config file / "
-                    "toy model (base only); key=value overrides apply to the model config (e.g. model.dtype=float16)")
+                    help="run directories (config.yaml + lora/) of one base model, fine-tuned diffusers pipelines "
+                    "(directory or hub id: only the UNet is taken), LoRA files (path or REPO_ID/FILE; diffusers, peft "
+                    "or the older lora.down/up naming), or a preset / config file / toy model (base only); key=value "
+                    "overrides apply to the model config (e.g. model.dtype=float16)")
+    ev.add_argument("--base", metavar="PRESET_OR_CONFIG",
+                    help="the base model and settings the targets are compared with (a preset, a config file or a "
+                    "run directory; key=value overrides apply), e.g. --base sd15 SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep")
     ev.add_argument("--prompts", help="prompts file (one per line, or a JSON list), a built-in set (toy:...), or "
                     "Pick-a-Pic data (save_to_disk directory or parquet): its captions, deduplicated")
     ev.add_argument("--split", default="validation_unique", help="Pick-a-Pic split (default validation_unique)")
@@ -490,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--geneval", metavar="METADATA.jsonl",
                     help="write images in GenEval's layout for its evaluation_metadata.jsonl instead of scoring")
     ev.add_argument("--images-per-prompt", type=_positive_int, default=4, help="GenEval images per prompt (4)")
-    ev.add_argument("--output", help="default: RUN/eval (runs/eval-NAME otherwise)")
+    ev.add_argument("--output", help="default: RUN/eval for one run, runs/eval-NAME otherwise")
     ev.set_defaults(func=cmd_eval)
 
     report = sub.add_parser("report", help="one self-contained HTML page for a run: curves, config, evaluations")

@@ -21,8 +21,10 @@ from .sdxl import SDXLBackbone
 BACKBONES: dict[str, type[Backbone]] = {"sd15": SD15Backbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}
 
 
-def load_backbone(model_config: Any, negative_prompt: str | None = None) -> Backbone:
-    """Build the backbone a ``ModelConfig`` names, without setting up fine-tuning."""
+def load_backbone(model_config: Any, negative_prompt: str | None = None,
+                  components: dict[str, Any] | None = None) -> Backbone:
+    """Build the backbone a ``ModelConfig`` names, without setting up fine-tuning; ``components``
+    replace the pipeline's own (e.g. ``{"unet": a fine-tuned UNet}``; not for the toy model)."""
     if model_config.backbone == "toy":
         from ..toy.model import ToyBackbone  # the toy world depends on backbones, not the reverse
 
@@ -45,6 +47,7 @@ def load_backbone(model_config: Any, negative_prompt: str | None = None) -> Back
         vae=model_config.vae,
         negative_prompt=negative_prompt,
         resolution=model_config.resolution,
+        components=components,
     )
 
 

@@ -46,31 +46,50 @@ BASE = "base"
 
 @dataclass
 class EvalModel:
-    """One model of an evaluation: ``pretrained`` plus, for a fine-tuned model, a LoRA (a
-    directory holding ``pytorch_lora_weights.safetensors``) and the run that made it."""
+    """One model of an evaluation: ``pretrained`` plus, for a fine-tuned model, a LoRA (a run's
+    directory holding ``pytorch_lora_weights.safetensors``, or a LoRA file) and the run that made
+    it, or ``unet``: the folder of a fine-tuned pipeline's denoiser, used in place of the base's.
+    ``source`` is what the command line named (a hub id, ``REPO_ID/FILE``, a path) and
+    ``lora_naming`` the key naming of a LoRA file (``diffusers``, ``peft``, ``diffusers-old``, ...)."""
 
     key: str
     pretrained: str
     lora: str | None = None
     run: str | None = None
     method: str | None = None
+    unet: str | None = None
+    source: str | None = None
+    lora_naming: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes this model's images: the weights (the LoRA by its tensors: names, dtypes,
-        shapes and values; not the file's bytes, whose metadata order safetensors does not fix)
-        and its key."""
+        shapes and values; not the file's bytes, whose metadata order safetensors does not fix;
+        a fine-tuned denoiser by its files' bytes) and its key."""
+        from .external import denoiser_weight_files, files_sha256, tensors_sha256
+
         lora_hash = None
         if self.lora is not None:
-            from safetensors.torch import load_file
+            lora = Path(self.lora)
+            if lora.is_file():
+                from ..weights import read_state_dict
 
-            digest = hashlib.sha256()
-            tensors = load_file(str(Path(self.lora) / "pytorch_lora_weights.safetensors"))
-            for name in sorted(tensors):
-                t = tensors[name].contiguous()
-                digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            lora_hash = digest.hexdigest()
-        return {"key": self.key, "pretrained": self.pretrained, "lora_sha256": lora_hash}
+                tensors = read_state_dict(lora, self.key)
+            else:
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(lora / "pytorch_lora_weights.safetensors"))
+            lora_hash = tensors_sha256(tensors)
+        identity: dict[str, Any] = {"key": self.key, "pretrained": self.pretrained, "lora_sha256": lora_hash}
+        if self.unet is not None:
+            identity["unet_sha256"] = files_sha256(denoiser_weight_files(Path(self.unet), self.key))
+        return identity
+
+    def describe(self) -> dict[str, Any]:
+        """The model as eval.json lists it (the keys of a run's model always; the others when set)."""
+        info: dict[str, Any] = {"pretrained": self.pretrained, "lora": self.lora, "run": self.run, "method": self.method}
+        info.update({k: v for k, v in (("unet", self.unet), ("source", self.source),
+                                       ("lora_naming", self.lora_naming)) if v is not None})
+        return info
 
 
 @dataclass
@@ -263,7 +282,7 @@ def _compile(models: Sequence[EvalModel], protocol: Protocol, scorers: Sequence[
     return {
         "format": FORMAT,
         "protocol": protocol.describe(),
-        "models": {m.key: {"pretrained": m.pretrained, "lora": m.lora, "run": m.run, "method": m.method} for m in models},
+        "models": {m.key: m.describe() for m in models},
         "metrics": {s.name: {"label": s.label, "expected_range": s.expected_range,
                              "higher_is_better": s.higher_is_better} for s in scorers},
         "skipped": list(skipped),

@@ -553,7 +553,8 @@ def _models_rows(ev: Mapping[str, Any]) -> list[tuple[Any, ...]]:
     rows = []
     for name, info in (ev.get("models") or {}).items():
         info = info if isinstance(info, Mapping) else {}
-        rows.append((name, fmt(info.get("pretrained")), fmt(info.get("lora")), fmt(info.get("run")), fmt(info.get("method"))))
+        weights = info.get("lora") or (f"UNet: {info['unet']}" if info.get("unet") else None)  # a fine-tuned pipeline's
+        rows.append((name, fmt(info.get("pretrained")), fmt(weights), fmt(info.get("run")), fmt(info.get("method"))))
     return rows
 
 
