@@ -158,7 +158,6 @@ class PoolSampler:
         self.pair = pair
         self.decode_batch_size = decode_batch_size
         self.fold_last_step = fold_last_step
-        self.clamp_images = not getattr(scorer, "takes_unclamped_images", False)
 
     @classmethod
     def from_config(cls, backbone: Backbone, scorer: Scorer, config: Any, **kwargs: Any) -> "PoolSampler":
@@ -197,7 +196,8 @@ class PoolSampler:
         round's memory peak), then score all images in one call (chunked scoring saved no memory
         and tripled its time at full size: docs/benchmarks.md)."""
         chunk = self.decode_batch_size or x0.shape[0]
-        images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk], clamp=self.clamp_images)
+        clamp = not getattr(self.scorer, "takes_unclamped_images", False)
+        images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk], clamp=clamp)
                             for start in range(0, x0.shape[0], chunk)])  # preference.decoder if set
         stats.decoded += images.shape[0]
         ts = torch.full((images.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=images.device)
