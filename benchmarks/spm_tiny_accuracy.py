@@ -42,7 +42,8 @@ def main() -> None:
             f"model.pretrained={model}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
             f"preference.pretrained={clip}", f"spm.data={data}", f"spm.steps={args.steps}", "spm.lr=1e-3",
             "spm.batch_size=8", "spm.validate_every=1000", "spm.checkpoint_every=1000",
-            "logging.tensorboard=false", "optimizer.weight_decay=0",
+            "logging.tensorboard=false", "spm.weight_decay=0", "spm.lr_schedule=constant", "spm.mixed_precision=no",
+            "spm.validate_on_start=false", "spm.validation_ties=skip", "spm.clean_validation_at_zero=false",
         ])
         start = time.perf_counter()
         trainer = SPMTrainer(config, tmp / "run", progress=False)

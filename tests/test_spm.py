@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from spo.preference import (
     StepAwarePreferenceModel,
     clip_preprocess,
     pair_accuracy,
+    spm_preprocess,
     preference_pair_loss,
     timestep_embedding,
 )
@@ -40,7 +42,7 @@ def _perturb(spm: StepAwarePreferenceModel, seed: int = 1) -> None:
 
 @pytest.mark.parametrize("variant", ["step_aware", "step_agnostic", "clean"])
 def test_identity_init_equals_the_base_clip(tiny_clip_path: Path, variant: str) -> None:
-    base = CLIPScorer.from_pretrained(str(tiny_clip_path))
+    base = CLIPScorer.from_pretrained(str(tiny_clip_path), preprocessing="release")  # the SPM's image path
     spm = StepAwarePreferenceModel.from_pretrained(str(tiny_clip_path), variant=variant)  # type: ignore[arg-type]
     images = _images()
     expected = base(images, PROMPTS)
@@ -64,7 +66,8 @@ def test_variants_after_training_the_time_modules(tiny_clip_path: Path) -> None:
     torch.testing.assert_close(agnostic(images, PROMPTS, torch.full((3,), 700)), s0)  # = t fixed at 0
     clean = StepAwarePreferenceModel.from_pretrained(str(tiny_clip_path), variant="clean")
     clean.load_state_dict(aware.state_dict())
-    torch.testing.assert_close(clean(images, PROMPTS, torch.zeros(3)), CLIPScorer.from_pretrained(str(tiny_clip_path))(images, PROMPTS))
+    base = CLIPScorer.from_pretrained(str(tiny_clip_path), preprocessing="release")
+    torch.testing.assert_close(clean(images, PROMPTS, torch.zeros(3)), base(images, PROMPTS))
 
 
 def test_modulation_chunk_order(tiny_clip_path: Path) -> None:
@@ -79,7 +82,7 @@ def test_modulation_chunk_order(tiny_clip_path: Path) -> None:
             layer.adaLN_modulation[1].bias[2 * width : 3 * width] = 0.0
     images = _images()
     vision = base.model.vision_model
-    pixels = clip_preprocess(images, base.size, base.mean, base.std)
+    pixels = spm_preprocess(images, base.size, base.mean, base.std)
     with torch.no_grad():
         h = vision.pre_layrnorm(vision.embeddings(pixels))
         for layer in vision.encoder.layers:
@@ -237,9 +240,11 @@ def test_noising_path_shares_t_and_noise_within_a_pair(tiny_sd15_path: Path) -> 
 def _spm_config(model: Path, clip: Path, data: Path, *overrides: str):  # noqa: ANN202
     return load_config("sd15", [
         f"model.pretrained={model}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
-        f"preference.pretrained={clip}", f"spm.data={data}", "spm.steps=40", "spm.lr=1e-3", "spm.batch_size=8",
+        f"preference.pretrained={clip}", "preference.checkpoint=null", f"spm.data={data}", "spm.steps=40", "spm.lr=1e-3", "spm.batch_size=8",
         "spm.validate_every=1000", "spm.checkpoint_every=1000", "logging.tensorboard=false",
-        "optimizer.weight_decay=0", *overrides,
+        "spm.weight_decay=0", "spm.lr_schedule=constant", "spm.mixed_precision=no", "spm.validate_on_start=false",
+        "spm.validation_ties=skip", "seed=0",
+        *overrides,
     ])
 
 
@@ -260,7 +265,8 @@ def test_training_raises_validation_accuracy(tiny_sd15_fitted_vae_path: Path, ti
 
 
 def test_spm_resume_is_exact(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path: Path, tmp_path: Path) -> None:
-    overrides = ("spm.steps=4", "spm.checkpoint_every=2", "spm.batch_size=4", "spm.validation_pairs=4")
+    overrides = ("spm.steps=4", "spm.checkpoint_every=2", "spm.batch_size=4", "spm.validation_pairs=4",
+                 "spm.lr_schedule=warmup_decay", "spm.warmup_steps=3", "spm.weight_decay=0.3")  # the schedule resumes too
     config = _spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, *overrides)
     SPMTrainer(config, tmp_path / "full", progress=False).train()
     SPMTrainer(config, tmp_path / "cut", progress=False).train(stop_after=3)
@@ -305,8 +311,54 @@ def test_cli_train_spm(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path
 
     args = ["train-spm", "sd15", "--output", str(tmp_path / "run"), f"model.pretrained={tiny_sd15_path}",
             "model.resolution=32", "model.dtype=float32", "model.device=cpu", f"preference.pretrained={tiny_clip_path}",
+            "preference.checkpoint=null",
             f"spm.data={pickapic_path}", "spm.steps=2", "spm.batch_size=4", "spm.validation_pairs=8",
             "spm.validation_timesteps=[0,501]", "logging.tensorboard=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "before" in out and "accuracy" in out and "501" in out and "preference.pretrained=" in out
+
+
+def test_release_recipe_in_the_trainer(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path: Path,
+                                       tmp_path: Path) -> None:
+    """The release's SPM recipe as the trainer runs it: AdamW with spm.weight_decay, DeepSpeed's
+    warm-up-then-decay rate per step (the first step at the peak), validation at t = 0 on the
+    clean images (no UNet call), relabelled validation labels with ties left out, and the
+    relabel rule 'a winner only where the gap exceeds the threshold'."""
+    from spo.preference.training import warmup_decay_factor
+
+    config = _spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, "spm.steps=3", "spm.batch_size=4",
+                         "spm.weight_decay=0.3", "spm.lr_schedule=warmup_decay", "spm.warmup_steps=2",
+                         "spm.validation_pairs=8", "spm.validation_timesteps=[0,501]", "spm.validation_ties=auto",
+                         "spm.validate_every=1000")
+    trainer = SPMTrainer(config, tmp_path / "run", progress=False)
+    assert {g["weight_decay"] for g in trainer.optimizer.optimizer.param_groups} == {0.3}
+    seen_t: list[float] = []
+    trainer.backbone.unet.register_forward_hook(lambda m, a, o: seen_t.extend(a[1].float().reshape(-1).tolist()))
+    trainer.validate()
+    assert seen_t and set(seen_t) == {501.0}  # t = 0 scored the clean images: no UNet call
+    for _ in range(3):
+        trainer.train_step()
+    lrs = [e["lr"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if e["type"] == "step"]
+    assert lrs == pytest.approx([1e-3 * warmup_decay_factor(s, 2, 3) for s in range(3)]) == [1e-3, 0.0, 1e-3]
+    # relabelling: equal scores are a tie even at threshold 0 (the release: winner only if gap > threshold)
+    trainer.relabeler = lambda images, prompts, t: torch.zeros(images.shape[0])
+    trainer.config.spm.relabel, trainer.config.spm.relabel_threshold = "stub", 0.0
+    relabelled = trainer._relabel(torch.zeros(2, 2, 3, 32, 32), ["a", "b"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert relabelled.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    with pytest.raises(PreferenceDataError, match="no usable non-tied pair"):  # validation labels relabelled too
+        trainer.validate()
+
+
+def test_example_weights_use_the_data_set_column_when_present() -> None:
+    """The release divides by Pick-a-Pic's num_example_per_prompt column; without it the
+    captions of the split are counted."""
+    import datasets
+
+    from spo.data import caption_weights
+
+    rows = {"caption": ["a", "a", "b"], "jpg_0": [b""] * 3, "jpg_1": [b""] * 3, "label_0": [1.0] * 3, "label_1": [0.0] * 3}
+    assert caption_weights(datasets.Dataset.from_dict(rows)) == [0.5, 0.5, 1.0]
+    with_column = datasets.Dataset.from_dict({**rows, "num_example_per_prompt": [4, 4, 0]})
+    assert caption_weights(with_column) == [0.25, 0.25, 1.0]  # 0: not usable, counted instead

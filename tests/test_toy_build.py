@@ -69,7 +69,8 @@ def test_clean_variant_trains_a_reward_model_without_a_diffusion_model(tiny_clip
         f"model.pretrained={tmp_path / 'no-diffusion-model-needed'}", "model.device=cpu",
         f"preference.pretrained={tiny_clip_path}", "preference.variant=clean", f"spm.data={pickapic_path}",
         "spm.steps=80", "spm.lr=1e-3", "spm.batch_size=8", "spm.validate_every=1000", "spm.checkpoint_every=1000",
-        "logging.tensorboard=false", "optimizer.weight_decay=0",
+        "logging.tensorboard=false", "spm.weight_decay=0", "spm.lr_schedule=constant", "spm.mixed_precision=no",
+        "model.dtype=float32",
     ])
     trainer = SPMTrainer(config, tmp_path / "run", progress=False)
     assert trainer.backbone is None

@@ -162,11 +162,24 @@ def parse_labels(label_0: Any, label_1: Any) -> tuple[float, float] | None:
     return a / (a + b), b / (a + b)
 
 
+NUM_EXAMPLES_COLUMN = "num_example_per_prompt"
+
+
 def caption_weights(data: Any) -> list[float]:
-    """1 / (number of rows sharing the caption), per row of the split."""
+    """The example weight 1 / n of each row: n from the ``num_example_per_prompt`` column where
+    the data has it (Pick-a-Pic v1; what the release's criterion divides by), else the number of
+    rows of the split sharing the caption. A missing or non-positive n counts the caption."""
     captions = data["caption"]
     counts = Counter(captions)
-    return [1.0 / counts[c] for c in captions]
+    given = data[NUM_EXAMPLES_COLUMN] if NUM_EXAMPLES_COLUMN in data.column_names else [None] * len(captions)
+    weights = []
+    for caption, n in zip(captions, given):
+        try:
+            n = float(n) if n is not None else 0.0
+        except (TypeError, ValueError):
+            n = 0.0
+        weights.append(1.0 / n if n > 0 else 1.0 / counts[caption])
+    return weights
 
 
 def load_pair(data: Any, index: int, resolution: int) -> dict[str, Any] | None:

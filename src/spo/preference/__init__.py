@@ -2,7 +2,7 @@
 
 from .clip_scorer import CLIPScorer, load_clip_parts
 from .loss import pair_accuracy, preference_pair_loss
-from .preprocess import clip_preprocess
+from .preprocess import clip_preprocess, spm_preprocess
 from .spm import StepAwarePreferenceModel, TimestepEmbedder, add_time_modules, reset_time_modules, timestep_embedding
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "pair_accuracy",
     "preference_pair_loss",
     "reset_time_modules",
+    "spm_preprocess",
     "timestep_embedding",
 ]

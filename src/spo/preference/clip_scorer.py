@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..builtin import resolve_weights
 from ..errors import ModelLoadError, local_path
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, spm_preprocess
+
+Preprocessing = Literal["release", "processor"]
+PREPROCESSING: tuple[str, ...] = ("release", "processor")
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
@@ -71,22 +74,42 @@ class CLIPScorer(nn.Module):
 
     Text embeddings are cached per prompt until :meth:`clear_cache` (the trainer clears it each
     round), so the k candidates of a pool cost one text encoding.
+
+    ``preprocessing``: ``"processor"`` (the default here) clamps to [-1, 1] and then does what
+    CLIP's image processor does to a PIL image (:func:`~spo.preference.preprocess.clip_preprocess`,
+    antialiased): PickScore as an evaluation metric or a relabeller. ``"release"`` is the authors'
+    SPM path (:func:`~spo.preference.preprocess.spm_preprocess`: no antialiasing, resize THEN
+    clamp), the default of :class:`~spo.preference.spm.StepAwarePreferenceModel`. Either way the
+    scorer accepts unclamped decoded images (``takes_unclamped_images``).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    #: the pool sampler may hand this scorer decoded images before any clamp (the release scores
+    #: the unclamped decoded x0-hat and clamps after the resize)
+    takes_unclamped_images: bool = True
+    #: the image path used when the constructor is given none
+    default_preprocessing: Preprocessing = "processor"
+
+    def __init__(
+        self, model: Any, tokenizer: Any, *, size: int, mean: Sequence[float], std: Sequence[float],
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
         super().__init__()
+        preprocessing = preprocessing or self.default_preprocessing
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"unknown CLIP preprocessing {preprocessing!r}; expected one of {PREPROCESSING}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.preprocessing: Preprocessing = preprocessing
         self._text_cache: dict[str, Tensor] = {}
 
     @classmethod
     def from_pretrained(
         cls, pretrained: str, processor: str | None = None, *, device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, preprocessing: Preprocessing | None = None,
     ) -> "CLIPScorer":
         model, tokenizer, settings = load_clip_parts(pretrained, processor)
-        scorer = cls(model, tokenizer, **settings)
+        scorer = cls(model, tokenizer, preprocessing=preprocessing, **settings)
         return scorer.to(device=device or "cpu", dtype=dtype)
 
     @property
@@ -119,8 +142,15 @@ class CLIPScorer(nn.Module):
                     self._text_cache[p] = e
         return torch.stack([self._text_cache[p] for p in prompts])
 
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] (unclamped allowed) -> CLIP pixel values, by ``self.preprocessing``."""
+        images = images.to(self.device)
+        if self.preprocessing == "release":
+            return spm_preprocess(images, self.size, self.mean, self.std)
+        return clip_preprocess(images.clamp(-1, 1), self.size, self.mean, self.std)
+
     def image_embeddings(self, images: Tensor, timesteps: Tensor | None = None) -> Tensor:
-        pixels = clip_preprocess(images.to(self.device), self.size, self.mean, self.std)
+        pixels = self.preprocess(images)
         emb = self.model.get_image_features(pixel_values=pixels.to(self.model.dtype))
         emb = getattr(emb, "pooler_output", emb)
         return emb / emb.norm(dim=-1, keepdim=True)

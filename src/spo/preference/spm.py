@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from ..builtin import resolve_weights
 from ..errors import ModelLoadError
-from ..weights import read_state_dict
-from .clip_scorer import CLIPScorer, load_clip_parts
-from .preprocess import clip_preprocess, save_clip_image_config
+from ..weights import read_state_dict, resolve_weights_file
+from .clip_scorer import CLIPScorer, Preprocessing, load_clip_parts
+from .preprocess import save_clip_image_config
 
 Variant = Literal["step_aware", "step_agnostic", "clean"]
 VARIANTS: tuple[str, ...] = ("step_aware", "step_agnostic", "clean")
@@ -101,7 +101,13 @@ class StepAwarePreferenceModel(CLIPScorer):
     ``variant``: ``"step_aware"`` (default; conditioned on t), ``"step_agnostic"`` (the same
     architecture fed t = 0 always, i.e. no time input; trained on noised data) or ``"clean"``
     (the base CLIP, no time modules used: the paper's Table 5 rows).
+
+    Images go through the release's SPM path by default (``preprocessing="release"``: bicubic
+    resize without antialiasing of the unclamped image, torchvision's centre crop, then the clamp;
+    :func:`~spo.preference.preprocess.spm_preprocess`).
     """
+
+    default_preprocessing: Preprocessing = "release"
 
     def __init__(
         self,
@@ -113,10 +119,11 @@ class StepAwarePreferenceModel(CLIPScorer):
         std: Sequence[float],
         variant: Variant = "step_aware",
         frequencies: int = 256,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown SPM variant {variant!r}; expected one of {VARIANTS}")
-        super().__init__(model, tokenizer, size=size, mean=mean, std=std)
+        super().__init__(model, tokenizer, size=size, mean=mean, std=std, preprocessing=preprocessing)
         self.variant = variant
         self.frequencies = frequencies
         if not hasattr(model, "t_embedder"):
@@ -151,10 +158,10 @@ class StepAwarePreferenceModel(CLIPScorer):
 
     def load_release_checkpoint(self, path: str | Path) -> None:
         """Load the authors' released SPM state dict (.bin / .pt via ``torch.load(weights_only=True)``,
-        or .safetensors), keys ``model.`` + CLIPModel keys + time modules."""
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"preference.checkpoint: no such file {str(path)!r}")
+        or .safetensors), keys ``model.`` + CLIPModel keys + time modules: a local file or a hub
+        file reference ``REPO_ID/FILE`` (the presets name
+        ``SPO-Diffusion-Models/Step-Aware_Preference_Models/sd-v1-5_step-aware_preference_model.bin``)."""
+        path = resolve_weights_file(str(path), "preference.checkpoint")
         state = read_state_dict(path, "preference.checkpoint")  # tensors only, 'state_dict' unwrapped
         # buffers that older transformers saved and newer ones recompute
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
@@ -225,9 +232,13 @@ class StepAwarePreferenceModel(CLIPScorer):
     def image_embeddings(self, images: Tensor, timesteps: Tensor | None = None) -> Tensor:
         if self.variant == "clean":
             return super().image_embeddings(images, timesteps)
+        return self.pixel_embeddings(self.preprocess(images), timesteps)
+
+    def pixel_embeddings(self, pixels: Tensor, timesteps: Tensor | None = None) -> Tensor:
+        """Normalised image embeddings of CLIP pixel values (already preprocessed) at ``timesteps``."""
         clip = self.model
         vision = clip.vision_model
-        pixels = clip_preprocess(images.to(self.device), self.size, self.mean, self.std).to(clip.dtype)
+        pixels = pixels.to(self.device, clip.dtype)
         batch = pixels.shape[0]
         if self.variant == "step_agnostic" or timesteps is None:
             t = torch.zeros(batch, device=pixels.device)

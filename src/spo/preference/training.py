@@ -3,7 +3,11 @@
 For each pair: VAE-encode both images; draw t ~ U{0..T-1} and ONE noise tensor; noise both
 latents with it; predict with the UNet under classifier-free guidance; take the DDIM x0
 estimate; decode; score both images with the SPM at t; cross-entropy against the labels (tie
-corrected, weighted by 1 / examples sharing the prompt). Validation: pair accuracy at fixed t.
+corrected, weighted by 1 / examples sharing the prompt, normalised over the batch of every
+process). Validation: pair accuracy at fixed t (at t = 0 on the clean images). The defaults are
+the authors' release's recipe (``step_aware_preference_model/``; docs/release-parity.md):
+AdamW with weight decay 0.3, DeepSpeed's warm-up-then-linear-decay schedule, 16 pairs per
+process in bf16, clipping at 1.0.
 
 With ``preference.variant=clean`` the same trainer fits a clean-image reward model instead
 (PickScore's recipe: the plain CLIP scores the pair's images as they are, no noising, no
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +41,7 @@ from ..training.output import output_problem, removed_on_failure
 from ..training.metrics import MetricsLog
 from ..training.seeding import derive_seed, generator
 from .clip_scorer import CLIPScorer
-from .loss import pair_accuracy, preference_pair_loss
+from .loss import preference_pair_loss, release_accuracy
 from .spm import StepAwarePreferenceModel
 
 
@@ -60,6 +65,24 @@ def load_preference_model(config: SPOConfig, device: torch.device | str | None =
         p.pretrained, p.processor, checkpoint=p.checkpoint, variant=p.variant, frequencies=p.time_frequencies,
         device=device, dtype=resolve_dtype(p.dtype),
     )
+
+
+def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int, warmup_type: str = "log") -> float:
+    """The learning-rate factor of optimiser step ``step`` (0-based) under DeepSpeed's
+    ``WarmupDecayLR`` as the release's SPM trainer drives it (DeepSpeed 0.12.3,
+    ``runtime/lr_schedules.py``; accelerate's ``DummyScheduler`` with ``warmup_min_lr`` 0).
+
+    DeepSpeed sets the rate only in ``scheduler.step()``, which its engine calls after each
+    optimiser step, so step 0 runs at the optimiser's own (peak) rate; step s >= 1 runs at
+    gamma(s - 1) with gamma(i) = log(i + 1) / log(W) (``warmup_type="log"``, DeepSpeed's default)
+    or i / W for i < W = max(2, warmup_steps), then (total - i) / (total - W), never below 0.
+    """
+    if step <= 0:
+        return 1.0
+    i, w = step - 1, max(2, warmup_steps)
+    if i < w:
+        return math.log(i + 1) / math.log(w) if warmup_type == "log" else i / w
+    return max(0.0, (total_steps - i) / max(1.0, total_steps - w))
 
 
 @torch.no_grad()
@@ -152,8 +175,12 @@ class SPMTrainer:
                 raise SPMTrainingError(f"spm.validation_timesteps {too_late} are beyond the schedule (T = {self.num_train_timesteps})")
         self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else config.sampling.guidance_scale
         # trainable weights in fp32 whatever preference.dtype says (that is the scoring precision);
-        # spm.mixed_precision autocasts the forward
-        self.spm = load_preference_model(config, acc.device).to(torch.float32)
+        # spm.mixed_precision autocasts the forward. The release trains from PickScore with its
+        # identity init (train_spm.py: init_adaln_paras), not from a released SPM.
+        p = config.preference
+        self.spm = StepAwarePreferenceModel.from_pretrained(
+            p.pretrained, p.processor, checkpoint=p.checkpoint if cfg.from_checkpoint else None, variant=p.variant,
+            frequencies=p.time_frequencies, device=acc.device, dtype=torch.float32)
         self.spm.model.requires_grad_(True)
         if self.clean:  # the time modules are unused: frozen (DDP wants every trainable weight used)
             for module in self.spm.time_modules():
@@ -164,15 +191,22 @@ class SPMTrainer:
         self.relabeler = (
             CLIPScorer.from_pretrained(cfg.relabel, config.preference.processor, device=acc.device) if cfg.relabel else None
         )
-        o = config.optimizer
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        # the release: DeepSpeed's AdamW (torch_adam) over every SPM weight, one parameter group
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      eps=cfg.eps)
         self.policy, self.optimizer = acc.prepare(self.spm, optimizer)
-        from diffusers.optimization import get_scheduler
+        if cfg.lr_schedule == "warmup_decay":
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer.optimizer,
+                lambda s: warmup_decay_factor(s, cfg.warmup_steps, cfg.steps, cfg.warmup_type))
+        else:
+            from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler("constant", self.optimizer.optimizer)
+            self.lr_scheduler = get_scheduler("constant", self.optimizer.optimizer)
         self.metrics = MetricsLog(acc, self.run_dir / "metrics.jsonl")
         self.step, self.skipped_rows = 0, 0
         self.validation: dict[int, float] = {}
+        self.validated_at: int | None = None  # the step of the last validation
         if self.resume_from is not None:
             state = load_checkpoint(acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer,
                                     lr_scheduler=self.lr_scheduler)
@@ -210,7 +244,10 @@ class SPMTrainer:
                 val = load_preference_split(cfg.data, cfg.validation_split)  # type: ignore[arg-type]
             except PreferenceDataError as err:
                 raise PreferenceDataError(f"{err} (set spm.validation_split=null to hold out training rows)") from None
-            return rows, list(range(len(val))), val
+            val_rows = list(range(len(val)))
+            if "has_label" in val.column_names:  # the release's keep_only_with_label_in_non_train
+                val_rows = [r for r, labelled in zip(val_rows, val["has_label"]) if labelled]
+            return rows, val_rows, val
         perm = torch.randperm(len(rows), generator=generator(self.config.seed, "holdout")).tolist()
         n_val = max(1, int(len(rows) * cfg.validation_fraction))
         if n_val >= len(rows):
@@ -233,14 +270,17 @@ class SPMTrainer:
         return torch.randn(n, *self.backbone.latent_shape, generator=gen)
 
     def _score_pairs(self, captions: list[str], images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-                     gen: torch.Generator, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.backbone is None:  # a clean reward model scores the images themselves
+                     gen: torch.Generator, grad: bool, clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of both images of each pair at its t: on the decoded x0 estimates after
+        noising, or (``clean``, or a clean reward model) on the images themselves."""
+        if self.backbone is None or clean:  # the images themselves (the release's validation at t = 0)
             x0_images = images.to(self.accelerator.device)
         else:
             cond = self.backbone.encode_prompts(captions, with_negative=self.guidance != 1.0)
             x0_images = noised_x0_images(self.backbone, images.to(self.accelerator.device), cond, timesteps, noise,
                                          self.guidance, gen)
-        flat = x0_images.flatten(0, 1)
+        # the release's training and validation path: clamp, resize, clamp, normalise (spm_task.py)
+        flat = x0_images.flatten(0, 1).clamp(-1, 1)
         prompts = [c for c in captions for _ in range(2)]
         ts = timesteps.repeat_interleave(2).to(flat.device)
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
@@ -258,7 +298,8 @@ class SPMTrainer:
         gap = (p[:, 0] - p[:, 1]).abs()
         winner_0 = (p[:, 0] > p[:, 1]).float()
         hard = torch.stack([winner_0, 1 - winner_0], dim=-1)
-        return torch.where((gap < self.config.spm.relabel_threshold)[:, None], torch.full_like(hard, 0.5), hard)
+        # the release (update_as_pickscore_label): a winner only where the gap EXCEEDS the threshold
+        return torch.where((gap <= self.config.spm.relabel_threshold)[:, None], torch.full_like(hard, 0.5), hard)
 
     # ------------------------------------------------------------------ training
     def _micro_batch(self, step: int, micro: int) -> tuple[list[dict[str, Any]], list[float], int]:
@@ -286,6 +327,12 @@ class SPMTrainer:
             gen = generator(self.config.seed, "spm-step", self.step, micro, acc.process_index)
             last = micro == cfg.gradient_accumulation_steps - 1
             sync = acc.no_sync(self.policy) if not last else contextlib.nullcontext()
+            # the release's criterion normalises the example weights over the batch gathered from
+            # every process (all_gather with gradients): its gradient is that of the loss
+            # sum_all(w ce) / sum_all(w); DDP averages over processes, so each contributes
+            # num_processes x its share
+            weight_sum = acc.reduce(torch.tensor([float(sum(weights))], device=acc.device, dtype=torch.float64),
+                                    reduction="sum")
             with sync:
                 if pairs:
                     images = torch.stack([p["images"] for p in pairs])
@@ -295,8 +342,10 @@ class SPMTrainer:
                          else self.backbone.schedule(1).training_timesteps(len(pairs), gen))
                     noise = self._noise(len(pairs), gen)
                     s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=True)
-                    loss = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device))
-                    losses.append(float(loss.detach()))
+                    share = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device),
+                                                 weight_sum=float(weight_sum))
+                    loss = share * acc.num_processes
+                    losses.append(float(share.detach()))
                     used += len(pairs)
                 else:  # every row of this micro-batch was bad: a zero-weight pass through the DDP
                     # wrapper keeps this process's gradient all-reduce in step with the others
@@ -311,26 +360,33 @@ class SPMTrainer:
                         f"non-finite SPM loss at step {self.step + 1}; the last checkpoint is intact: lower spm.lr, then --resume"
                     )
                 acc.backward(loss / cfg.gradient_accumulation_steps)
-        if self.config.optimizer.max_grad_norm is not None:
-            acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
+        if cfg.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step runs at
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
         self.step += 1
-        stats = torch.tensor([sum(losses), len(losses), bad_total, used], device=acc.device, dtype=torch.float64)
+        # each process's share of each micro-batch's loss; their sum is the loss of the whole batch
+        stats = torch.tensor([sum(losses), bad_total, used], device=acc.device, dtype=torch.float64)
         total = acc.reduce(stats, reduction="sum").tolist()
-        if total[3] == 0:
-            raise PreferenceDataError(f"{cfg.data}: no usable pair in step {self.step} ({int(total[2])} bad rows)")
-        self.skipped_rows += int(total[2])
-        entry = {"type": "step", "step": self.step, "loss": total[0] / max(1, total[1]), "pairs": int(total[3]),
-                 "skipped_rows": self.skipped_rows, "lr": self.lr_scheduler.get_last_lr()[0],
+        if total[2] == 0:
+            raise PreferenceDataError(f"{cfg.data}: no usable pair in step {self.step} ({int(total[1])} bad rows)")
+        self.skipped_rows += int(total[1])
+        entry = {"type": "step", "step": self.step, "loss": total[0] / cfg.gradient_accumulation_steps,
+                 "pairs": int(total[2]), "skipped_rows": self.skipped_rows, "lr": lr,
                  "num_processes": acc.num_processes}
         self.metrics.write(entry, self.step, "spm")
         return entry
 
     @torch.no_grad()
     def validate(self) -> dict[int, float]:
-        """Pair accuracy (non-tied pairs) at each validation timestep, all processes together."""
+        """Pair accuracy at each validation timestep, all processes together, as the release
+        counts it (``SPMTask.run_inference``): labels relabelled as in training when
+        ``spm.relabel`` is set, ties per ``spm.validation_ties``, and at t = 0 the clean images
+        scored themselves (``spm.clean_validation_at_zero``)."""
         acc, cfg = self.accelerator, self.config.spm
+        ties = cfg.validation_ties == "half" or (cfg.validation_ties == "auto" and not cfg.relabel)
         self.spm.eval()
         self.spm.clear_cache()  # the text tower has been trained since the cache was filled
         rows = self.val_rows[: cfg.validation_pairs] if cfg.validation_pairs else self.val_rows
@@ -349,8 +405,11 @@ class SPMTrainer:
                 t = torch.full((len(keep),), t_value,
                                dtype=torch.long if self.clean else self.backbone.schedule(1).timesteps.dtype)
                 noise = self._noise(len(keep), gen)
-                s0, s1 = self._score_pairs([p["caption"] for _, p in keep], images, t, noise, gen, grad=False)
-                correct, counted = pair_accuracy(s0.cpu(), s1.cpu(), torch.tensor([p["labels"] for _, p in keep]))
+                captions = [p["caption"] for _, p in keep]
+                clean = t_value == 0 and cfg.clean_validation_at_zero
+                s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=False, clean=clean)
+                labels = self._relabel(images, captions, torch.tensor([p["labels"] for _, p in keep]))
+                correct, counted = release_accuracy(s0.cpu(), s1.cpu(), labels, ties=ties)
                 counts[j, 0] += correct
                 counts[j, 1] += counted
         counts = acc.reduce(counts, reduction="sum").cpu()
@@ -361,7 +420,7 @@ class SPMTrainer:
         entry = {"type": "validation", "step": self.step, "pairs": int(counts[0, 1]), "bad_rows": int(counts[0, 2]),
                  **{f"accuracy_t{t}": v for t, v in result.items()}}
         self.metrics.write(entry, self.step, "spm_val")
-        self.validation = result
+        self.validation, self.validated_at = result, self.step
         return result
 
     def checkpoint(self) -> Path:
@@ -379,6 +438,8 @@ class SPMTrainer:
                    disable=not (self.progress and acc.is_main_process))
         start = time.perf_counter()
         try:  # the bar ends its line even when a round fails, so the error starts a line of its own
+            if self.step == 0 and cfg.validate_on_start and end > 0 and self.validated_at != 0:
+                self.validate()  # the release's eval_on_start (unless the caller has just validated)
             while self.step < end:
                 entry = self.train_step()
                 bar.update(1)
