@@ -228,7 +228,7 @@ def main() -> None:
 
             model = build_sd15(root / "sd15")
         specs = build_scorers(root, args.smoke)
-    overrides = (["model.device=cpu", "model.resolution=32", "model.dtype=float32"] if args.smoke
+    overrides = (["model.device=cpu", "model.resolution=32", "model.dtype=float32", "train.mixed_precision=no"] if args.smoke
                  else ["model.device=cuda", "model.dtype=float16"])
     run = make_run(root, model, overrides)
     built = time.perf_counter() - start

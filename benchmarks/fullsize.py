@@ -597,7 +597,10 @@ def main() -> None:
     for model in args.models:
         common = {"model.pretrained": str(paths[model]), "preference.pretrained": str(paths["pickscore"]),
                   "preference.processor": "null", "data.prompts": str(prompts_file), "logging.tensorboard": "false",
-                  "pools.threshold": "0.0", "train.rounds": str(args.rounds)}
+                  "pools.threshold": "0.0", "train.rounds": str(args.rounds),
+                  # a random PickScore, no released SPM to fetch: its time modules at identity, run as a
+                  # trained SPM's would be (step_agnostic feeds t = 0 through the same adaLN tower)
+                  "preference.checkpoint": "null", "preference.variant": "step_agnostic"}
         if model == "sdxl":
             common["model.vae"] = "null"  # the random pipeline's own VAE (fp16-safe: force_upcast false)
         if args.tiny:

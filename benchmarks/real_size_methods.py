@@ -156,10 +156,12 @@ def main() -> None:
               f"preference.pretrained={reward}", "preference.processor=null", "preference.dtype=float16",
               f"data.prompts={prompts}", f"data.preference_data={data}", "logging.tensorboard=false"]
     if args.smoke:
-        common = [*common[:1], "model.device=cpu", "model.resolution=32", *common[4:7], "train.prompts_per_round=2",
+        common = [*common[:1], "model.device=cpu", "model.dtype=float32", "train.mixed_precision=no",
+                  "model.resolution=32", *common[4:7], "train.prompts_per_round=2",
                   "sampling.num_inference_steps=4", *common[7:]]
     plans = {"sd15-diffusion-dpo": (3, 4, []), "sd15-d3po": (1, 2, []), "sd15-ddpo": (1, None, []),
-             "sd15": (1, None, ["pools.threshold=0.0"])}
+             # a random PickScore: its time modules at identity (step_agnostic runs them, as a trained SPM would)
+             "sd15": (1, None, ["pools.threshold=0.0", "preference.checkpoint=null", "preference.variant=step_agnostic"])}
     results = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (smoke)", "torch": torch.__version__, "build_seconds": round(built, 1),
                "runs": []}
     for preset in args.methods:

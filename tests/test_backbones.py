@@ -300,14 +300,14 @@ def test_resolution_null_is_the_pipelines_native_size(kind: str, request: pytest
     from spo.config import load_config
 
     path = request.getfixturevalue(f"tiny_{kind}_path")
-    config = load_config(kind, [f"model.pretrained={path}", "model.device=cpu", "model.vae=null"])
+    config = load_config(kind, [f"model.pretrained={path}", "model.device=cpu", "model.vae=null", "model.dtype=float32"])
     assert config.model.resolution is None
     backbone = load_backbone(config.model)
     native = backbone.unet.config.sample_size * backbone.vae_scale_factor
     assert backbone.resolution == native and backbone.latent_shape[1:] == (backbone.unet.config.sample_size,) * 2
     assert native < 512  # the tiny pipelines are small: a 512 px default would have cost minutes per round
     explicit = load_backbone(load_config(kind, [f"model.pretrained={path}", "model.device=cpu", "model.vae=null",
-                                                f"model.resolution={2 * native}"]).model)
+                                                "model.dtype=float32", f"model.resolution={2 * native}"]).model)
     assert explicit.resolution == 2 * native
 
 

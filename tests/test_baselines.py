@@ -30,6 +30,7 @@ def _config(backbone: str, model: Path, prompts: Path, method: str, data: Path |
         "train.batch_size=8", "train.gradient_accumulation_steps=1", "sampling.num_inference_steps=6",
         "optimizer.lr=1e-3", "logging.tensorboard=false", "logging.checkpoint_every=1", f"objective.name={method}",
         f"objective.beta={BETA[method]}", "objective.samples_per_prompt=2", "objective.stat_min_count=2",
+        "optimizer.max_grad_norm=1.0", "seed=0",  # the baselines clip (their presets); the seed these tests were set at
         *([f"data.preference_data={data}"] if data else []), *overrides,
     ])
 
@@ -70,7 +71,8 @@ def test_first_loss_at_initialisation(method: str, tiny_any_path: tuple[str, Pat
 def test_trajectory_sampling_is_plain_ddim_with_its_log_probs(tiny_sd15_path: Path) -> None:
     from spo.backbones import load_backbone
 
-    config = load_config("sd15", [f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.device=cpu"])
+    config = load_config("sd15", [f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.device=cpu",
+                                  "model.dtype=float32"])
     bb = load_backbone(config.model)
     kw = dict(num_inference_steps=5, eta=1.0, guidance_scale=5.0)
     plain = ddim_sample(bb, PROMPTS[:3], generator=torch.Generator().manual_seed(3), **kw)

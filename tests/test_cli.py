@@ -38,7 +38,8 @@ def test_config_errors_exit_2_with_the_key(capsys: pytest.CaptureFixture[str]) -
 
 def test_sample_missing_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no-model"
-    assert main(["sample", "sd15", f"model.pretrained={missing}", "--output", str(tmp_path / "out")]) == 2
+    assert main(["sample", "sd15", f"model.pretrained={missing}", "model.dtype=float32", "--output",
+                 str(tmp_path / "out")]) == 2
     assert str(missing) in capsys.readouterr().err
 
 
@@ -46,7 +47,7 @@ def test_sample_from_prompts_file(tiny_sd15_path: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["a red cat", "a blue dog", "a green bird"]))
     out = tmp_path / "out"
-    args = ["sample", "sd15", f"model.pretrained={tiny_sd15_path}", "model.resolution=32",
+    args = ["sample", "sd15", f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.dtype=float32",
             "sampling.num_inference_steps=5", "--prompts", str(prompts), "--seeds", "2", "--output", str(out)]
     assert main(args) == 0
     assert len(list((out / "images").glob("*.png"))) == 6

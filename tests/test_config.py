@@ -50,12 +50,19 @@ def test_sd15_preset_carries_release_values():
     assert c.optimizer.betas == (0.9, 0.999)
     assert c.optimizer.weight_decay == pytest.approx(1e-4)
     assert c.optimizer.eps == pytest.approx(1e-8)
-    assert c.optimizer.max_grad_norm == 1.0
+    assert c.optimizer.max_grad_norm is None  # the release's clip_grad_norm_ gets an exhausted iterator
+    assert c.seed == 42
+    assert (c.pools.kappa, c.pools.fold_last_step) == (None, False)
+    assert c.train.carry_accumulation is False
     assert (c.lora.rank, c.lora.alpha) == (4, 4.0)
     assert c.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert (c.train.prompts_per_round, c.train.batch_size, c.train.gradient_accumulation_steps) == (10, 10, 1)
     assert c.preference.pretrained == "yuvalkirstain/PickScore_v1"
     assert c.preference.processor == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    assert c.preference.checkpoint == ("SPO-Diffusion-Models/Step-Aware_Preference_Models/"
+                                       "sd-v1-5_step-aware_preference_model.bin")
+    assert c.preference.variant == "step_aware"
+    assert c.train.rounds == 1000  # 10 epochs of 4k prompts at 10 prompts x 4 GPUs
 
 
 def test_sdxl_preset_carries_release_values():
@@ -73,6 +80,22 @@ def test_sdxl_preset_carries_release_values():
     assert (c.objective.beta, c.objective.eps) == (10.0, 0.1)
     assert (c.sampling.guidance_scale, c.sampling.eta) == (5.0, 1.0)
     assert c.preference.pretrained == "yuvalkirstain/PickScore_v1"
+    assert c.preference.checkpoint == ("SPO-Diffusion-Models/Step-Aware_Preference_Models/"
+                                       "sdxl_step-aware_preference_model.bin")
+    assert c.optimizer.max_grad_norm is None and c.seed == 42
+    assert c.train.rounds == 5000  # 10 epochs of 4k prompts at 2 prompts x 4 GPUs
+    assert c.pools.fold_last_step and c.train.carry_accumulation
+
+
+@pytest.mark.parametrize("name", ["sd15-d3po", "sd15-ddpo", "sd15-diffusion-dpo", "sdxl-d3po", "sdxl-ddpo",
+                                  "sdxl-diffusion-dpo", "toy"])
+def test_other_methods_keep_their_own_clipping_and_reward(name: str) -> None:
+    """The SPO presets' release facts (no clipping, the released SPM, carried accumulation) do not
+    leak into the baselines' presets that start from them, nor into the toy recipe."""
+    c = load_config(name)
+    assert c.optimizer.max_grad_norm == 1.0
+    assert c.train.carry_accumulation is False
+    assert c.preference.checkpoint is None
 
 
 def test_presets_give_exact_python_types():
@@ -89,6 +112,12 @@ def test_defaults_are_the_sd15_release_values():
     sd15 = load_config("sd15")
     assert defaults.lora.alpha is None  # None means alpha = rank; the preset spells out 4
     sd15.lora.alpha = None
+    assert defaults.preference.checkpoint is None  # the preset names the released SPM on the hub
+    sd15.preference.checkpoint = None
+    # the preset trains in fp16 as the release's accelerate config; the defaults run anywhere
+    assert (sd15.model.dtype, sd15.train.mixed_precision) == ("float16", "fp16")
+    assert (defaults.model.dtype, defaults.train.mixed_precision) == ("float32", "no")
+    sd15.model.dtype, sd15.train.mixed_precision = "float32", "no"
     assert sd15 == defaults
 
 
@@ -528,7 +557,7 @@ def test_config_to_dict_is_plain_and_ordered():
 def test_config_to_yaml_keeps_declaration_order():
     text = config_to_yaml(load_config("sd15"))
     sections = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ")]
-    assert sections[0] == "seed: 0"
+    assert sections[0] == "seed: 42"
     assert sections[1:] == ["model", "data", "sampling", "pools", "preference", "objective",
                             "optimizer", "lora", "train", "logging", "eval", "spm"]
     assert yaml.safe_load(text) == config_to_dict(load_config("sd15"))

@@ -88,8 +88,8 @@ def _train_args(model: Path, clip: Path, prompts: Path, run: Path, *overrides: s
     return ["train", "sd15", "--output", str(run), f"model.pretrained={model}", "model.dtype=float32",
             "model.device=cpu", "model.resolution=32", "train.mixed_precision=no", f"data.prompts={prompts}",
             "train.rounds=1", "train.prompts_per_round=2", "pools.k=3", "pools.threshold=0.0",
-            f"preference.pretrained={clip}", "sampling.num_inference_steps=6", "logging.tensorboard=false",
-            *overrides]
+            f"preference.pretrained={clip}", "preference.checkpoint=null", "preference.variant=clean",
+            "sampling.num_inference_steps=6", "logging.tensorboard=false", *overrides]
 
 
 def test_spo_train_scores_through_the_tiny_decoder(tiny_sd15_path: Path, tiny_clip_path: Path, tiny_decoder_path: Path,
@@ -136,7 +136,8 @@ def test_missing_decoder_is_one_error_line_and_nothing_written(command: str, tin
         args = _train_args(tiny_sd15_path, tiny_clip_path, prompts_file, run, f"preference.decoder={missing}")
     else:
         args = ["train-spm", "sd15", "--output", str(run), f"model.pretrained={tiny_sd15_path}", "model.device=cpu",
-                f"preference.pretrained={tiny_clip_path}", f"spm.data={pickapic_path}", f"preference.decoder={missing}"]
+                "model.dtype=float32", "spm.mixed_precision=no", f"preference.pretrained={tiny_clip_path}",
+                f"spm.data={pickapic_path}", f"preference.decoder={missing}"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err

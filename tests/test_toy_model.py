@@ -30,7 +30,7 @@ def test_tokenizer_has_one_token_per_toy_word() -> None:
 
 def test_toy_backbone_loads_samples_and_trains(toy_path: Path) -> None:
     config = load_config("sd15", ["model.backbone=toy", f"model.pretrained={toy_path}", "model.resolution=32",
-                                  "model.device=cpu"])
+                                  "model.device=cpu", "model.dtype=float32", "train.mixed_precision=no"])
     backbone = load_backbone(config.model)
     assert isinstance(backbone, ToyBackbone) and backbone.vae is None and backbone.latent_shape == (3, 32, 32)
     prompts = training_prompts()[:2]
@@ -118,7 +118,7 @@ def test_spo_on_the_toy_model_then_spo_eval(tmp_path: Path, capsys: pytest.Captu
     prompts.write_text("\n".join(training_prompts()[:6]) + "\n")
     config = load_config("sd15", [
         "model.backbone=toy", f"model.pretrained={BASE_MODEL}", "model.resolution=32", "model.device=cpu",
-        f"data.prompts={prompts}", "train.rounds=2", "train.prompts_per_round=2", "train.batch_size=8",
+        "model.dtype=float32", "train.mixed_precision=no", f"data.prompts={prompts}", "train.rounds=2", "train.prompts_per_round=2", "train.batch_size=8",
         "sampling.num_inference_steps=8", "sampling.guidance_scale=3.0", "pools.threshold=0.0",
         "optimizer.lr=1e-2", "objective.eps=null", "logging.tensorboard=false",
         # the toy preset's choices: conv adapters, a channels-last UNet (strided conv weights must still save)

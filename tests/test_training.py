@@ -154,7 +154,7 @@ def test_saved_lora_round_trips_through_diffusers(tiny_sd15_path: Path, prompts_
 
 def test_cli_train_errors(tiny_sd15_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["train", "sd15", "--output", str(tmp_path / "run"), f"model.pretrained={tiny_sd15_path}",
-            "model.dtype=float32", "model.device=cpu"]
+            "model.dtype=float32", "model.device=cpu", "train.mixed_precision=no"]
     assert main([*base, f"data.prompts={tmp_path / 'missing.txt'}"]) == 2
     assert "missing.txt" in capsys.readouterr().err
     empty = tmp_path / "empty.json"
@@ -174,7 +174,8 @@ def test_cli_train_end_to_end(tiny_sd15_path: Path, prompts_file: Path, tmp_path
     args = ["train", "sd15", "--output", str(run), f"model.pretrained={tiny_sd15_path}", "model.dtype=float32",
             "model.device=cpu", "model.resolution=32", "train.mixed_precision=no", f"data.prompts={prompts_file}",
             "train.rounds=2", "train.prompts_per_round=2", "seed=3", "pools.k=3", "pools.threshold=0.0",
-            "logging.checkpoint_every=1", f"preference.pretrained={clip}", "sampling.num_inference_steps=8"]
+            "logging.checkpoint_every=1", f"preference.pretrained={clip}", "sampling.num_inference_steps=8",
+            "preference.checkpoint=null", "preference.variant=clean"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "optimiser steps" in out and "pytorch_lora_weights.safetensors" in out

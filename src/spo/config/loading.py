@@ -623,6 +623,12 @@ def _value_problems(c: SPOConfig) -> list[str]:
         rule(sp.validation_pairs >= 1, f"spm.validation_pairs must be null or >= 1, got {sp.validation_pairs!r}")
     if sp.guidance_scale is not None:
         rule(sp.guidance_scale > 0, f"spm.guidance_scale must be null or > 0, got {sp.guidance_scale!r}")
+    rule(sp.weight_decay >= 0, f"spm.weight_decay must be >= 0, got {sp.weight_decay!r}")
+    rule(all(0 <= b < 1 for b in sp.betas), f"spm.betas must each be in [0, 1), got {list(sp.betas)!r}")
+    rule(sp.eps > 0, f"spm.eps must be > 0, got {sp.eps!r}")
+    if sp.max_grad_norm is not None:
+        rule(sp.max_grad_norm > 0, f"spm.max_grad_norm must be null or > 0, got {sp.max_grad_norm!r}")
+    rule(sp.warmup_steps >= 0, f"spm.warmup_steps must be >= 0, got {sp.warmup_steps!r}")
     rule(lg.keep_checkpoints >= 1,
          f"logging.keep_checkpoints must be >= 1, got {lg.keep_checkpoints!r}")
     if c.train.num_processes is not None:

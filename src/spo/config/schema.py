@@ -175,10 +175,12 @@ class PoolsConfig:
             each pool (4 for SD-1.5, 2 for SDXL).
         divert_start_step: Index of the first sampling step that draws a pool;
             the earlier steps are plain DDIM.  The release uses 4 of 20 steps,
-            i.e. pools are drawn for ``t <= 751``.
+            i.e. 16 pools, at ``t = 751, 701, ..., 1`` on SD-1.5's schedule.
         kappa: The paper's ``kappa``: when set, pools are drawn at every step
             whose timestep satisfies ``t <= kappa``, overriding
-            ``divert_start_step``.
+            ``divert_start_step``.  Not the same as the release: ``kappa=750``
+            starts at t = 701 (15 pools, one fewer); ``kappa=751`` is the
+            release's 16.
         threshold: Tie threshold.  A pool is used for training only if,
             after a softmax over the pair's two raw scores, the win's
             probability minus the lose's exceeds this value (0.3 for SD-1.5,
@@ -194,6 +196,13 @@ class PoolsConfig:
         pair: How the training pair is chosen within a pool: the best and the
             worst candidate (``"best_worst"``) or two random distinct ones
             ordered by score (``"random"``).
+        fold_last_step: Never open a pool at the last sampling step: when a
+            segment would start there, that step joins the segment before it
+            (its candidates each take it on their own before being scored).
+            The release's SDXL pipeline does this (``multi_sample_pipeline_sdxl``
+            branches only where ``i != len(timesteps) - 1``): with MSPO j = 3 the
+            last segment has 4 steps; with j = 1 the last two steps form one
+            segment. Its SD-1.5 pipeline pools every step (``false``).
     """
 
     k: int = 4
@@ -203,6 +212,7 @@ class PoolsConfig:
     inner_steps: int = 1
     resampler: Literal["random", "win", "lose"] = "random"
     pair: Literal["best_worst", "random"] = "best_worst"
+    fold_last_step: bool = False
 
 
 @dataclass
@@ -214,12 +224,19 @@ class PreferenceConfig:
             (PickScore).
         processor: CLIP processor / tokenizer directory or hub id, used when
             ``pretrained`` ships none (``null``: ``pretrained`` must hold them).
-        checkpoint: Optional path of a released SPM state dict loaded over
-            ``pretrained``.
+        checkpoint: A released SPM state dict loaded over ``pretrained``: a
+            local file or a hub file reference ``REPO_ID/FILE`` (the presets:
+            ``SPO-Diffusion-Models/Step-Aware_Preference_Models/`` +
+            ``sd-v1-5_step-aware_preference_model.bin`` or
+            ``sdxl_step-aware_preference_model.bin``, as the release's configs).
+            ``null``: the time modules come from ``pretrained`` when it is an
+            SPM directory of ours; a plain CLIP/PickScore has none, and scoring
+            with it must be asked for as ``variant: clean``.
         variant: ``"step_aware"`` scores the noisy ``x_{t-1}`` conditioned on
-            ``t`` (the SPM); ``"step_agnostic"`` scores the noisy sample
-            without timestep conditioning; ``"clean"`` scores the predicted
-            clean image ``x_0`` with the plain preference model.
+            ``t`` (the SPM: needs trained time modules, from ``checkpoint`` or
+            an SPM directory); ``"step_agnostic"`` scores the noisy sample
+            without timestep conditioning; ``"clean"`` scores with the plain
+            preference model (e.g. PickScore), no time input.
         dtype: Dtype of the (frozen) preference model weights.
         time_frequencies: Number of sinusoidal frequencies of the timestep
             embedding of the step-aware model.
@@ -297,7 +314,12 @@ class OptimizerConfig:
         betas: AdamW ``(beta1, beta2)``.
         weight_decay: AdamW decoupled weight decay.
         eps: AdamW epsilon.
-        max_grad_norm: Gradient-norm clipping threshold; ``None`` disables it.
+        max_grad_norm: Gradient-norm clipping threshold; ``None`` disables it
+            (the default: what the release ran. Its configs say 1.0, but
+            ``train_spo.py`` hands ``clip_grad_norm_`` a ``filter`` iterator
+            that AdamW's constructor has already consumed, so no parameter is
+            ever clipped. The baselines' presets clip at 1.0, as their code
+            does).
         lr_scheduler: Learning-rate schedule.
         warmup_rounds: Rounds of linear warm-up (for schedules that use it).
             The schedule advances once per sampling round, since the number of
@@ -308,7 +330,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
     eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = None
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_rounds: int = 0
 
@@ -348,9 +370,19 @@ class TrainConfig:
         batch_size: Pairs per training micro-batch (10 for SD-1.5, 2 for SDXL).
         gradient_accumulation_steps: Micro-batches accumulated per optimiser
             step (1 for SD-1.5, 2 for SDXL).
+        carry_accumulation: Micro-batches left over at a round's end (fewer
+            than ``gradient_accumulation_steps``) keep their gradients and
+            join the next round's first optimiser step, as the release does
+            (accelerate's accumulation counter runs across rounds; each
+            micro-batch's mean loss is divided by the accumulation steps).
+            ``false``: every round ends with an optimiser step on what it has,
+            micro-batches weighted by their pairs.
         epochs_per_round: Passes over a round's pairs before sampling again.
         mixed_precision: Autocast mode of the trainable network (trainable
             LoRA weights stay in fp32).
+        allow_tf32: Let float32 matrix products on CUDA use TensorFloat-32
+            (``torch.backends.cuda.matmul.allow_tf32``), as the release sets;
+            no effect on a CPU.
         num_processes: Recorded by the trainer in the run's ``config.yaml``
             (how many processes the run used); resuming with another count is
             refused, since the run would not continue exactly.  Leave unset.
@@ -360,8 +392,10 @@ class TrainConfig:
     prompts_per_round: int = 10
     batch_size: int = 10
     gradient_accumulation_steps: int = 1
+    carry_accumulation: bool = False
     epochs_per_round: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_tf32: bool = True
     num_processes: int | None = None
 
 
@@ -419,28 +453,62 @@ class SPMTrainConfig:
     Each pair (caption, jpg_0, jpg_1, label_0, label_1) is encoded with the diffusion model's
     VAE (``model.*``), noised at one t ~ U{0..T-1} with ONE noise tensor for both images, denoised
     to the DDIM x0 estimate under classifier-free guidance, decoded, and scored by the SPM at t.
+    The defaults are the release's SD-1.5 recipe (``step_aware_preference_model/``: hydra configs,
+    DeepSpeed accelerator, run_commands/train_spm_sd15.sh); docs/release-parity.md lists each.
 
     Attributes:
         data: Pick-a-Pic-format data: a ``datasets`` directory saved with ``save_to_disk``, or
-            parquet file(s) (a file, a directory of them, or a glob).
+            parquet file(s) (a file, a directory of them, or a glob). A ``num_example_per_prompt``
+            column, where present (Pick-a-Pic v1), gives the example weights 1 / n as in the
+            release; without it n counts the rows sharing the caption in the split. A
+            ``has_label`` column, where present, keeps validation to labelled rows (the release's
+            ``keep_only_with_label_in_non_train``).
         train_split: Split to train on (a saved ``DatasetDict``); ignored for a single split.
         validation_split: Split for validation (Pick-a-Pic: ``validation_unique``); ``null``
             holds out ``validation_fraction`` of the training rows instead.
         validation_fraction: Share of training rows held out when there is no validation split.
         steps: Optimiser steps (the release: 8k for SD-1.5, 7k for SDXL, on 4 GPUs).
-        batch_size: Pairs per process per micro-batch.
-        gradient_accumulation_steps: Micro-batches per optimiser step.
-        lr: AdamW learning rate (3e-6 for SD-1.5, 1e-6 for SDXL); betas, weight decay, eps and
-            clipping come from ``optimizer``.
+        batch_size: Pairs per process per micro-batch (the release: 16 per GPU).
+        gradient_accumulation_steps: Micro-batches per optimiser step (the release: 1).
+        lr: Peak AdamW learning rate (3e-6 for SD-1.5, 1e-6 for SDXL).
+        weight_decay: AdamW decoupled weight decay on every SPM weight (the release: 0.3,
+            ``optimizers/dummy_optimizer.py``; not ``optimizer.weight_decay``, which is SPO's).
+        betas: AdamW ``(beta1, beta2)`` (the release: torch's defaults).
+        eps: AdamW epsilon (the release: torch's default).
+        max_grad_norm: Gradient-norm clipping (the release: DeepSpeed's ``gradient_clipping``
+            1.0); ``null`` disables it. Not ``optimizer.max_grad_norm``, which is SPO's.
+        lr_schedule: ``"warmup_decay"``: DeepSpeed's ``WarmupDecayLR`` as the release drives it
+            (warm-up over ``warmup_steps`` from 0, then linear decay to 0 at ``steps``; its first
+            optimiser step runs at the full ``lr``, before the schedule first sets the rate:
+            :func:`spo.preference.training.warmup_decay_factor`). ``"constant"``: ``lr`` always.
+        warmup_steps: Warm-up steps of ``warmup_decay`` (the release: 500).
+        warmup_type: ``"log"`` (DeepSpeed's default, which the release keeps: the rate rises as
+            log(i + 1) / log(warmup_steps)) or ``"linear"``.
         guidance_scale: CFG of the x0 estimate; ``null`` = ``sampling.guidance_scale``.
         validation_timesteps: t at which validation pair accuracy is measured.
-        validation_pairs: At most this many validation pairs (``null`` = all).
+        validation_pairs: At most this many validation pairs (``null`` = all, as the release).
         validate_every: Steps between validations (also run at the end).
+        validate_on_start: Also validate before the first step (the release's ``eval_on_start``).
+        clean_validation_at_zero: At t = 0 validation scores the clean images themselves (no
+            noising, no UNet, no decoding), as the release's ``run_inference`` does; ``false``
+            noises them at t = 0 like any other t.
+        validation_ties: How validation accuracy counts tied labels: ``"half"`` counts a tie as
+            half right (when the scores differ), the release's formula for human labels;
+            ``"skip"`` leaves ties out; ``"auto"`` is the release's choice: ``skip`` with
+            ``relabel``, ``half`` without.
         checkpoint_every: Steps between checkpoints (atomic; ``--resume`` continues exactly).
         relabel: Optional reward model (CLIPModel directory or hub id) that relabels each pair on
-            its clean images (the release's SDXL recipe); ``null`` keeps the human labels.
-        relabel_threshold: With ``relabel``: a pair whose probability gap is below this is a tie.
-        mixed_precision: Autocast of the SPM forward (the release uses bf16 on GPUs).
+            its clean images, training and validation pairs alike (the release's SDXL recipe:
+            PickScore); ``null`` keeps the human labels.
+        relabel_threshold: With ``relabel``: a pair is a tie unless one image's probability
+            exceeds the other's by more than this (the release: 0.1).
+        mixed_precision: Autocast of the SPM forward (the release: bf16; its DeepSpeed also
+            keeps the weights themselves in bf16, ours stay fp32 under autocast).
+        from_checkpoint: Start from ``preference.checkpoint`` (e.g. fine-tune a released SPM).
+            ``false`` (the release's recipe, ``train_spm.py``): start from
+            ``preference.pretrained`` (PickScore) with the time modules at their identity
+            initialisation, whatever ``preference.checkpoint`` names (the presets name the
+            released SPM there for ``spo train``).
     """
 
     data: str | None = None
@@ -448,17 +516,28 @@ class SPMTrainConfig:
     validation_split: str | None = "validation_unique"
     validation_fraction: float = 0.1
     steps: int = 8000
-    batch_size: int = 8
+    batch_size: int = 16
     gradient_accumulation_steps: int = 1
     lr: float = 3e-6
+    weight_decay: float = 0.3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_schedule: Literal["warmup_decay", "constant"] = "warmup_decay"
+    warmup_steps: int = 500
+    warmup_type: Literal["log", "linear"] = "log"
     guidance_scale: float | None = None
     validation_timesteps: list[int] = field(default_factory=_default_validation_timesteps)
-    validation_pairs: int | None = 500
-    validate_every: int = 500
-    checkpoint_every: int = 500
+    validation_pairs: int | None = None
+    validate_every: int = 1000
+    validate_on_start: bool = True
+    clean_validation_at_zero: bool = True
+    validation_ties: Literal["auto", "half", "skip"] = "auto"
+    checkpoint_every: int = 1000
     relabel: str | None = None
     relabel_threshold: float = 0.1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    from_checkpoint: bool = False
 
 
 @dataclass
@@ -466,7 +545,7 @@ class SPOConfig:
     """Complete configuration of an SPO run.
 
     Attributes:
-        seed: Global random seed.
+        seed: Global random seed (the release's 42).
         model: The diffusion backbone (:class:`ModelConfig`).
         data: Training prompts (:class:`DataConfig`).
         sampling: The DDIM sampler (:class:`SamplingConfig`).
@@ -481,7 +560,7 @@ class SPOConfig:
         spm: Step-aware preference model training (:class:`SPMTrainConfig`).
     """
 
-    seed: int = 0
+    seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
