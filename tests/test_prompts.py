@@ -66,17 +66,15 @@ def test_caption_objects_and_json_lines(tmp_path: Path) -> None:
     assert load_prompts(text) == ["{a cat} in a hat"]
 
 
-RELEASE_PROMPTS = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "spo-release"
-                   / "spo_training_and_inference" / "assets" / "prompts" / "4k_training_prompts.json")
-
-
 def test_the_release_prompt_file_reads_as_the_release_reads_it() -> None:
     """Parity: the release's own 4k training prompt file gives the 4000 captions its
     PromptDataset reads (``info["caption"]`` per entry, in order)."""
-    if not RELEASE_PROMPTS.exists():
-        pytest.skip(f"the authors' release is not at {RELEASE_PROMPTS}")
+    from release_oracle import TRAINING, require_release
+
+    require_release()
+    release_prompts = TRAINING / "assets" / "prompts" / "4k_training_prompts.json"
     import json
 
-    captions = [entry["caption"] for entry in json.loads(RELEASE_PROMPTS.read_text())]
-    assert load_prompts(RELEASE_PROMPTS) == captions
+    captions = [entry["caption"] for entry in json.loads(release_prompts.read_text())]
+    assert load_prompts(release_prompts) == captions
     assert len(captions) == 4000
