@@ -50,6 +50,11 @@ def clip_preprocess(
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[..., top : top + size, left : left + size]
     x = ((x + 1) / 2).clamp(0, 1)
+    return _normalise(x, mean, std)
+
+
+def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(x - mean) / std per channel, x in [0, 1], (B, 3, H, W)."""
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
@@ -87,9 +92,7 @@ def spm_preprocess(
     top, left = center_crop_offsets(new_h, new_w, size)
     x = x[..., top : top + size, left : left + size]
     x = (x / 2 + 0.5).clamp(0, 1)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+    return _normalise(x, mean, std)
 
 
 def save_clip_image_config(directory: str | Path, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,

@@ -58,12 +58,15 @@ class SPMTrainResult:
     spm_path: Path | None
 
 
-def load_preference_model(config: SPOConfig, device: torch.device | str | None = None) -> StepAwarePreferenceModel:
-    """The SPM the ``preference`` section names (also the sampler's scorer in ``spo train``)."""
+def load_preference_model(config: SPOConfig, device: torch.device | str | None = None, *,
+                          with_checkpoint: bool = True, dtype: torch.dtype | None = None) -> StepAwarePreferenceModel:
+    """The SPM the ``preference`` section names (also the sampler's scorer in ``spo train``), in
+    ``preference.dtype`` unless ``dtype`` is given; ``with_checkpoint=False`` leaves
+    ``preference.checkpoint`` out (SPM training starts from the base at identity, as the release)."""
     p = config.preference
     return StepAwarePreferenceModel.from_pretrained(
-        p.pretrained, p.processor, checkpoint=p.checkpoint, variant=p.variant, frequencies=p.time_frequencies,
-        device=device, dtype=resolve_dtype(p.dtype),
+        p.pretrained, p.processor, checkpoint=p.checkpoint if with_checkpoint else None, variant=p.variant,
+        frequencies=p.time_frequencies, device=device, dtype=dtype or resolve_dtype(p.dtype),
     )
 
 
@@ -177,10 +180,7 @@ class SPMTrainer:
         # trainable weights in fp32 whatever preference.dtype says (that is the scoring precision);
         # spm.mixed_precision autocasts the forward. The release trains from PickScore with its
         # identity init (train_spm.py: init_adaln_paras), not from a released SPM.
-        p = config.preference
-        self.spm = StepAwarePreferenceModel.from_pretrained(
-            p.pretrained, p.processor, checkpoint=p.checkpoint if cfg.from_checkpoint else None, variant=p.variant,
-            frequencies=p.time_frequencies, device=acc.device, dtype=torch.float32)
+        self.spm = load_preference_model(config, acc.device, with_checkpoint=cfg.from_checkpoint, dtype=torch.float32)
         self.spm.model.requires_grad_(True)
         if self.clean:  # the time modules are unused: frozen (DDP wants every trainable weight used)
             for module in self.spm.time_modules():
@@ -393,22 +393,22 @@ class SPMTrainer:
         mine = rows[acc.process_index :: acc.num_processes]
         result: dict[int, float] = {}
         counts = torch.zeros(len(self.validation_timesteps), 3, dtype=torch.float64, device=acc.device)
-        for j, t_value in enumerate(self.validation_timesteps):
-            for start in range(0, len(mine), cfg.batch_size):
-                pairs = [load_pair(self.val_data, r, self.resolution) for r in mine[start : start + cfg.batch_size]]
-                keep = [(r, p) for r, p in zip(mine[start : start + cfg.batch_size], pairs) if p is not None]
-                counts[j, 2] += len(pairs) - len(keep)
-                if not keep:
-                    continue
+        t_dtype = torch.long if self.clean else self.backbone.schedule(1).timesteps.dtype
+        for start in range(0, len(mine), cfg.batch_size):  # each batch loaded and relabelled once
+            pairs = [load_pair(self.val_data, r, self.resolution) for r in mine[start : start + cfg.batch_size]]
+            keep = [p for p in pairs if p is not None]
+            counts[:, 2] += len(pairs) - len(keep)
+            if not keep:
+                continue
+            images = torch.stack([p["images"] for p in keep])
+            captions = [p["caption"] for p in keep]
+            labels = self._relabel(images, captions, torch.tensor([p["labels"] for p in keep]))
+            for j, t_value in enumerate(self.validation_timesteps):
                 gen = generator(self.config.seed, "spm-val", t_value, start, acc.process_index)
-                images = torch.stack([p["images"] for _, p in keep])
-                t = torch.full((len(keep),), t_value,
-                               dtype=torch.long if self.clean else self.backbone.schedule(1).timesteps.dtype)
+                t = torch.full((len(keep),), t_value, dtype=t_dtype)
                 noise = self._noise(len(keep), gen)
-                captions = [p["caption"] for _, p in keep]
                 clean = t_value == 0 and cfg.clean_validation_at_zero
                 s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=False, clean=clean)
-                labels = self._relabel(images, captions, torch.tensor([p["labels"] for _, p in keep]))
                 correct, counted = release_accuracy(s0.cpu(), s1.cpu(), labels, ties=ties)
                 counts[j, 0] += correct
                 counts[j, 1] += counted
