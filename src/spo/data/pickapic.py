@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..errors import SPOError
+
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(SPOError, ValueError):
     """Preference data that cannot be used (missing path, split or columns, nothing usable)."""
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import SPOError
 
-class PromptsError(ValueError):
+
+class PromptsError(SPOError, ValueError):
     """A prompts file is missing, unreadable, empty or malformed."""
 
 

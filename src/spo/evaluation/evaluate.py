@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone
+from ..files import atomic_write_text
 from .generate import EvaluationError, ImageJob, generate_images, load_png
 from .grids import write_comparison_grids
 from .scorers.base import Scorer
@@ -175,10 +176,7 @@ def check_record(path: Path, record: dict[str, Any]) -> None:
                 "choose another --output, or delete that directory to start over"
             )
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def evaluate(
@@ -252,9 +250,7 @@ def evaluate(
     result["grids"] = _write_grids(models, protocol, dirs, output, grid_seeds, grid_cell)
     _write_csvs(models, protocol, metrics, stores, jobs, output)
     result["files"] = {"scores": "scores.csv", "per_prompt": "per_prompt.csv"}
-    tmp = output / f".eval.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(output / "eval.json")
+    atomic_write_text(output / "eval.json", json.dumps(result, indent=2))
     return {**result, "output": str(output)}
 
 

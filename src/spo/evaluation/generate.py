@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from tqdm.auto import tqdm
 
 from ..backbones import Backbone, load_backbone
 from ..config import SPOConfig
+from ..errors import SPOError
+from ..files import atomic_path
 from ..images import image_grid, save_images, to_pil
 from ..sampling import ddim_sample
 from ..training.output import output_problem
@@ -32,7 +33,7 @@ from ..training.output import output_problem
 NOISE_LAYOUTS = ("per_image", "per_seed")
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(SPOError, RuntimeError):
     """An evaluation that cannot go on (e.g. its directory holds another evaluation's images)."""
 
 
@@ -57,10 +58,8 @@ def image_seed(seed: int, seed_index: int, prompt_index: int) -> int:
 
 def write_png_atomic(image: Tensor, path: Path) -> None:
     """Save one image in [-1, 1] as PNG through a temporary file, so a kill leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    to_pil(image[None])[0].save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        to_pil(image[None])[0].save(tmp, format="PNG")
 
 
 @torch.no_grad()

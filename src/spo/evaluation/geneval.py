@@ -11,13 +11,13 @@ what made the images). The same fixed noise per image as ``spo eval``, so it res
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..backbones import Backbone
 from ..data.prompts import PromptsError
+from ..files import atomic_write_text
 from .evaluate import EvalModel, check_record
 from .generate import ImageJob, generate_images
 
@@ -70,10 +70,7 @@ def write_geneval_images(
         for i, row in enumerate(metadata):
             meta = folder / f"{i:05d}" / "metadata.jsonl"
             if not meta.exists():
-                meta.parent.mkdir(parents=True, exist_ok=True)
-                tmp = meta.with_name(f".metadata.jsonl.tmp{os.getpid()}")
-                tmp.write_text(json.dumps(row) + "\n")
-                tmp.replace(meta)
+                atomic_write_text(meta, json.dumps(row) + "\n")
         jobs = [ImageJob(i, s, row["prompt"]) for s in range(images_per_prompt) for i, row in enumerate(metadata)]
 
         def path_of(job: ImageJob, folder: Path = folder) -> Path:

@@ -2,15 +2,15 @@
 
 from .pairs import PairChoice, choose_continuation, choose_pairs, softmax_gap
 from .plain import Trajectory, ddim_sample
-from .pools import PoolSampler, Rollout, RolloutStats, Scorer, branch_steps, divert_index, pool_segments
+from .pools import PoolSampler, PoolScorer, Rollout, RolloutStats, branch_steps, divert_index, pool_segments
 from .records import Records, TransitionRecords
 
 __all__ = [
     "PairChoice",
     "PoolSampler",
+    "PoolScorer",
     "Rollout",
     "RolloutStats",
-    "Scorer",
     "Records",
     "TransitionRecords",
     "Trajectory",

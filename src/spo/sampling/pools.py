@@ -28,12 +28,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
+from ..config import SPOConfig
 from ..diffusion import Schedule
 from .pairs import PairRule, Resampler, choose_continuation, choose_pairs
 from .records import TransitionRecords
 
-Scorer = Callable[[Tensor, Sequence[str], Tensor], Tensor]
-"""A preference scorer: (images in [-1, 1] (N, 3, H, W), N prompts, N timesteps) -> N raw scores."""
+PoolScorer = Callable[[Tensor, Sequence[str], Tensor], Tensor]
+"""A preference scorer of a pool's images at their timesteps: (images in [-1, 1] (N, 3, H, W), N prompts,
+N timesteps) -> N raw scores. Any such callable (not an evaluation :class:`spo.evaluation.scorers.Scorer`)."""
 
 
 @dataclass
@@ -111,7 +113,7 @@ class PoolSampler:
 
     Args:
         backbone: the diffusion model (policy: LoRA adapters on).
-        scorer: any :data:`Scorer`; the step-aware preference model plugs in here.
+        scorer: any :data:`PoolScorer`; the step-aware preference model plugs in here.
         k: candidates per pool. threshold: tie threshold on the softmax gap.
         divert_start_step / kappa: where pools start (see :func:`divert_index`).
         inner_steps: MSPO j (1 = SPO). resampler / pair: the paper's ablation variants.
@@ -127,7 +129,7 @@ class PoolSampler:
     def __init__(
         self,
         backbone: Backbone,
-        scorer: Scorer,
+        scorer: PoolScorer,
         *,
         num_inference_steps: int = 20,
         eta: float = 1.0,
@@ -160,7 +162,7 @@ class PoolSampler:
         self.fold_last_step = fold_last_step
 
     @classmethod
-    def from_config(cls, backbone: Backbone, scorer: Scorer, config: Any, **kwargs: Any) -> "PoolSampler":
+    def from_config(cls, backbone: Backbone, scorer: PoolScorer, config: SPOConfig, **kwargs: Any) -> "PoolSampler":
         s, p = config.sampling, config.pools
         return cls(
             backbone,

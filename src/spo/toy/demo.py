@@ -16,13 +16,13 @@ from typing import Any
 
 from ..config import load_config
 from ..data import load_prompts
-from ..sampling import Scorer
+from ..sampling import PoolScorer
 from ..training import SPOTrainer
 from .eval_run import evaluate_run
 
 
 def run_demo(output: str | Path, overrides: Sequence[str] = (), *, eval_seeds: int | None = None,
-             eval_prompts: int | None = None, progress: bool = True, scorer: Scorer | None = None) -> dict[str, Any]:
+             eval_prompts: int | None = None, progress: bool = True, scorer: PoolScorer | None = None) -> dict[str, Any]:
     """Train into ``OUTPUT/spo`` (resuming what is there) and evaluate into ``OUTPUT/eval``;
     ``scorer`` replaces the preset's SPM (benchmarks' controls)."""
     output = Path(output)

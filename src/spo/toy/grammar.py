@@ -11,6 +11,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from ..errors import SPOError
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -34,7 +36,7 @@ _PATTERN = re.compile(
 )
 
 
-class PromptGrammarError(ValueError):
+class PromptGrammarError(SPOError, ValueError):
     """A prompt that the toy grammar cannot parse."""
 
 

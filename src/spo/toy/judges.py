@@ -1,6 +1,6 @@
 """Judges for the toy world's experiments: who scores a pool's candidates.
 
-A judge is a :data:`spo.sampling.Scorer` (images in [-1, 1], prompts, timesteps -> raw scores,
+A judge is a :data:`spo.sampling.PoolScorer` (images in [-1, 1], prompts, timesteps -> raw scores,
 read by the tie rule as logits), named in :data:`JUDGES`: each shipped build's toy CLIP and toy
 PickScore (clean: every image scored as at t = 0) and toy SPM (step-aware), and two controls,
 never a default of any command:

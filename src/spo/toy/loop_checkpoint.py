@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SPOError
 from ..training.checkpoint import ONE_PROCESS, CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
-class ToyTrainingError(RuntimeError):
+class ToyTrainingError(SPOError, RuntimeError):
     """A toy training loop cannot start or resume as asked (nothing was written)."""
 
 

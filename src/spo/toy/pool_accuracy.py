@@ -30,7 +30,6 @@ so every judge, including later builds', is measured on the same pools.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone
+from ..files import atomic_path
 from ..sampling import ddim_sample
 from ..sampling.pairs import softmax_gap
 from ..training.seeding import derive_seed
@@ -159,11 +159,8 @@ def draw_pools(backbone: Backbone, settings: PoolAccuracySettings, progress: boo
 
 def save_pools(pools: list[Pools], settings: PoolAccuracySettings, path: str | Path) -> None:
     """Cache the pools (tensors and plain types only: read back with ``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"settings": asdict(settings), "pools": [asdict(pool) for pool in pools]}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"settings": asdict(settings), "pools": [asdict(pool) for pool in pools]}, tmp)
 
 
 def load_pools(path: str | Path, settings: PoolAccuracySettings) -> list[Pools] | None:

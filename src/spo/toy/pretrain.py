@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import atomic_directory
 from .grammar import parse_prompt, training_prompts
 from .loop_checkpoint import load_loop, resume_point, save_loop
 from .model import ToyPipeline, build_toy_pipeline
@@ -186,8 +186,5 @@ def _save_ema(pipeline: ToyPipeline, params: list[torch.nn.Parameter], ema: list
             target.copy_(value)
     saved.unet.eval()
     saved.text_encoder.eval()
-    partial = directory.with_name(directory.name + ".partial")  # a kill mid-save leaves no half model
-    shutil.rmtree(partial, ignore_errors=True)
-    saved.save_pretrained(partial)
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
+    with atomic_directory(directory) as partial:  # a kill mid-save leaves no half model
+        saved.save_pretrained(partial)

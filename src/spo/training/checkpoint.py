@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import SPOError
 from .seeding import rng_state, set_rng_state
 
 _NAME = re.compile(r"^(round|step)-(\d{6,})$")
@@ -32,7 +33,7 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SPOError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run."""
 
 

@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..errors import SPOError
 from ..sampling.records import Records
 
 R = TypeVar("R", bound=Records)
@@ -86,9 +87,12 @@ def process_count_problem(requested: int | None, launched: int) -> str | None:
             f"with `accelerate launch --num_processes {requested} ...`, or leave train.num_processes null")
 
 
-class WriteError(RuntimeError):
+class WriteError(SPOError, RuntimeError):
     """A write (checkpoint, final weights, config, log) failed on some process; every process
-    raises this with the same message instead of waiting for the failed one."""
+    raises this with the same message instead of waiting for the failed one. Not the user's input
+    (the disk or the file system): the CLI exits 1."""
+
+    exit_code = 1
 
 
 def write_everywhere(accelerator: Any, what: str, write: Any, *, main_only: bool = True) -> Any:
