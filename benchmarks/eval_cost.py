@@ -161,14 +161,15 @@ def build_scorers(root: Path, smoke: bool) -> dict[str, str]:
 
 def make_run(root: Path, model: Path, overrides: list[str]) -> Path:
     """A run directory as `spo train` leaves it (config.yaml + a random LoRA)."""
-    from spo.backbones import LoRASettings, load_backbone
+    from spo.backbones import load_backbone
+    from spo.config import LoRAConfig
     from spo.config import load_config, save_config
 
     run = root / "sd15-run"
     config = load_config("sd15", [f"model.pretrained={model}", *overrides])
     save_config(config, run / "config.yaml")
     backbone = load_backbone(config.model)
-    params = backbone.attach_lora(LoRASettings(rank=4))
+    params = backbone.attach_lora(LoRAConfig(rank=4))
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn_like(p) * 0.01)

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from spo.backbones import LoRASettings, SD15Backbone, SDXLBackbone
+from spo.backbones import SD15Backbone, SDXLBackbone
+from spo.config import LoRAConfig
 from spo.backbones.tiny import build_tiny_sd15, build_tokenizer, save_tiny_clip, save_tiny_pipeline
 from spo.objectives import SPOObjective
 from spo.preference import CLIPScorer
@@ -115,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         backbone = load(args.pipeline, args.resolution, tmp)
-        backbone.attach_lora(LoRASettings(rank=4))
+        backbone.attach_lora(LoRAConfig(rank=4))
         scorer = CLIPScorer.from_pretrained(str(save_tiny_clip(tmp / "clip")))
         prompts = [f"a photo of object number {i}" for i in range(args.prompts)]
 

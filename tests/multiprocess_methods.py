@@ -26,7 +26,7 @@ def main() -> None:
             "train.mixed_precision=no", f"data.prompts={prompts}", f"data.preference_data={data}", "train.rounds=2",
             "train.prompts_per_round=3", "train.batch_size=6", "sampling.num_inference_steps=4", "optimizer.lr=1e-3",
             "logging.tensorboard=false", "logging.checkpoint_every=2", f"objective.name={method}",
-            f"objective.beta={beta}", "objective.stat_min_count=2",
+            *([f"objective.beta={beta}"] if method != "ddpo" else ["objective.stat_min_count=2"]),
         ])
         trainer = SPOTrainer(config, run, scorer=None if method == "diffusion_dpo" else brightness, progress=False)
         prepared: list[float] = []

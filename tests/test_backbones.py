@@ -12,10 +12,10 @@ from spo.backbones import (
     Backbone,
     BackboneLoadError,
     Conditioning,
-    LoRASettings,
     SD15Backbone,
     SDXLBackbone,
 )
+from spo.config import LoRAConfig
 from spo.sampling import ddim_sample
 
 PROMPTS = ["a red circle on a blue background", "two green squares"]
@@ -129,7 +129,7 @@ def test_lora_identity_at_init_then_reference_is_base(tiny_path: tuple[str, Path
     cond = backbone.encode_prompts(PROMPTS)
     x = torch.randn(2, *backbone.latent_shape)
     base = backbone.predict(x, 501, cond, 5.0)
-    params = backbone.attach_lora(LoRASettings(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = backbone.attach_lora(LoRAConfig(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     names = [n for n, p in backbone.unet.named_parameters() if p.requires_grad]
     assert params and all("lora_" in n for n in names) and len(names) == len(params)
     assert all(p.dtype == torch.float32 for p in params)
@@ -155,7 +155,7 @@ def test_lora_identity_at_init_then_reference_is_base(tiny_path: tuple[str, Path
 
 def test_lora_gradients_reach_only_adapters(tiny_sd15_path: Path) -> None:
     backbone = _load("sd15", tiny_sd15_path)
-    backbone.attach_lora(LoRASettings(rank=2))
+    backbone.attach_lora(LoRAConfig(rank=2))
     backbone.enable_gradient_checkpointing()
     backbone.unet.train()
     cond = backbone.encode_prompts(PROMPTS)
@@ -173,7 +173,7 @@ def test_lora_gradients_reach_only_adapters(tiny_sd15_path: Path) -> None:
 def test_lora_bad_targets(tiny_sd15_path: Path) -> None:
     backbone = _load("sd15", tiny_sd15_path)
     with pytest.raises(ValueError, match="matched no module"):
-        backbone.attach_lora(LoRASettings(rank=2, target_modules=["no_such_layer"]))
+        backbone.attach_lora(LoRAConfig(rank=2, target_modules=["no_such_layer"]))
 
 
 def test_full_finetuning_keeps_a_frozen_reference(tiny_sd15_path: Path) -> None:
@@ -198,7 +198,7 @@ def test_saved_lora_loads_into_diffusers_and_changes_output(tiny_path: tuple[str
     kind, path = tiny_path
     backbone = _load(kind, path)
     # alpha != rank must survive the round trip; convolutions too (the toy preset adapts them)
-    backbone.attach_lora(LoRASettings(rank=4, alpha=8, target_modules=targets))
+    backbone.attach_lora(LoRAConfig(rank=4, alpha=8, target_modules=targets))
     with torch.no_grad():
         for n, p in backbone.unet.named_parameters():
             if "lora_B" in n:

@@ -18,7 +18,11 @@ from spo.sampling import ddim_sample
 from fixed_scorers import PROMPTS, brightness
 from spo.training import SPOTrainer, read_metrics
 
-BETA = {"diffusion_dpo": "5000", "d3po": "0.1", "ddpo": "10"}
+OWN = {
+    "diffusion_dpo": ["objective.beta=5000"],
+    "d3po": ["objective.beta=0.1", "objective.samples_per_prompt=2"],
+    "ddpo": ["objective.samples_per_prompt=2", "objective.stat_min_count=2"],
+}
 
 
 
@@ -29,7 +33,7 @@ def _config(backbone: str, model: Path, prompts: Path, method: str, data: Path |
         "train.mixed_precision=no", f"data.prompts={prompts}", "train.rounds=3", "train.prompts_per_round=2",
         "train.batch_size=8", "train.gradient_accumulation_steps=1", "sampling.num_inference_steps=6",
         "optimizer.lr=1e-3", "logging.tensorboard=false", "logging.checkpoint_every=1", f"objective.name={method}",
-        f"objective.beta={BETA[method]}", "objective.samples_per_prompt=2", "objective.stat_min_count=2",
+        *OWN[method],  # each method's own settings (objective.* is the method's section)
         "optimizer.max_grad_norm=1.0", "seed=0",  # the baselines clip (their presets); the seed these tests were set at
         *([f"data.preference_data={data}"] if data else []), *overrides,
     ])
@@ -216,7 +220,7 @@ def test_trained_lora_round_trips_through_diffusers(method: str, tiny_any_path: 
 
     backbone, model = tiny_any_path
     config = _config(backbone, model, prompts_file, method, pickapic_path, "train.rounds=2", "optimizer.lr=3e-2",
-                     "objective.clip_range=0.2")
+                     *(["objective.clip_range=0.2"] if method == "ddpo" else []))
     run = tmp_path / "run"
     trainer = SPOTrainer(config, run, scorer=_scorer(method), progress=False)
     trainer.train()

@@ -91,14 +91,15 @@ def _lora_run(kind: str, pretrained: Path, run: Path, alpha: float | None) -> tu
     it and the adapter's peft state dict (module keys, ``lora_A.weight``)."""
     from peft.utils import get_peft_model_state_dict
 
-    from spo.backbones import LoRASettings, load_backbone
+    from spo.backbones import load_backbone
+    from spo.config import LoRAConfig
     from spo.config import load_config, save_config
 
     config = load_config(kind, [f"model.pretrained={pretrained}", "model.resolution=32", "model.device=cpu",
                                 "model.dtype=float32", "model.vae=null"])
     save_config(config, run / "config.yaml")
     backbone = load_backbone(config.model)
-    params = backbone.attach_lora(LoRASettings(rank=2, alpha=alpha))
+    params = backbone.attach_lora(LoRAConfig(rank=2, alpha=alpha))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in params:

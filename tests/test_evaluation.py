@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spo.backbones import LoRASettings, load_backbone
+from spo.backbones import load_backbone
+from spo.config import LoRAConfig
 from spo.config import load_config, save_config
 from spo.evaluation.evaluate import BASE, EvalModel, EvaluationError, Protocol, evaluate, format_table
 from spo.evaluation.generate import ImageJob, image_seed, load_png
@@ -64,7 +65,7 @@ def tiny_run(tiny_sd15_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config = _config(tiny_sd15_path)
     save_config(config, run / "config.yaml")
     backbone = load_backbone(config.model)
-    params = backbone.attach_lora(LoRASettings(rank=2))
+    params = backbone.attach_lora(LoRAConfig(rank=2))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in params:
@@ -104,7 +105,7 @@ def test_base_and_fine_tuned_share_the_noise(tiny_any_path: tuple[str, Path], tm
                                 "pools.divert_start_step=0"])
     save_config(config, run / "config.yaml")
     backbone = load_backbone(config.model)
-    backbone.attach_lora(LoRASettings(rank=2))
+    backbone.attach_lora(LoRAConfig(rank=2))
     backbone.save_lora(run / "lora")
     result = _evaluate(run, tmp_path / "out", [MeanPixel()], seeds=2)
     assert result["differences"]["zero-run"]["mean_red"]["mean"] == 0.0

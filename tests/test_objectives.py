@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo.backbones import LoRASettings, SD15Backbone, SD3Backbone, SDXLBackbone
+from spo.backbones import SD15Backbone, SD3Backbone, SDXLBackbone
+from spo.config import LoRAConfig
 from spo.config import load_config
 from spo.objectives import SPOObjective, spo_loss, transition_log_probs
 from spo.sampling import PoolSampler
@@ -68,7 +69,7 @@ def test_clamp_stops_the_gradient_outside_the_band() -> None:
 
 def _rollout(kind: str, path: Path, inner_steps: int = 1):  # noqa: ANN202
     backbone = BACKBONES[kind].from_pretrained(str(path), device="cpu")
-    backbone.attach_lora(LoRASettings(rank=4))
+    backbone.attach_lora(LoRAConfig(rank=4))
     scorer = lambda im, p, t: im.mean(dim=(1, 2, 3)) * 100 + torch.arange(im.shape[0]) * 1e-3  # noqa: E731
     sampler = PoolSampler(backbone, scorer, num_inference_steps=10, k=3, threshold=0.0, inner_steps=inner_steps)
     return backbone, sampler, sampler.rollout(["a red circle", "a blue square"], torch.Generator().manual_seed(0)).records

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo.backbones import LoRASettings, load_backbone
+from spo.backbones import load_backbone
+from spo.config import LoRAConfig
 from spo.config import load_config
 from spo.objectives import SPOObjective
 from spo.sampling import PoolSampler, ddim_sample
@@ -37,7 +38,7 @@ def test_toy_backbone_loads_samples_and_trains(toy_path: Path) -> None:
     x = ddim_sample(backbone, prompts, num_inference_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 32, 32)
     torch.testing.assert_close(backbone.decode(x), x.clamp(-1, 1))  # pixel space: decode = identity
-    backbone.attach_lora(LoRASettings(rank=4))
+    backbone.attach_lora(LoRAConfig(rank=4))
     sampler = PoolSampler(backbone, lambda im, p, t: im.mean(dim=(1, 2, 3)) * 100, num_inference_steps=6,
                           k=3, threshold=0.0, divert_start_step=2)
     records = sampler.rollout(prompts, torch.Generator().manual_seed(1)).records

@@ -17,14 +17,16 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..config import LoRAConfig, ModelConfig
 from ..diffusion import Schedule, schedule_from_config
 from ..errors import ModelLoadError, local_path
-from .lora import LoRASettings, attach_lora, lora_state_dict
+from .lora import attach_lora, lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -209,11 +211,30 @@ class Backbone(ABC):
         device, dtype: where and in which precision the frozen weights live.
     """
 
+    #: the registered name (``model.backbone``): a module of this package named after it exposes
+    #: the class as ``BACKBONE`` (or a plugin registers it, see :mod:`spo.registry`)
     kind: str = "base"
+    #: ``build_tiny(seed=0, **options)`` -> a tiny random pipeline of this architecture (``spo
+    #: tiny-pipeline KIND``, the tests); ``None`` where there is none
+    build_tiny: ClassVar[Callable[..., Any] | None] = None
     #: name of the diffusers pipeline class this backbone loads, and extra from_pretrained kwargs
     pipeline_class: str = "DiffusionPipeline"
+    #: is the model saved as a diffusers pipeline (``model_index.json``; ``spo eval`` can put a
+    #: fine-tuned component or a LoRA file over it)? The toy model has its own format.
+    diffusers_format: ClassVar[bool] = True
     pipeline_kwargs: dict[str, Any] = {}
     score_decoder: Any = None
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, negative_prompt: str | None = None,
+                    components: dict[str, Any] | None = None) -> "Backbone":
+        """The backbone ``model`` (the ``model`` section) describes, not yet set up for
+        fine-tuning; ``components`` replace the pipeline's own (e.g. ``{"unet": a fine-tuned UNet}``)."""
+        return cls.from_pretrained(
+            model.pretrained, dtype=model.dtype, device=model.device, revision=model.revision,
+            variant=model.variant, vae=model.vae, negative_prompt=negative_prompt,
+            resolution=model.resolution, components=components,
+        )
 
     @classmethod
     def from_pretrained(
@@ -289,7 +310,7 @@ class Backbone(ABC):
         self._schedules: dict[int, Schedule] = {}
         #: (prompt, with_negative) -> its text-encoder outputs, one row (most recently used last)
         self._prompt_cache: OrderedDict[tuple[str, bool], Conditioning] = OrderedDict()
-        self.lora_settings: LoRASettings | None = None
+        self.lora_settings: LoRAConfig | None = None
         self._adapter_name: str | None = None
         for module in self._frozen_modules():
             module.requires_grad_(False)
@@ -531,7 +552,7 @@ class Backbone(ABC):
         return as_tensor(mean), as_tensor(std)
 
     # ----------------------------------------------------------------------- fine-tuning
-    def attach_lora(self, settings: LoRASettings, adapter_name: str = "spo") -> list[torch.nn.Parameter]:
+    def attach_lora(self, settings: LoRAConfig, adapter_name: str = "spo") -> list[torch.nn.Parameter]:
         """Add a trainable LoRA adapter (kept in fp32) to the UNet; returns its parameters."""
         if self._adapter_name is not None or self.reference_unet is not None:
             raise RuntimeError("this backbone is already set up for fine-tuning")

@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
+
+from ..config import LoRAConfig
 
 DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@dataclass
-class LoRASettings:
-    """Rank r, scale alpha (None = r), target module names and initialisation of a LoRA adapter.
+def attach_lora(
+    unet: torch.nn.Module, settings: LoRAConfig, adapter_name: str = "spo"
+) -> list[torch.nn.Parameter]:
+    """Inject a LoRA adapter (the ``lora`` section: rank r, scale alpha (None = r), target module
+    names, initialisation, dropout) into ``unet``; only its weights are trainable, kept in fp32.
 
     ``init="gaussian"`` draws A ~ N(0, 1/r) and sets B = 0 (the release's choice), so the adapted
     UNet equals the base UNet at the start; ``"default"`` is peft's Kaiming-uniform A, zero B.
     """
-
-    rank: int = 4
-    alpha: float | None = None
-    target_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    init: str = "gaussian"
-    dropout: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: object) -> "LoRASettings":
-        return cls(
-            rank=config.rank,  # type: ignore[attr-defined]
-            alpha=config.alpha,  # type: ignore[attr-defined]
-            target_modules=list(config.target_modules),  # type: ignore[attr-defined]
-            init=config.init,  # type: ignore[attr-defined]
-            dropout=config.dropout,  # type: ignore[attr-defined]
-        )
-
-
-def attach_lora(
-    unet: torch.nn.Module, settings: LoRASettings, adapter_name: str = "spo"
-) -> list[torch.nn.Parameter]:
-    """Inject a LoRA adapter into ``unet``; only its weights are trainable, and kept in fp32."""
     from peft import LoraConfig
 
     init: bool | str = True if settings.init == "default" else settings.init

@@ -6,12 +6,14 @@ from collections.abc import Sequence
 import torch
 
 from .base import Backbone, Conditioning
+from .tiny import build_tiny_sd15
 
 
 class SD15Backbone(Backbone):
     """SD-1.5 style: prompt embeddings = last hidden state of the CLIP text encoder."""
 
     kind = "sd15"
+    build_tiny = staticmethod(build_tiny_sd15)
 
     pipeline_class = "StableDiffusionPipeline"
     pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -43,3 +45,5 @@ class SD15Backbone(Backbone):
     def _added_cond_kwargs(self, cond: Conditioning, negative: bool) -> None:
         return None
 
+
+BACKBONE = SD15Backbone

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .base import Backbone, Conditioning
+from .tiny import build_tiny_sd3
 
 
 class SD3Backbone(Backbone):
@@ -26,6 +27,7 @@ class SD3Backbone(Backbone):
     """
 
     kind = "sd3"
+    build_tiny = staticmethod(build_tiny_sd3)
     pipeline_class = "StableDiffusion3Pipeline"
     lora_prefix = "transformer"
     #: T5 tokens (diffusers' default); the CLIP tokens come first, 77 of them
@@ -62,3 +64,6 @@ class SD3Backbone(Backbone):
     def _unet_dtype(self, unet: torch.nn.Module) -> torch.dtype:
         module = getattr(unet, "module", unet)  # through a DDP wrapper
         return module.pos_embed.proj.weight.dtype
+
+
+BACKBONE = SD3Backbone

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import Backbone, Conditioning
+from .tiny import build_tiny_sdxl
 
 
 class SDXLBackbone(Backbone):
@@ -17,6 +18,7 @@ class SDXLBackbone(Backbone):
     """
 
     kind = "sdxl"
+    build_tiny = staticmethod(build_tiny_sdxl)
 
     pipeline_class = "StableDiffusionXLPipeline"
     upcast_vae_in_fp16 = True
@@ -73,3 +75,6 @@ class SDXLBackbone(Backbone):
         if negative:
             return {"text_embeds": cond.negative_pooled, "time_ids": cond.negative_time_ids}
         return {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+
+
+BACKBONE = SDXLBackbone

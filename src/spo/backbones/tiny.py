@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from ..registry import BACKBONES, RegistryError
+
 MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = keep[:]
@@ -35,7 +37,7 @@ def build_tokenizer(max_length: int = MAX_LENGTH) -> Any:
     """A CLIPTokenizer over the 256 byte symbols (plus their end-of-word forms)."""
     from transformers import CLIPTokenizer
 
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,16 +206,22 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     )
 
 
+def tiny_kinds() -> list[str]:
+    """The registered backbones that can build a tiny pipeline."""
+    return [name for name in BACKBONES.names() if BACKBONES.get(name).build_tiny is not None]
+
+
 def save_tiny_pipeline(
     kind: str, directory: str | Path, seed: int = 0, fit_vae_steps: int = 0, **kwargs: Any
 ) -> Path:
-    """Build a tiny ``sd15``, ``sdxl`` or ``sd3`` pipeline and ``save_pretrained`` it to
-    ``directory`` (``fit_vae_steps`` > 0: first teach its VAE to reconstruct, see :func:`fit_tiny_vae`)."""
-    builders = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+    """Build a tiny pipeline of the backbone ``kind`` (its ``build_tiny``: ``sd15``, ``sdxl``,
+    ``sd3``, or a plugin's) and ``save_pretrained`` it to ``directory`` (``fit_vae_steps`` > 0:
+    first teach its VAE to reconstruct, see :func:`fit_tiny_vae`)."""
+    builders = tiny_kinds()
     if kind not in builders:
-        raise ValueError(f"unknown tiny pipeline {kind!r}; expected one of {sorted(builders)}")
+        raise RegistryError(f"unknown tiny pipeline {kind!r}; expected one of {builders}")
     directory = Path(directory)
-    pipeline = builders[kind](seed=seed, **kwargs)
+    pipeline = BACKBONES.get(kind).build_tiny(seed=seed, **kwargs)
     if fit_vae_steps:
         fit_tiny_vae(pipeline.vae, steps=fit_vae_steps, seed=seed)
     pipeline.save_pretrained(directory, safe_serialization=True)

@@ -11,7 +11,7 @@ A configuration is built in layers, each applied over the previous one:
 
 Mappings are merged key by key: a YAML file only needs the values it changes.
 Every value is type-checked (and, where harmless, coerced) against the field
-annotations of the schema, unknown keys are rejected with suggestions, and the
+annotations of the schema by pydantic (:mod:`spo.config.types`), unknown keys are rejected with suggestions, and the
 result is checked by :func:`validate`.  All problems found are reported
 together in one :class:`ConfigError`.
 """
@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
-import types
 from collections.abc import Hashable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
-from .schema import SPOConfig
+from ..errors import SPOError
+from ..files import atomic_write_text
+from ..registry import BACKBONES, METHODS, RegistryError
+from .schema import ObjectiveConfig, SPOConfig
+from .types import TypeProblem, coerce
+from .types import show as _show
 
 __all__ = [
     "ConfigError",
@@ -45,10 +48,9 @@ __all__ = [
 _PRESET_PACKAGE = "spo.config"
 _PRESET_DIR = "presets"
 _YAML_SUFFIXES = (".yaml", ".yml")
-_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
-class ConfigError(ValueError):
+class ConfigError(SPOError, ValueError):
     """An invalid configuration: unknown key, wrong type or out-of-range value.
 
     Attributes:
@@ -64,10 +66,6 @@ class ConfigError(ValueError):
         else:
             message = f"invalid configuration ({len(self.errors)} problems): " + "; ".join(self.errors)
         super().__init__(message)
-
-
-class _TypeMismatch(Exception):
-    """Internal: a value does not fit a field annotation (message included)."""
 
 
 # --------------------------------------------------------------------------- presets
@@ -118,9 +116,32 @@ def _all_keys(cls: type = SPOConfig, prefix: str = "") -> tuple[str, ...]:
     for name, tp in _field_types(cls).items():
         path = _join(prefix, name)
         keys.append(path)
-        if _is_section(tp):
+        if tp is ObjectiveConfig:  # every method's settings
+            keys.extend(dict.fromkeys(k for m in _method_configs().values() for k in _all_keys(m, path)))
+        elif _is_section(tp):
             keys.extend(_all_keys(tp, path))
     return tuple(keys)
+
+
+# --------------------------------------------------------------------------- the method's section
+
+
+def _method_configs() -> dict[str, type]:
+    """``objective.name`` -> the method's settings class, for every registered method."""
+    return {name: METHODS.get(name).config_class for name in METHODS.names()}
+
+
+def _select_method(config: SPOConfig, name: Any) -> None:
+    """Make ``config.objective`` the settings of the method ``name``: a layer that names another
+    method than the current one starts its section again from that method's defaults (an unknown
+    name is reported once values are checked)."""
+    if not isinstance(name, str) or name == config.objective.name or name not in METHODS:
+        return
+    config.objective = METHODS.get(name).config_class()
+
+
+def _names_method(text: Any) -> bool:
+    return isinstance(text, str) and text.split("=", 1)[0].strip() == "objective.name"
 
 
 def _quote_list(items: Sequence[str]) -> str:
@@ -146,136 +167,15 @@ def _unknown_key_message(cls: type, key: str, prefix: str) -> str:
             if difflib.get_close_matches(key, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8)
         ][:3]
     message = f"unknown config key '{full}'"
+    if issubclass(cls, ObjectiveConfig):  # a setting of another method
+        owners = [name for name, settings in _method_configs().items() if key in _field_types(settings)]
+        if owners:
+            return (f"{message}: it is not a setting of objective.name {cls.name!r} but of "
+                    f"{_quote_list(owners)}; set objective.name first")
     if suggestions:
         return f"{message}; did you mean {_quote_list(suggestions)}?"
     where = f"section '{prefix}'" if prefix else "the top level"
     return f"{message}; valid keys in {where} are: {', '.join(names)}"
-
-
-# --------------------------------------------------------------------------- type checking
-
-
-def _show(value: Any) -> str:
-    """``'four' (str)``-style rendering of a received value."""
-    if value is None:
-        return "null"
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _type_name(tp: Any) -> str:
-    """Human-readable name of an annotation."""
-    if tp is type(None):
-        return "null"
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        return repr(tp).replace("typing.", "")
-    if isinstance(tp, type):
-        return tp.__name__
-    return repr(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str, lenient: bool = True) -> Any:
-    """Check ``value`` against annotation ``tp`` and return it in canonical form.
-
-    Ints are accepted for floats (and converted), lists for tuples.  With
-    ``lenient`` (parsing), strings such as ``"6e-5"`` -- which PyYAML's YAML 1.1
-    resolver leaves as strings -- are accepted for floats.  Booleans are never
-    accepted as numbers and numbers never as booleans.
-
-    Raises:
-        _TypeMismatch: with a message naming ``key``, the expected type and
-            the value received.
-    """
-
-    def mismatch(extra: str = "") -> _TypeMismatch:
-        return _TypeMismatch(f"{key} must be {_type_name(tp)}, got {_show(value)}{extra}")
-
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise mismatch()
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            try:
-                return _coerce(value, option, key, lenient)
-            except _TypeMismatch as exc:
-                if len(options) == 1:
-                    # Keep the precise message (e.g. Literal choices), noting null.
-                    raise _TypeMismatch(f"{exc} (null is also allowed)") from None
-        raise mismatch()
-    if origin is Literal:
-        allowed = get_args(tp)
-        if isinstance(value, bool) and lenient:
-            # YAML 1.1 reads ``no`` / ``off`` as false: ``mixed_precision: no`` means "no"
-            spelled = [a for a in allowed if isinstance(a, str) and a.lower() in (
-                ("yes", "on", "true") if value else ("no", "off", "false"))]
-            if len(spelled) == 1:
-                return spelled[0]
-        for choice in allowed:
-            if type(value) is type(choice) and value == choice:
-                return choice
-        hint = ""
-        if isinstance(value, str):
-            close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
-            if close:
-                hint = f"; did you mean '{close[0]}'?"
-        raise mismatch(hint)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise mismatch()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise mismatch()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if lenient and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-        raise mismatch()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        hint = " (quote it to pass it as a string)" if isinstance(value, (int, float, bool)) else ""
-        raise mismatch(hint)
-    if origin is list:
-        (item_tp,) = get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            raise mismatch()
-        return [_coerce(v, item_tp, f"{key}[{i}]", lenient) for i, v in enumerate(value)]
-    if origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise mismatch()
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        else:
-            if len(value) != len(args):
-                raise mismatch(f" with {len(value)} item(s) instead of {len(args)}")
-            item_types = list(args)
-        return tuple(
-            _coerce(v, t, f"{key}[{i}]", lenient) for i, (v, t) in enumerate(zip(value, item_types))
-        )
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for config key {key!r}")  # schema bug
-
-
-def _str_accepted(tp: Any) -> bool:
-    """Whether ``tp`` is ``str`` or ``str | None``."""
-    if tp is str:
-        return True
-    if get_origin(tp) in (Union, types.UnionType):
-        return str in get_args(tp)
-    return False
 
 
 # --------------------------------------------------------------------------- applying layers
@@ -307,12 +207,14 @@ def _apply_mapping(
                 errors.append(f"{context}config section '{path}' must be a mapping of keys "
                               f"to values, got {_show(value)}")
                 continue
+            if tp is ObjectiveConfig:
+                _select_method(section, value.get("name"))
             _apply_mapping(getattr(section, key), value, path, errors, context)
             continue
         try:
-            setattr(section, key, _coerce(value, tp, path))
-        except _TypeMismatch as exc:
-            errors.append(f"{context}{exc}")
+            setattr(section, key, coerce(value, tp, path))
+        except TypeProblem as exc:
+            errors.extend(context + message for message in exc.messages)
 
 
 def _apply_override(config: SPOConfig, text: str, errors: list[str]) -> None:
@@ -348,6 +250,8 @@ def _apply_override(config: SPOConfig, text: str, errors: list[str]) -> None:
         path = _join(prefix, part)
         last = i == len(parts) - 1
         if _is_section(tp):
+            if tp is ObjectiveConfig and (last or parts[i + 1] == "name"):
+                _select_method(section, value.get("name") if last and isinstance(value, Mapping) else value)
             if last:
                 if not isinstance(value, Mapping):
                     errors.append(f"{context}config section '{path}' must be a mapping of "
@@ -363,15 +267,13 @@ def _apply_override(config: SPOConfig, text: str, errors: list[str]) -> None:
             errors.append(f"{context}'{path}' is a value, not a section, so '{key}' "
                           "does not exist")
             return
-        if _str_accepted(tp) and value is not None and not isinstance(value, str):
-            # ``model.revision=0123``, ``sampling.negative_prompt=no`` or
-            # ``data.prompts=a: b.txt``: the user typed a string that YAML would
-            # turn into a number, bool or mapping.  Only ``null`` stays special.
-            value = raw.strip()
         try:
-            setattr(section, part, _coerce(value, tp, path))
-        except _TypeMismatch as exc:
-            errors.append(f"{context}{exc}")
+            # ``text=raw``: ``model.revision=0123``, ``sampling.negative_prompt=no`` or
+            # ``data.prompts=a: b.txt`` are the strings typed where the field takes a string,
+            # not the number, bool or mapping YAML reads.  Only ``null`` stays special.
+            setattr(section, part, coerce(value, tp, path, text=raw))
+        except TypeProblem as exc:
+            errors.extend(context + message for message in exc.messages)
         return
 
 
@@ -488,7 +390,8 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     if source is not None:
         for label, data in _load_layers(source, None, ()):
             _apply_mapping(config, data, "", errors, f"{label}: ")
-    for text in overrides:
+    # ``objective.name=X`` first: the method's own settings are set on the method's section
+    for text in sorted(overrides, key=lambda t: not _names_method(t)):
         _apply_override(config, text, errors)
     errors.extend(_problems(config))
     if errors:
@@ -500,21 +403,35 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
 
 
 def _type_problems(obj: Any, cls: type, prefix: str) -> list[str]:
-    """Strict type check of an already-built config (e.g. constructed in code)."""
+    """Strict type check of an already-built config (e.g. constructed in code).
+
+    Each section is checked against its own class, which may be a subclass of the annotated
+    one (the ``objective`` section is the settings class of ``objective.name``'s method)."""
     if not isinstance(obj, cls):
         return [f"{prefix or 'config'} must be a {cls.__name__}, got {_show(obj)}"]
     problems: list[str] = []
-    for name, tp in _field_types(cls).items():
+    for name, tp in _field_types(type(obj)).items():
         path = _join(prefix, name)
-        value = getattr(obj, name)
         if _is_section(tp):
-            problems.extend(_type_problems(value, tp, path))
+            problems.extend(_type_problems(getattr(obj, name), tp, path))
             continue
         try:
-            _coerce(value, tp, path, lenient=False)
-        except _TypeMismatch as exc:
-            problems.append(str(exc))
+            coerce(getattr(obj, name), tp, path, lenient=False)
+        except TypeProblem as exc:
+            problems.extend(exc.messages)
     return problems
+
+
+def _method_problems(c: SPOConfig) -> list[str]:
+    """The method's own checks (``objective.problems``), once its name is known."""
+    name = c.objective.name
+    if name not in METHODS:
+        return [METHODS.unknown_message(name)]
+    settings = METHODS.get(name).config_class
+    if type(c.objective) is not settings:
+        return [f"objective must be a {settings.__name__} (the settings of objective.name {name!r}), "
+                f"got a {type(c.objective).__name__}"]
+    return c.objective.problems(c)
 
 
 def _value_problems(c: SPOConfig) -> list[str]:
@@ -525,10 +442,12 @@ def _value_problems(c: SPOConfig) -> list[str]:
         if not ok:
             problems.append(message)
 
-    m, s, p, o, opt, lo, tr, lg, ev = (
-        c.model, c.sampling, c.pools, c.objective, c.optimizer, c.lora, c.train, c.logging, c.eval
+    m, s, p, opt, lo, tr, lg, ev = (
+        c.model, c.sampling, c.pools, c.optimizer, c.lora, c.train, c.logging, c.eval
     )
     rule(c.seed >= 0, f"seed must be >= 0, got {c.seed!r}")
+    if m.backbone not in BACKBONES:
+        problems.append(BACKBONES.unknown_message(m.backbone))
 
     rule(m.resolution is None or (m.resolution > 0 and m.resolution % 8 == 0),
          f"model.resolution must be null (the pipeline's native size) or a positive multiple of 8 "
@@ -554,35 +473,14 @@ def _value_problems(c: SPOConfig) -> list[str]:
          f"probabilities), got {p.threshold!r}")
     rule(p.inner_steps >= 1,
          f"pools.inner_steps must be >= 1 (1 = plain SPO), got {p.inner_steps!r}")
-    if o.name == "spo":  # where pools start is SPO's (the other methods do not read pools.*)
-        rule(p.inner_steps <= s.num_inference_steps,
-             f"pools.inner_steps ({p.inner_steps}) must not exceed "
-             f"sampling.num_inference_steps ({s.num_inference_steps})")
-        rule(0 <= p.divert_start_step < s.num_inference_steps,
-             f"pools.divert_start_step must satisfy 0 <= divert_start_step < "
-             f"sampling.num_inference_steps ({s.num_inference_steps}), got {p.divert_start_step!r}")
-        if p.kappa is not None:
-            rule(0 <= p.kappa <= s.num_train_timesteps - 1,
-                 f"pools.kappa={p.kappa!r} is beyond the schedule: it must be in "
-                 f"[0, sampling.num_train_timesteps - 1] = [0, {s.num_train_timesteps - 1}]")
+    problems.extend(_method_problems(c))
 
     rule(c.preference.time_frequencies >= 1,
          f"preference.time_frequencies must be >= 1, got {c.preference.time_frequencies!r}")
 
-    rule(o.beta > 0, f"objective.beta must be > 0, got {o.beta!r}")
     d = c.data
     rule(0 <= d.empty_caption_probability < 1,
          f"data.empty_caption_probability must be in [0, 1), got {d.empty_caption_probability!r}")
-    rule(o.samples_per_prompt >= (2 if o.name == "d3po" else 1),
-         f"objective.samples_per_prompt must be >= {2 if o.name == 'd3po' else 1}"
-         f"{' (a D3PO pair needs two trajectories)' if o.name == 'd3po' else ''}, got {o.samples_per_prompt!r}")
-    rule(o.clip_range > 0, f"objective.clip_range must be > 0, got {o.clip_range!r}")
-    rule(o.adv_clip_max > 0, f"objective.adv_clip_max must be > 0, got {o.adv_clip_max!r}")
-    rule(o.stat_buffer_size >= 1, f"objective.stat_buffer_size must be >= 1, got {o.stat_buffer_size!r}")
-    rule(1 <= o.stat_min_count, f"objective.stat_min_count must be >= 1, got {o.stat_min_count!r}")
-    if o.eps is not None:
-        rule(0 < o.eps < 1,
-             f"objective.eps must be null (no clamp) or satisfy 0 < eps < 1, got {o.eps!r}")
 
     rule(opt.lr > 0, f"optimizer.lr must be > 0, got {opt.lr!r}")
     rule(all(0 <= b < 1 for b in opt.betas),
@@ -711,9 +609,4 @@ def config_to_yaml(config: SPOConfig) -> str:
 def save_config(config: SPOConfig, path: str | Path) -> Path:
     """Write ``config`` as YAML to ``path`` (creating parent folders; written to a temporary file
     and renamed, so a reader never sees half a file); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(config_to_yaml(config), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, config_to_yaml(config))

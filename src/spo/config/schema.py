@@ -2,11 +2,14 @@
 
 Every section of the configuration is a plain dataclass whose defaults are the
 values of the SD-1.5 release of *Step-by-step Preference Optimization* (SPO),
-unless a field's documentation says otherwise.  The classes hold data only:
-parsing, type coercion and validation live in :mod:`spo.config.loading`, which
-reads the field annotations declared here, so the annotations are part of the
-contract (``X | None``, ``Literal[...]``, ``int``, ``float``, ``bool``,
-``str``, ``list[str]`` and ``tuple[float, float]`` are understood).
+unless a field's documentation says otherwise.  The classes hold data (and, for
+the method's section, its range checks): layering and overrides live in
+:mod:`spo.config.loading`, type checking in :mod:`spo.config.types` (pydantic on
+the field annotations declared here, so the annotations are part of the
+contract: ``X | None``, ``Literal[...]``, ``int``, ``float``, ``bool``, ``str``,
+``list[str]`` and ``tuple[float, float]`` are understood).  The ``objective``
+section is the settings class of the method ``objective.name`` names, declared
+in that method's module (:class:`ObjectiveConfig`).
 
 Vocabulary (from the paper):
 
@@ -27,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..registry import METHODS
+
 __all__ = [
     "Backbone",
     "DType",
@@ -44,8 +49,9 @@ __all__ = [
     "SPOConfig",
 ]
 
-Backbone = Literal["sd15", "sdxl", "sd3", "toy"]
-"""Supported diffusion backbones."""
+Backbone = str
+"""A diffusion backbone's registered name (:data:`spo.registry.BACKBONES`: ``sd15``, ``sdxl``,
+``sd3``, ``toy``, or a plugin's)."""
 
 DType = Literal["float32", "float16", "bfloat16"]
 """Names of the torch dtypes a frozen network may be stored in."""
@@ -60,7 +66,8 @@ class ModelConfig:
     """The diffusion backbone being post-trained.
 
     Attributes:
-        backbone: Which architecture ``pretrained`` is (``"sd15"`` or ``"sdxl"``).
+        backbone: Which architecture ``pretrained`` is (``"sd15"``, ``"sdxl"``, ``"sd3"``, ``"toy"``,
+            or a plugin's: :data:`spo.registry.BACKBONES`).
         pretrained: Local diffusers pipeline directory or Hugging Face hub id.
         revision: Hub revision (branch, tag or commit) of ``pretrained``.
         variant: Weight-file variant of ``pretrained`` (e.g. ``"fp16"``).
@@ -262,47 +269,31 @@ class PreferenceConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training method and its loss (``spo.objectives``, one module per method).
+    """The training method (``objective.name``) and its own settings.
+
+    This base holds the name only. Each method declares its settings in its own module of
+    :mod:`spo.objectives` (``SPOMethodConfig``, ``DiffusionDPOConfig``, ``D3POConfig``,
+    ``DDPOConfig``: a subclass of this class, the method's ``config_class``), with its range checks
+    beside them in :meth:`problems`; the loader builds the ``objective`` section as the class of
+    the method it names (:data:`spo.registry.METHODS`). A layer that names another method starts
+    the section again from that method's defaults.
 
     Attributes:
-        name: ``"spo"`` (step-wise pools and the step-aware preference model),
-            ``"diffusion_dpo"`` (offline pairs of ``data.preference_data``),
-            ``"d3po"`` (two trajectories from one x_T, labelled by the reward
-            model ``preference.*`` on the final images) or ``"ddpo"`` (PPO on
-            the trajectories' steps with the reward model's final scores).
-        beta: Temperature ``beta`` of the DPO-style loss: on the win/lose
-            log-probability ratios (SPO 10, D3PO 0.1), or ``beta_dpo`` on the
-            denoising errors (Diffusion-DPO 5000).
-        eps: Clamp of the policy/reference probability ratio to
-            ``[1 - eps, 1 + eps]`` (SPO, D3PO); ``None`` disables clamping.
-        logprob_reduction: How per-element Gaussian log-probabilities of a
-            step are reduced over latent dimensions (``"mean"`` as in the
-            release, or ``"sum"``).
-        cfg: Apply classifier-free guidance inside the policy/reference
-            log-probability model during training, matching how the samples
-            were generated (SPO, D3PO, DDPO).
-        samples_per_prompt: Trajectories per prompt: D3PO's pair (2; with more,
-            the best and worst form the pair) and DDPO's group per prompt.
-        clip_range: DDPO's PPO clip of the ratio to the sampling policy.
-        adv_clip_max: DDPO's advantage clip.
-        per_prompt_stat_tracking: DDPO: normalise rewards per prompt over a
-            buffer of its recent rewards (else over the round's batch).
-        stat_buffer_size: DDPO: rewards kept per prompt.
-        stat_min_count: DDPO: rewards a prompt needs before its own statistics
-            are used (below it, the batch's).
+        name: The method: ``"spo"``, ``"diffusion_dpo"``, ``"d3po"``, ``"ddpo"``, or one registered
+            by a plugin.
     """
 
-    name: Literal["spo", "diffusion_dpo", "d3po", "ddpo"] = "spo"
-    beta: float = 10.0
-    eps: float | None = 0.1
-    logprob_reduction: Literal["mean", "sum"] = "mean"
-    cfg: bool = True
-    samples_per_prompt: int = 2
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    per_prompt_stat_tracking: bool = True
-    stat_buffer_size: int = 16
-    stat_min_count: int = 16
+    name: str = "spo"
+
+    def problems(self, config: "SPOConfig") -> list[str]:
+        """Range and consistency problems of the method's settings in ``config`` (one message
+        each, naming the dotted key); called once every value is well typed."""
+        return []
+
+
+def default_objective() -> ObjectiveConfig:
+    """The default method's settings (SPO's), found through the registry of methods."""
+    return METHODS.get(ObjectiveConfig.name).config_class()
 
 
 @dataclass
@@ -480,7 +471,7 @@ class SPMTrainConfig:
         lr_schedule: ``"warmup_decay"``: DeepSpeed's ``WarmupDecayLR`` as the release drives it
             (warm-up over ``warmup_steps`` from 0, then linear decay to 0 at ``steps``; its first
             optimiser step runs at the full ``lr``, before the schedule first sets the rate:
-            :func:`spo.preference.training.warmup_decay_factor`). ``"constant"``: ``lr`` always.
+            :func:`spo.training.spm_trainer.warmup_decay_factor`). ``"constant"``: ``lr`` always.
         warmup_steps: Warm-up steps of ``warmup_decay`` (the release: 500).
         warmup_type: ``"log"`` (DeepSpeed's default, which the release keeps: the rate rises as
             log(i + 1) / log(warmup_steps)) or ``"linear"``.
@@ -551,7 +542,8 @@ class SPOConfig:
         sampling: The DDIM sampler (:class:`SamplingConfig`).
         pools: Candidate pools (:class:`PoolsConfig`).
         preference: The step-aware preference model (:class:`PreferenceConfig`).
-        objective: The SPO loss (:class:`ObjectiveConfig`).
+        objective: The training method and its settings (:class:`ObjectiveConfig`, as the
+            subclass of the method ``objective.name`` names).
         optimizer: AdamW and LR schedule (:class:`OptimizerConfig`).
         lora: Low-rank adapters (:class:`LoRAConfig`).
         train: The sample-then-train loop (:class:`TrainConfig`).
@@ -566,7 +558,7 @@ class SPOConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=default_objective)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..builtin import resolve_weights
+from ..config import SPOConfig
 from ..errors import ModelLoadError
 from ..weights import error_line, read_state_dict, resolve_weights_file
 
@@ -61,7 +62,7 @@ class BaseDenoiser:
             return self.cls.from_config(self.config)
 
 
-def base_denoiser(config: Any) -> BaseDenoiser:
+def base_denoiser(config: SPOConfig) -> BaseDenoiser:
     """The denoiser of the model ``config.model`` names (its ``model_index.json`` and the
     component's ``config.json``; a hub id downloads only those two small files)."""
     import diffusers
@@ -69,10 +70,11 @@ def base_denoiser(config: Any) -> BaseDenoiser:
     from ..backbones import BACKBONES, check_model_path
 
     backbone = config.model.backbone
-    if backbone not in BACKBONES:
+    diffusers_backbones = [name for name in BACKBONES.names() if BACKBONES.get(name).diffusers_format]
+    if backbone not in diffusers_backbones:
         raise ModelLoadError(f"a fine-tuned pipeline or a LoRA file is evaluated against a diffusers base model "
-                             f"(model.backbone one of {sorted(BACKBONES)}), not model.backbone={backbone!r}")
-    component = BACKBONES[backbone].lora_prefix
+                             f"(model.backbone one of {diffusers_backbones}), not model.backbone={backbone!r}")
+    component = BACKBONES.get(backbone).lora_prefix
     pretrained = resolve_weights(config.model.pretrained, "model.pretrained")
     check_model_path(pretrained)
     try:

@@ -13,7 +13,7 @@ The page reads what a run directory holds (``config.yaml``, ``metrics.jsonl``, `
 
 Everything is inline: CSS, SVG plots (:mod:`spo.evaluation.svg`), images as base64 ``data:`` URIs
 (grids wider than :data:`MAX_IMAGE_WIDTH` px are downscaled), no script, no external reference.
-The file is written atomically (a temporary file in the same directory, then ``os.replace``).
+The file is written atomically (:func:`spo.files.atomic_write_text`, flushed to the disk).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
+from ..objectives import Curve
+from ..registry import METHODS
 from .svg import escape, finite, line_plot, per_timestep_plot
 
 #: the eval.json format this page reads
@@ -54,34 +56,10 @@ _NON_FINITE = {"nan": math.nan, "NaN": math.nan, "inf": math.inf, "Infinity": ma
                "-Infinity": -math.inf}
 
 
-@dataclass(frozen=True)
-class Curve:
-    """One training plot: the first keys that exist among ``keys`` become its lines.
-
-    ``source``: ``"auto"`` plots step lines when they hold the keys (falls back to round
-    lines), ``"round"`` plots round lines only.
-    """
-
-    plot_id: str
-    title: str
-    ylabel: str
-    keys: tuple[str, ...]
-    source: str = "auto"
-    reference: float | None = None
-    smooth: bool = True
-
-
-#: the training plots, in page order (whichever exist)
-CURVES = (
-    Curve("loss", "Loss", "loss", ("loss",)),
-    Curve("accuracy", "Implicit-reward accuracy", "share of pairs", ("reward_accuracy", "implicit_accuracy"), reference=0.5),
-    Curve("margin", "Implicit-reward margin", "margin", ("reward_margin",), reference=0.0),
-    Curve("clamp", "Clamped / clipped fraction", "share", ("clamp_fraction", "clip_fraction")),
-    Curve("ratio", "Probability ratio (policy / sampler)", "ratio", ("ratio_win", "ratio_lose", "ratio"), reference=1.0),
-    Curve("approx_kl", "Approximate KL", "KL", ("approx_kl",)),
-    Curve("advantage", "Advantage", "advantage", ("advantage",), reference=0.0),
-    Curve("dpo_diffs", "Denoising-error difference (win - lose)", "difference", ("model_diff", "ref_diff"), reference=0.0),
-    Curve("err_win", "Denoising error of the preferred image", "MSE", ("err_win",)),
+#: the report's own plots: the loss leads, each method's module adds its own (``Method.curves``)
+LOSS_CURVE = Curve("loss", "Loss", "loss", ("loss",))
+#: ... and these follow: what every method's rounds log
+ROUND_CURVES = (
     Curve("valid_pair_rate", "Valid-pair rate", "share of units", ("valid_pair_rate",), source="round"),
     Curve("score", "Preference score per round", "score", ("score_mean", "final_score", "reward_mean"), source="round"),
     Curve("score_std", "Score spread per round", "standard deviation", ("score_std", "reward_std"), source="round"),
@@ -92,6 +70,20 @@ CURVES = (
     Curve("lr", "Learning rate", "lr", ("lr",), smooth=False),
     Curve("grad_norm", "Gradient norm (before clipping)", "norm", ("grad_norm",)),
 )
+
+
+def training_curves() -> tuple[Curve, ...]:
+    """The training plots in page order: the loss, every registered method's own curves
+    (``Method.curves``; one plot per ``plot_id``, holding the keys of every method that draws
+    it: a run's metrics hold its own method's keys, and lines of another method's in the same
+    file still get their plot), then the round curves."""
+    merged: dict[str, Curve] = {}
+    for name in METHODS.names():
+        for curve in METHODS.get(name).curves:
+            known = merged.get(curve.plot_id)
+            keys = tuple(dict.fromkeys((*known.keys, *curve.keys))) if known else curve.keys
+            merged[curve.plot_id] = replace(known or curve, keys=keys)
+    return (LOSS_CURVE, *merged.values(), *ROUND_CURVES)
 
 
 class Markup(str):
@@ -301,9 +293,10 @@ def curve_svg(curve: Curve, run: RunData) -> str | None:
 
 
 def training_plots(run: RunData) -> list[str]:
-    """Every plot of :data:`CURVES` that has data, then one per other numeric key."""
-    plots = [svg for svg in (curve_svg(c, run) for c in CURVES) if svg]
-    covered = {k for c in CURVES for k in c.keys}
+    """Every plot of :func:`training_curves` that has data, then one per other numeric key."""
+    curves = training_curves()
+    plots = [svg for svg in (curve_svg(c, run) for c in curves) if svg]
+    covered = {k for c in curves for k in c.keys}
     for key in _numeric_keys(run.steps + run.rounds):
         if key not in covered:
             extra = Curve(f"other-{key}", key.replace("_", " "), key, (key,))
@@ -407,7 +400,7 @@ def final_metrics_rows(rounds: Sequence[Mapping[str, Any]]) -> list[tuple[str, s
     that trained preferred: a skipped round has no loss)."""
     trained = [r for r in rounds if r.get("skipped") is not True] or list(rounds)
     first, last = trained[0], trained[-1]
-    order = [k for c in CURVES for k in c.keys]
+    order = [k for c in training_curves() for k in c.keys]
     keys = _numeric_keys(trained)
     keys.sort(key=lambda k: order.index(k) if k in order else len(order))
     return [(k, fmt(first.get(k)), fmt(last.get(k))) for k in keys]
@@ -684,28 +677,6 @@ def render_report(run_dir: Path, eval_dirs: Sequence[Path]) -> str:
     ])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a report is as readable as any file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_report(
     run_dir: str | os.PathLike[str],
     *,
@@ -729,5 +700,5 @@ def write_report(
         raise FileNotFoundError(f"{run_path}: no such run directory")
     out = Path(output) if output is not None else run_path / "report.html"
     html_text = render_report(run_path, find_eval_dirs(run_path, eval_dirs))
-    write_atomic(out, html_text)
+    atomic_write_text(out, html_text, fsync=True)
     return out

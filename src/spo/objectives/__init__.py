@@ -1,35 +1,33 @@
 """Training methods on one backbone interface and one trainer: SPO, Diffusion-DPO, D3PO, DDPO.
 
-Each method is one module named after it, holding its loss as a pure function of log-probs or
-per-sample errors (tested by hand) and its :class:`Method` (what a round collects, the loss of
-a batch). :func:`method_class` finds a method by ``objective.name``.
+Each method is one module named after it, holding its settings (a ``config_class``), its loss as
+a pure function of log-probs or per-sample errors (tested by hand) and its :class:`Method` (what
+a round collects, the loss of a batch, the report's curves). :func:`method_class` finds a method
+by ``objective.name`` through :data:`spo.registry.METHODS`; a method defined elsewhere is added
+with ``METHODS.register(MyMethod)``.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from .base import Collected, LossOutput, Method
-from .spo import SPOLossOutput, SPOMethod, SPOObjective, spo_loss, transition_log_probs
-
-#: every ``objective.name``, each a module of this package
-METHODS = ("spo", "diffusion_dpo", "d3po", "ddpo")
+from ..registry import METHODS
+from .base import Collected, Curve, LossOutput, Method
+from .spo import SPOLossOutput, SPOMethod, SPOMethodConfig, SPOObjective, spo_loss, transition_log_probs
 
 
 def method_class(name: str) -> type[Method]:
-    """The :class:`Method` subclass of ``objective.name`` (its module's ``METHOD``)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown objective.name {name!r}; expected one of {list(METHODS)}")
-    return importlib.import_module(f".{name}", __name__).METHOD  # type: ignore[no-any-return]
+    """The :class:`Method` subclass called ``name`` (``objective.name``)."""
+    return METHODS.get(name)  # type: ignore[no-any-return]
 
 
 __all__ = [
     "METHODS",
     "Collected",
+    "Curve",
     "LossOutput",
     "Method",
     "SPOLossOutput",
     "SPOMethod",
+    "SPOMethodConfig",
     "SPOObjective",
     "method_class",
     "spo_loss",

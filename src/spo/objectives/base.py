@@ -1,8 +1,11 @@
 """What every training method provides to the one trainer: records for a round, and a loss.
 
 A method is one module of this package named after it (``spo``, ``diffusion_dpo``, ``d3po``,
-``ddpo``) whose ``METHOD`` is a :class:`Method` subclass; :func:`spo.objectives.method_class`
-finds it by ``objective.name``. The trainer (``spo.training.SPOTrainer``) owns everything else:
+``ddpo``) whose ``METHOD`` is a :class:`Method` subclass, found by ``objective.name`` through
+:data:`spo.registry.METHODS` (a method from elsewhere registers with ``METHODS.register``). The
+module declares everything of the method: its settings (``config_class``, a subclass of
+:class:`~spo.config.schema.ObjectiveConfig` with its range checks), its loss, its diagnostics
+(``metric_names``) and their plots in the report (``curves``). The trainer (``spo.training.SPOTrainer``) owns everything else:
 the round loop, gathering records across processes, micro-batches, the optimiser, checkpoints.
 
 One round of any method, on every process:
@@ -25,8 +28,26 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone
+from ..config import ObjectiveConfig, SPOConfig
 from ..diffusion import Schedule
 from ..sampling.records import Records
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One training plot of ``spo report``: the first of ``keys`` that the run's metrics hold.
+
+    ``source``: ``"auto"`` plots step lines when they hold the keys (falls back to round
+    lines), ``"round"`` plots round lines only. ``reference``: a horizontal line (chance, 0, 1).
+    """
+
+    plot_id: str
+    title: str
+    ylabel: str
+    keys: tuple[str, ...]
+    source: str = "auto"
+    reference: float | None = None
+    smooth: bool = True
 
 
 @dataclass
@@ -61,8 +82,12 @@ class Method(ABC):
 
     #: ``objective.name``
     name: ClassVar[str]
+    #: the method's settings: the ``objective`` section when ``objective.name`` is :attr:`name`
+    config_class: ClassVar[type[ObjectiveConfig]]
     #: the per-step diagnostics of :meth:`loss` (``loss`` first), averaged into the round's log
     metric_names: ClassVar[tuple[str, ...]]
+    #: the report's plots of those diagnostics (the loss and the round numbers are the report's own)
+    curves: ClassVar[tuple[Curve, ...]] = ()
     #: does the method score its samples (a preference or reward model must be configured)?
     needs_scorer: ClassVar[bool] = True
     #: does a round draw prompts (``data.prompts``), or rows of preference data?
@@ -72,17 +97,17 @@ class Method(ABC):
     #: what the trainer's progress bar shows beside the loss
     progress_metric: ClassVar[str] = "loss"
 
-    def __init__(self, config: Any, backbone: Backbone, scorer: Any = None) -> None:
+    def __init__(self, config: SPOConfig, backbone: Backbone, scorer: Any = None) -> None:
         self.config = config
         self.backbone = backbone
         self.scorer = scorer
 
     @classmethod
-    def check_inputs(cls, config: Any) -> None:
+    def check_inputs(cls, config: SPOConfig) -> None:
         """Fail on unusable inputs (missing data, ...) with a clear error before any model loads."""
 
     def schedule(self) -> Schedule:
-        """The DDIM schedule of sampling (and of the log-probabilities)."""
+        """The backbone's sampling schedule (DDIM, or the flow SDE), also that of the log-probabilities."""
         return self.backbone.schedule(self.config.sampling.num_inference_steps)
 
     def items(self, prompts: Sequence[str]) -> Sequence[Any]:

@@ -15,11 +15,34 @@ the end before scoring (MSPO with kappa = T and j = all steps), on the same pool
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..backbones import Backbone
+from ..config import SPOConfig
 from ..sampling import PoolSampler
-from .spo import SPOMethod
+from .spo import SPOMethod, SPOMethodConfig
+
+
+@dataclass
+class D3POConfig(SPOMethodConfig):
+    """D3PO's settings (``objective.name: d3po``): SPO's loss settings (``beta`` 0.1 and ``eps`` 0.1
+    in D3PO's code), and
+
+    Attributes:
+        samples_per_prompt: Trajectories from one x_T per prompt (D3PO's pair: 2; with more, the
+            best and worst by the final reward form the pair).
+    """
+
+    name: str = "d3po"
+    samples_per_prompt: int = 2
+
+    def problems(self, config: SPOConfig) -> list[str]:
+        problems = self.loss_problems()
+        if not self.samples_per_prompt >= 2:
+            problems.append(f"objective.samples_per_prompt must be >= 2 (a D3PO pair needs two trajectories), "
+                            f"got {self.samples_per_prompt!r}")
+        return problems
 
 
 class D3POMethod(SPOMethod):
@@ -28,9 +51,10 @@ class D3POMethod(SPOMethod):
     of both trains with the clamped-ratio DPO loss (``objective.beta``, ``objective.eps``)."""
 
     name = "d3po"
+    config_class = D3POConfig
 
     @staticmethod
-    def make_sampler(config: Any, backbone: Backbone, scorer: Any) -> PoolSampler:
+    def make_sampler(config: SPOConfig, backbone: Backbone, scorer: Any) -> PoolSampler:
         steps = config.sampling.num_inference_steps
         return PoolSampler(
             backbone, scorer,

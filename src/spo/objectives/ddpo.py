@@ -18,16 +18,58 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
+from ..config import ObjectiveConfig, SPOConfig
 from ..diffusion import Schedule
 from ..sampling import ddim_sample
 from ..sampling.records import Records
-from .base import Collected, LossOutput, Method
+from .base import Collected, Curve, LossOutput, Method
+
+
+@dataclass
+class DDPOConfig(ObjectiveConfig):
+    """DDPO's settings (``objective.name: ddpo``), the defaults of ddpo-pytorch.
+
+    Attributes:
+        samples_per_prompt: Trajectories per prompt in a round (the group a prompt's statistics
+            see).
+        clip_range: PPO clip of the ratio to the sampling policy (1e-4).
+        adv_clip_max: Advantage clip (5).
+        per_prompt_stat_tracking: Normalise rewards per prompt over a buffer of its recent
+            rewards (else over the round's batch).
+        stat_buffer_size: Rewards kept per prompt.
+        stat_min_count: Rewards a prompt needs before its own statistics are used (below it,
+            the batch's).
+        logprob_reduction: How per-element Gaussian log-probabilities of a step are reduced over
+            latent dimensions (``"mean"`` or ``"sum"``).
+        cfg: Apply classifier-free guidance inside the log-probability model during training,
+            matching how the samples were generated.
+    """
+
+    name: str = "ddpo"
+    samples_per_prompt: int = 2
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    per_prompt_stat_tracking: bool = True
+    stat_buffer_size: int = 16
+    stat_min_count: int = 16
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    cfg: bool = True
+
+    def problems(self, config: SPOConfig) -> list[str]:
+        rules = [
+            (self.samples_per_prompt >= 1, f"objective.samples_per_prompt must be >= 1, got {self.samples_per_prompt!r}"),
+            (self.clip_range > 0, f"objective.clip_range must be > 0, got {self.clip_range!r}"),
+            (self.adv_clip_max > 0, f"objective.adv_clip_max must be > 0, got {self.adv_clip_max!r}"),
+            (self.stat_buffer_size >= 1, f"objective.stat_buffer_size must be >= 1, got {self.stat_buffer_size!r}"),
+            (self.stat_min_count >= 1, f"objective.stat_min_count must be >= 1, got {self.stat_min_count!r}"),
+        ]
+        return [message for ok, message in rules if not ok]
 from .spo import step_log_probs
 
 
@@ -115,10 +157,17 @@ class DDPOMethod(Method):
     (``objective.per_prompt_stat_tracking``) or per-batch advantages."""
 
     name = "ddpo"
+    config_class = DDPOConfig
     metric_names = ("loss", "ratio", "approx_kl", "clip_fraction", "advantage")
+    curves = (
+        Curve("clamp", "Clamped / clipped fraction", "share", ("clip_fraction",)),
+        Curve("ratio", "Probability ratio (policy / sampler)", "ratio", ("ratio",), reference=1.0),
+        Curve("approx_kl", "Approximate KL", "KL", ("approx_kl",)),
+        Curve("advantage", "Advantage", "advantage", ("advantage",), reference=0.0),
+    )
     progress_metric = "approx_kl"
 
-    def __init__(self, config: Any, backbone: Backbone, scorer: Any = None) -> None:
+    def __init__(self, config: SPOConfig, backbone: Backbone, scorer: Any = None) -> None:
         super().__init__(config, backbone, scorer)
         o = config.objective
         self.tracker = PerPromptStatTracker(o.stat_buffer_size, o.stat_min_count) if o.per_prompt_stat_tracking else None

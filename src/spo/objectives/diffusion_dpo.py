@@ -24,9 +24,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
+from ..config import ObjectiveConfig, SPOConfig
 from ..diffusion import Schedule
 from ..sampling.records import Records
-from .base import Collected, LossOutput, Method
+from .base import Collected, Curve, LossOutput, Method
+
+
+@dataclass
+class DiffusionDPOConfig(ObjectiveConfig):
+    """Diffusion-DPO's settings (``objective.name: diffusion_dpo``); its data is ``data.*``.
+
+    Attributes:
+        beta: ``beta_dpo`` on the denoising errors (5000 in both of Diffusion-DPO's launchers;
+            the presets set it).
+    """
+
+    name: str = "diffusion_dpo"
+    beta: float = 10.0
+
+    def problems(self, config: SPOConfig) -> list[str]:
+        return [] if self.beta > 0 else [f"objective.beta must be > 0, got {self.beta!r}"]
 
 
 def diffusion_dpo_loss(err_win: Tensor, err_lose: Tensor, err_win_ref: Tensor, err_lose_ref: Tensor, *,
@@ -75,19 +92,25 @@ class DiffusionDPOMethod(Method):
     unless ``data.keep_ties``, captions blanked with ``data.empty_caption_probability``."""
 
     name = "diffusion_dpo"
+    config_class = DiffusionDPOConfig
     metric_names = ("loss", "implicit_accuracy", "model_diff", "ref_diff", "err_win")
+    curves = (
+        Curve("accuracy", "Implicit-reward accuracy", "share of pairs", ("implicit_accuracy",), reference=0.5),
+        Curve("dpo_diffs", "Denoising-error difference (win - lose)", "difference", ("model_diff", "ref_diff"),
+              reference=0.0),
+        Curve("err_win", "Denoising error of the preferred image", "MSE", ("err_win",)),
+    )
     needs_scorer = False
     needs_prompts = False
     needs_stochastic_steps = False
     progress_metric = "implicit_accuracy"
 
-    def __init__(self, config: Any, backbone: Backbone, scorer: Any = None) -> None:
+    def __init__(self, config: SPOConfig, backbone: Backbone, scorer: Any = None) -> None:
         super().__init__(config, backbone, scorer)
         self.data = self._load(config)
 
     @staticmethod
-    def _load(config: Any) -> Any:
-        from ..builtin import resolve_data
+    def _load(config: SPOConfig) -> Any:
         from ..data.pickapic import PreferenceDataError, load_preference_split
 
         d = config.data
@@ -96,11 +119,11 @@ class DiffusionDPOMethod(Method):
                 "objective.name=diffusion_dpo trains on preference pairs: set data.preference_data to "
                 "Pick-a-Pic-format data (a save_to_disk directory or parquet files)"
             )
-        return load_preference_split(resolve_data(d.preference_data, "data.preference_data"), d.preference_split,
-                                     "data.preference_data")
+        # (a toy: reference was resolved where the config entered: spo.builtin.resolve_references)
+        return load_preference_split(d.preference_data, d.preference_split, "data.preference_data")
 
     @classmethod
-    def check_inputs(cls, config: Any) -> None:
+    def check_inputs(cls, config: SPOConfig) -> None:
         cls._load(config)
 
     def items(self, prompts: Sequence[str]) -> Sequence[Any]:

@@ -15,17 +15,63 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import Backbone, Conditioning
+from ..config import ObjectiveConfig, SPOConfig
 from ..diffusion import Schedule, ddim_log_prob
 from ..sampling import PoolSampler
 from ..sampling.records import TransitionRecords
-from .base import Collected, Method
+from .base import Collected, Curve, Method
+
+
+@dataclass
+class SPOMethodConfig(ObjectiveConfig):
+    """SPO's settings (``objective.*`` with ``objective.name: spo``); the pools are ``pools.*``.
+
+    Attributes:
+        beta: Temperature ``beta`` of the DPO-style loss on the win/lose log-probability ratios
+            (the release: 10).
+        eps: Clamp of the policy/reference probability ratio to ``[1 - eps, 1 + eps]``; ``None``
+            disables clamping.
+        logprob_reduction: How per-element Gaussian log-probabilities of a step are reduced over
+            latent dimensions (``"mean"`` as in the release, or ``"sum"``).
+        cfg: Apply classifier-free guidance inside the policy/reference log-probability model
+            during training, matching how the samples were generated.
+    """
+
+    name: str = "spo"
+    beta: float = 10.0
+    eps: float | None = 0.1
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    cfg: bool = True
+
+    def loss_problems(self) -> list[str]:
+        """The clamped-ratio DPO loss's rules (SPO's and D3PO's)."""
+        problems = []
+        if not self.beta > 0:
+            problems.append(f"objective.beta must be > 0, got {self.beta!r}")
+        if self.eps is not None and not 0 < self.eps < 1:
+            problems.append(f"objective.eps must be null (no clamp) or satisfy 0 < eps < 1, got {self.eps!r}")
+        return problems
+
+    def problems(self, config: SPOConfig) -> list[str]:
+        s, p = config.sampling, config.pools
+        problems = []
+        if not p.inner_steps <= s.num_inference_steps:
+            problems.append(f"pools.inner_steps ({p.inner_steps}) must not exceed "
+                            f"sampling.num_inference_steps ({s.num_inference_steps})")
+        if not 0 <= p.divert_start_step < s.num_inference_steps:
+            problems.append(f"pools.divert_start_step must satisfy 0 <= divert_start_step < "
+                            f"sampling.num_inference_steps ({s.num_inference_steps}), got {p.divert_start_step!r}")
+        if p.kappa is not None and not 0 <= p.kappa <= s.num_train_timesteps - 1:
+            problems.append(f"pools.kappa={p.kappa!r} is beyond the schedule: it must be in "
+                            f"[0, sampling.num_train_timesteps - 1] = [0, {s.num_train_timesteps - 1}]")
+        return problems + self.loss_problems()
 
 
 @dataclass
@@ -148,7 +194,7 @@ class SPOObjective:
         self.eta = eta
 
     @classmethod
-    def from_config(cls, config: Any) -> "SPOObjective":
+    def from_config(cls, config: SPOConfig) -> "SPOObjective":
         o, s = config.objective, config.sampling
         return cls(
             beta=o.beta,
@@ -177,16 +223,23 @@ class SPOMethod(Method):
     t <= kappa, best/worst pairs past the tie threshold, the clamped-ratio DPO loss."""
 
     name = "spo"
+    config_class = SPOMethodConfig
     metric_names = ("loss", "ratio_win", "ratio_lose", "clamp_fraction", "reward_accuracy", "reward_margin")
+    curves = (
+        Curve("accuracy", "Implicit-reward accuracy", "share of pairs", ("reward_accuracy",), reference=0.5),
+        Curve("margin", "Implicit-reward margin", "margin", ("reward_margin",), reference=0.0),
+        Curve("clamp", "Clamped / clipped fraction", "share", ("clamp_fraction",)),
+        Curve("ratio", "Probability ratio (policy / sampler)", "ratio", ("ratio_win", "ratio_lose"), reference=1.0),
+    )
     progress_metric = "reward_accuracy"
 
-    def __init__(self, config: Any, backbone: Backbone, scorer: Any = None) -> None:
+    def __init__(self, config: SPOConfig, backbone: Backbone, scorer: Any = None) -> None:
         super().__init__(config, backbone, scorer)
         self.sampler = self.make_sampler(config, backbone, scorer)
         self.objective = SPOObjective.from_config(config)
 
     @staticmethod
-    def make_sampler(config: Any, backbone: Backbone, scorer: Any) -> PoolSampler:
+    def make_sampler(config: SPOConfig, backbone: Backbone, scorer: Any) -> PoolSampler:
         return PoolSampler.from_config(backbone, scorer, config)
 
     def schedule(self) -> Schedule:

@@ -27,8 +27,9 @@ from ..backbones.base import (
     resolve_device,
     resolve_dtype,
 )
-from ..backbones.tiny import _bytes_to_unicode
+from ..backbones.tiny import bytes_to_unicode
 from ..builtin import TOY_WEIGHTS, resolve_weights
+from ..config import ModelConfig
 from .grammar import vocabulary
 
 MARKER = "toy_model.json"
@@ -57,7 +58,7 @@ def train_toy_tokenizer() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
@@ -181,6 +182,15 @@ class ToyBackbone(Backbone):
     """The toy model behind the backbone interface: pixel space, decode = identity."""
 
     kind = "toy"
+    diffusers_format = False
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, negative_prompt: str | None = None,
+                    components: dict[str, Any] | None = None) -> "ToyBackbone":
+        if components:
+            raise BackboneLoadError("model.backbone=toy: the toy pipeline takes no replacement components")
+        return cls.from_pretrained(model.pretrained, dtype=model.dtype, device=model.device,
+                                   negative_prompt=negative_prompt, resolution=model.resolution)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

@@ -1,8 +1,10 @@
 """The evaluation scorer interface: images (and their prompts) in, one number per image out.
 
-A scorer is one module of :mod:`spo.evaluation.scorers`, found by name: ``scorer_class("hpsv2")``
-imports ``spo.evaluation.scorers.hpsv2`` and reads its ``SCORER``. Scorers that live elsewhere
-(the toy world's oracles) implement the same interface and are handed to the evaluator directly.
+A scorer is one module of :mod:`spo.evaluation.scorers`, found by name through
+:data:`spo.registry.SCORERS`: ``scorer_class("hpsv2")`` imports ``spo.evaluation.scorers.hpsv2``
+and reads its ``SCORER``. Scorers that live elsewhere register with ``SCORERS.register`` (or the
+``spo.scorers`` entry-point group); the toy world's oracles, which need no weights, are handed to
+the evaluator directly.
 
 On the command line a scorer is ``NAME=WEIGHTS[,OPTION=VALUE...]``: ``WEIGHTS`` is a local path or
 a hub id, never pickled code (safetensors, or ``torch.load(weights_only=True)``); the options
@@ -11,8 +13,6 @@ name the auxiliary parts a checkpoint does not carry (a tokenizer, a processor, 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...errors import ModelLoadError
+from ...errors import ModelLoadError, SPOError
+from ...registry import SCORERS, RegistryError
 
 
-class ScorerSpecError(ValueError):
+class ScorerSpecError(SPOError, ValueError):
     """A ``--scorer`` value that names no scorer, no weights or an unknown option."""
 
 
@@ -104,18 +105,17 @@ class ScorerSpec:
 
 
 def available_scorers() -> list[str]:
-    """The names of the scorer modules shipped in :mod:`spo.evaluation.scorers`."""
-    from . import __path__ as package_path
-
-    return sorted(m.name for m in pkgutil.iter_modules(package_path) if m.name not in ("base",) and not m.name.startswith("_"))
+    """The names of the scorers: modules of :mod:`spo.evaluation.scorers` and plugins."""
+    return SCORERS.names()
 
 
 def scorer_class(name: str) -> type[Scorer]:
-    """The :class:`Scorer` subclass of module ``spo.evaluation.scorers.<name>`` (its ``SCORER``)."""
-    if name not in available_scorers():
-        raise ScorerSpecError(f"unknown scorer {name!r}; available: {available_scorers()}")
-    module: Any = importlib.import_module(f"{__package__}.{name}")
-    return module.SCORER
+    """The :class:`Scorer` subclass called ``name`` (:data:`spo.registry.SCORERS`: the module
+    ``spo.evaluation.scorers.<name>``'s ``SCORER``, or a registered one)."""
+    try:
+        return SCORERS.get(name)  # type: ignore[no-any-return]
+    except RegistryError:
+        raise ScorerSpecError(f"unknown scorer {name!r}; available: {available_scorers()}") from None
 
 
 def load_scorers(specs: Sequence[ScorerSpec], *, wanted: Sequence[str] | None = None,
