@@ -23,7 +23,7 @@ from pickapic_fixture import save_pickapic  # noqa: E402
 from spo.backbones.tiny import save_tiny_clip, save_tiny_pipeline  # noqa: E402
 from spo.cli import format_accuracy_table  # noqa: E402
 from spo.config import load_config  # noqa: E402
-from spo.preference.training import SPMTrainer  # noqa: E402
+from spo.training.spm_trainer import SPMTrainer  # noqa: E402
 
 from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 

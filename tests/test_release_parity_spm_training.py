@@ -14,7 +14,7 @@ What is compared on identical inputs:
   normalisation over the batch gathered from every process, values and gradients;
 - the noised-pair construction (``tasks/spm_task.py::SPMTask.get_noised_imgs`` and the image path
   of ``train_step``) on the tiny SD-1.5 pipeline against
-  :func:`spo.preference.training.noised_x0_images` + the SPM's image path: one t and one noise per
+  :func:`spo.training.spm_trainer.noised_x0_images` + the SPM's image path: one t and one noise per
   pair, CFG 5, the x0 estimate, decoding, clamp -> bicubic resize -> clamp -> normalise;
 - validation (``SPMTask.run_inference`` at t = 0: the clean images, and its accuracy formula)
   against :func:`spo.preference.loss.release_accuracy` and the SPM's scores.
@@ -41,7 +41,7 @@ import torch
 from release_oracle import RELEASE, require_release
 from spo.preference import StepAwarePreferenceModel, preference_pair_loss, spm_preprocess
 from spo.preference.loss import release_accuracy
-from spo.preference.training import noised_x0_images, warmup_decay_factor
+from spo.training.spm_trainer import noised_x0_images, warmup_decay_factor
 
 TRAINER = RELEASE / "step_aware_preference_model" / "trainer"
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -115,7 +115,7 @@ def test_sd3_resume_is_exact_and_the_lora_loads_in_diffusers(tiny_sd3_path: Path
 def test_spm_training_noises_the_flow_way(tiny_sd3_path: Path, tiny_clip_path: Path, pickapic_path: Path,
                                           tmp_path: Path) -> None:
     """`spo train-spm` on a flow backbone: x_t = (1 - s) x0 + s eps and x0-hat = x - s v."""
-    from spo.preference.training import SPMTrainer, noised_x0_images
+    from spo.training.spm_trainer import SPMTrainer, noised_x0_images
 
     config = load_config("sd3", [
         f"model.pretrained={tiny_sd3_path}", "model.resolution=32", "model.device=cpu",

@@ -23,7 +23,7 @@ from spo.preference import (
     preference_pair_loss,
     timestep_embedding,
 )
-from spo.preference.training import SPMTrainer, noised_x0_images
+from spo.training.spm_trainer import SPMTrainer, noised_x0_images
 
 PROMPTS = ["a red circle", "a blue square", "two green stars"]
 
@@ -325,7 +325,7 @@ def test_release_recipe_in_the_trainer(tiny_sd15_path: Path, tiny_clip_path: Pat
     warm-up-then-decay rate per step (the first step at the peak), validation at t = 0 on the
     clean images (no UNet call), relabelled validation labels with ties left out, and the
     relabel rule 'a winner only where the gap exceeds the threshold'."""
-    from spo.preference.training import warmup_decay_factor
+    from spo.training.spm_trainer import warmup_decay_factor
 
     config = _spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, "spm.steps=3", "spm.batch_size=4",
                          "spm.weight_decay=0.3", "spm.lr_schedule=warmup_decay", "spm.warmup_steps=2",

@@ -15,7 +15,7 @@ from spo.cli import main
 from spo.config import load_config
 from spo.data import PromptsError, load_preference_split, load_prompts
 from spo.preference import CLIPScorer, StepAwarePreferenceModel
-from spo.preference.training import SPMTrainer
+from spo.training.spm_trainer import SPMTrainer
 from spo.toy.build import STAGES, BuildError, BuildSettings, ToyBuild
 from spo.toy.grammar import training_prompts, validation_prompts
 from spo.toy.preference_data import (

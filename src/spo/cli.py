@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_spm(args: argparse.Namespace) -> int:
-    from .preference.training import SPMTrainer
+    from .training import SPMTrainer
 
     config = _load(args.config)
     trainer = SPMTrainer(config, args.output, resume=args.resume)
@@ -337,9 +337,7 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
-    from .backbones.tiny import save_tiny_pipeline
-
-    from .backbones.tiny import save_tiny_clip
+    from .backbones.tiny import save_tiny_clip, save_tiny_pipeline
 
     path = save_tiny_pipeline(args.kind, args.output, seed=args.seed)
     print(f"saved a tiny random {args.kind} pipeline to {path}")
@@ -518,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", help="default: RUN_DIR/report.html")
     report.set_defaults(func=cmd_report, config=[])
 
-    tiny = sub.add_parser("tiny-pipeline", help="save a tiny random sd15/sdxl/sd3 pipeline (for tests and trials)")
-    tiny.add_argument("kind", choices=["sd15", "sdxl", "sd3"])
+    tiny = sub.add_parser("tiny-pipeline", help="save a tiny random pipeline of a backbone (sd15, sdxl, sd3, or any "
+                          "registered backbone with a tiny builder), for tests and trials")
+    tiny.add_argument("kind", help="the backbone (model.backbone) whose tiny pipeline to save")
     tiny.add_argument("output")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--clip", action="store_true", help="also save a tiny CLIPModel to OUTPUT/clip (a scorer)")
@@ -541,17 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data import PromptsError
-    from .errors import ModelLoadError
-    from .data import PreferenceDataError
-    from .evaluation.evaluate import EvaluationError
-    from .evaluation.scorers import ScorerSpecError
-    from .preference.training import SPMTrainingError
-    from .toy.build import BuildError
-    from .toy.grammar import PromptGrammarError
-    from .toy.loop_checkpoint import ToyTrainingError
-    from .training import CheckpointError, TrainingError, WriteError
+    from .errors import SPOError
 
     parser = build_parser()
     # overrides may come after options (`spo train sd15 --output X pools.k=4`): argparse leaves
@@ -564,13 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = [*args.config, *extras]
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ModelLoadError, PromptsError, TrainingError, CheckpointError, PreferenceDataError,
-            SPMTrainingError, PromptGrammarError, BuildError, EvaluationError, ScorerSpecError, ToyTrainingError) as err:
+    except SPOError as err:  # exit 2 for the user's input, 1 for a failed write (WriteError.exit_code)
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except WriteError as err:  # not the user's input: the disk or the file system (exit 1)
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
 
 
 if __name__ == "__main__":

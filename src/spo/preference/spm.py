@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +31,9 @@ from ..errors import ModelLoadError
 from ..weights import read_state_dict, resolve_weights_file
 from .clip_scorer import CLIPScorer, Preprocessing, load_clip_parts
 from .preprocess import save_clip_image_config
+
+if TYPE_CHECKING:
+    from ..config import SPOConfig
 
 Variant = Literal["step_aware", "step_agnostic", "clean"]
 VARIANTS: tuple[str, ...] = ("step_aware", "step_agnostic", "clean")
@@ -256,3 +259,17 @@ class StepAwarePreferenceModel(CLIPScorer):
         shift, scale = vision.adaLN_modulation(c).chunk(2, dim=-1)
         emb = clip.visual_projection(pooled * (1 + scale) + shift)
         return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def load_preference_model(config: "SPOConfig", device: torch.device | str | None = None, *,
+                          with_checkpoint: bool = True, dtype: torch.dtype | None = None) -> StepAwarePreferenceModel:
+    """The SPM the ``preference`` section names (also the sampler's scorer in ``spo train``), in
+    ``preference.dtype`` unless ``dtype`` is given; ``with_checkpoint=False`` leaves
+    ``preference.checkpoint`` out (SPM training starts from the base at identity, as the release)."""
+    from ..backbones import resolve_dtype  # here: the SPM alone does not need diffusers imported
+
+    p = config.preference
+    return StepAwarePreferenceModel.from_pretrained(
+        p.pretrained, p.processor, checkpoint=p.checkpoint if with_checkpoint else None, variant=p.variant,
+        frequencies=p.time_frequencies, device=device, dtype=dtype or resolve_dtype(p.dtype),
+    )

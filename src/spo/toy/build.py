@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..builtin import TOY_BUILD_VERSIONS
+from ..errors import SPOError
+from ..files import atomic_directory, atomic_write_text
 from .clip import ToyCLIPSettings, pretrain_toy_clip
 from .preference_data import PreferenceDataSettings, build_preference_data
 from .pretrain import PretrainSettings, pretrain
@@ -36,7 +38,7 @@ STAGES = ("pretrain", "data", "clip", "pickscore", "spm")
 VERSIONS = TOY_BUILD_VERSIONS  # see BuildSettings.for_version
 
 
-class BuildError(RuntimeError):
+class BuildError(SPOError, RuntimeError):
     """The build cannot go on (nothing finished is lost)."""
 
 
@@ -90,9 +92,9 @@ class BuildSettings:
         )
 
 
-def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, overrides: list[str], seed: int) -> list[str]:
+def _train_spm_overrides(output: Path, settings: PreferenceTraining, overrides: list[str], seed: int) -> list[str]:
+    """The ``key=value`` overrides of the toy preset for one ``spo train-spm`` run of the build."""
     return [
-        "train-spm", "toy", "--output", str(run), *(["--resume"] if run.exists() else []),
         f"spm.data={output / 'preference-data'}", f"spm.steps={settings.steps}", f"spm.batch_size={settings.batch_size}",
         f"spm.lr={settings.lr}", f"spm.validate_every={settings.validate_every}",
         f"spm.checkpoint_every={settings.checkpoint_every}",
@@ -101,12 +103,22 @@ def _train_spm_command(output: Path, run: Path, settings: PreferenceTraining, ov
     ]
 
 
-def _run_cli(argv: list[str]) -> None:
-    from ..cli import main
+def _train_spm(run: Path, overrides: list[str], progress: bool = True) -> None:
+    """What ``spo train-spm toy OVERRIDES --output RUN`` does (``--resume`` when ``run`` exists):
+    validate before the first step of a fresh run, then train to the end. A refused or failed
+    run is a :class:`BuildError` naming the cause."""
+    from ..config import load_config
+    from ..training import SPMTrainer
 
-    code = main(argv)
-    if code != 0:
-        raise BuildError(f"`spo {' '.join(argv)}` failed (exit {code}); fix the cause and rerun the build: finished stages are kept")
+    resume = run.exists()
+    try:
+        trainer = SPMTrainer(load_config("toy", overrides), run, resume=resume, progress=progress)
+        if not resume and trainer.step == 0:
+            trainer.validate()
+        trainer.train()
+    except SPOError as err:
+        raise BuildError(f"`spo train-spm` into {run} failed: {err}; fix the cause and rerun the build: "
+                         "finished stages are kept") from err
 
 
 def _read_validation(run: Path) -> dict[str, float]:
@@ -150,10 +162,7 @@ class ToyBuild:
         }[stage]
 
     def _save_record(self) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2))
-        tmp.replace(self.record_path)
+        atomic_write_text(self.record_path, json.dumps(self.record, indent=2))
 
     # ------------------------------------------------------------------ stages
     def _pretrain(self) -> dict[str, Any]:
@@ -176,12 +185,10 @@ class ToyBuild:
         """Run ``spo train-spm`` into ``run`` unless its final model ``run/saved`` is complete (the
         file ``marker`` is written last), then move a copy into ``target`` with one rename."""
         if not (run / saved / marker).exists():
-            _run_cli(_train_spm_command(self.output, run, settings, overrides, self.settings.pretrain.seed))
-        staging = target.with_name(target.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(run / saved, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+            _train_spm(run, _train_spm_overrides(self.output, settings, overrides, self.settings.pretrain.seed),
+                       self.progress)
+        with atomic_directory(target) as staging:
+            shutil.copytree(run / saved, staging)
         return {"run": str(run), "validation": _read_validation(run)}
 
     def _pickscore(self) -> dict[str, Any]:

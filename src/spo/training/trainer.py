@@ -32,32 +32,31 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, BackboneLoadError, LoRASettings, check_device_request, load_backbone
-from ..config import SPOConfig, config_to_dict, load_config, save_config
+from ..backbones import Backbone, BackboneLoadError, load_backbone
+from ..builtin import resolve_references
+from ..config import SPOConfig, config_to_dict
 from ..data import load_prompts
-from ..errors import local_path
+from ..errors import SPOError, local_path
 from ..objectives import Method, method_class
-from ..sampling import Scorer
+from ..preference.selection import describe_preference, time_modules_problem
+from ..preference.spm import load_preference_model
+from ..sampling import PoolScorer
 from ..sampling.records import Records
-from .checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    latest_good_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from .output import output_problem, removed_on_failure
-from .distributed import gather_counts, gather_records, process_count_problem, reduce_log, write_everywhere
-from .metrics import MetricsLog
+from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
 from .seeding import PromptSchedule, derive_seed, generator
+from .setup import Run, RunKind, start_run
 
 #: config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.rounds", "train.num_processes", "logging.")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SPOError, RuntimeError):
     """Training cannot go on (non-finite loss, unusable run directory, ...); nothing was lost."""
+
+
+#: what SPO runs' start differs in (spo.training.setup)
+SPO_RUN = RunKind(name="spo", checkpoint_prefix="round", error=TrainingError, mixed_precision="train.mixed_precision")
 
 
 @dataclass
@@ -70,12 +69,10 @@ class TrainResult:
     last_round: dict[str, Any]
 
 
-def build_scorer(config: SPOConfig, device: torch.device) -> Scorer:
+def build_scorer(config: SPOConfig, device: torch.device) -> PoolScorer:
     """The preference scorer the config names: the step-aware preference model of
     ``preference.*`` (a CLIP/PickScore directory or hub id, an SPM directory, and/or the
     authors' released SPM state dict in ``preference.checkpoint``)."""
-    from ..preference.training import load_preference_model
-
     return load_preference_model(config, device)
 
 
@@ -85,7 +82,7 @@ class SPOTrainer:
     Args:
         config: the resolved configuration.
         run_dir: output directory (config.yaml, metrics.jsonl, checkpoints/, lora/, logs/).
-        scorer: a :data:`~spo.sampling.Scorer`; default: built from ``config.preference``.
+        scorer: a :data:`~spo.sampling.PoolScorer`; default: built from ``config.preference``.
         prompts: the prompt list; default: read from ``config.data.prompts``.
         resume: continue from the latest checkpoint in ``run_dir``.
         accelerator: an ``accelerate.Accelerator``; default: one built from the config.
@@ -96,22 +93,19 @@ class SPOTrainer:
         config: SPOConfig,
         run_dir: str | Path,
         *,
-        scorer: Scorer | None = None,
+        scorer: PoolScorer | None = None,
         prompts: Sequence[str] | None = None,
         resume: bool = False,
         accelerator: Any = None,
         progress: bool = True,
     ) -> None:
-        from accelerate import Accelerator
-
+        resolved = resolve_references(config)  # the toy: references, resolved once for every loader
         method_type = method_class(config.objective.name)
         if config.sampling.eta <= 0 and method_type.needs_stochastic_steps:
             raise TrainingError(f"sampling.eta must be > 0 for {config.objective.name}: a deterministic step "
                                 "has no log-probability")
-        method_type.check_inputs(config)
+        method_type.check_inputs(resolved)
         if scorer is None and method_type.needs_scorer:
-            from ..preference.selection import time_modules_problem
-
             problem = time_modules_problem(config.preference)
             if problem:
                 raise TrainingError(problem)
@@ -120,43 +114,20 @@ class SPOTrainer:
             local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
         self.config = config
         self.run_dir = Path(run_dir)
-        problem = output_problem(self.run_dir, resume=resume or bool(list_checkpoints(self.run_dir)))
-        if problem:  # (existing checkpoints without --resume have their own message below)
-            raise TrainingError(problem)
-        check_device_request(config.model.device, config.model.dtype, config.train.mixed_precision)
         self.progress = progress
         if prompts is not None:
             self.prompts = list(prompts)
         else:
-            self.prompts = self._config_prompts(config) if method_type.needs_prompts else []
-        trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else [])
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.train.mixed_precision,
-            cpu=config.model.device == "cpu",
-            log_with=trackers or None,
-            project_dir=str(self.run_dir / "logs"),
-        )
-        acc = self.accelerator
-        if config.model.device is not None and torch.device(config.model.device).type != acc.device.type:
-            raise TrainingError(f"model.device: {config.model.device!r} was asked for, but accelerate placed this "
-                                f"process on {str(acc.device)!r}")
-        problem = process_count_problem(config.train.num_processes, acc.num_processes)
-        if problem:
-            raise TrainingError(problem)
-        with removed_on_failure(self.run_dir, acc.is_main_process):
-            self.resume_from = self._prepare_run_dir(resume)
-            self._set_up(config, method_type, scores, scorer, trackers)
+            self.prompts = self._config_prompts(resolved) if method_type.needs_prompts else []
+        with start_run(config, self.run_dir, SPO_RUN, resume=resume, accelerator=accelerator, resolved=resolved,
+                       check_resume=self._check_resume) as run:
+            self.accelerator, self.resume_from = run.accelerator, run.resume_from
+            self._set_up(run, method_type, scores, scorer)
 
-    def _set_up(self, config: SPOConfig, method_type: Any, scores: bool, scorer: Scorer | None,
-                trackers: list[str]) -> None:
+    def _set_up(self, run: Run, method_type: Any, scores: bool, scorer: PoolScorer | None) -> None:
         """Everything after the run directory: models, method, optimiser, resume state."""
-        acc = self.accelerator
-        acc.wait_for_everyone()  # every process has read the old config.yaml before it is rewritten
-        self.config = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, num_processes=acc.num_processes)
-        )
-        write_everywhere(acc, f"writing {self.run_dir / 'config.yaml'}",
-                         lambda: save_config(self.config, self.run_dir / "config.yaml"))
+        acc, config = self.accelerator, run.resolved  # the loaders get the toy: references resolved
+        self.config = run.config  # as the user wrote it (config.yaml), train.num_processes the launch's
 
         if torch.cuda.is_available():  # the release: allow_tf32 = True
             torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
@@ -168,7 +139,7 @@ class SPOTrainer:
         if scores:  # x0-hat decoded for the scorer only (pools, final-image rewards)
             self.backbone.load_score_decoder(config.preference.decoder)
         if config.model.finetune == "lora":
-            params = self.backbone.attach_lora(LoRASettings.from_config(config.lora))
+            params = self.backbone.attach_lora(config.lora)
         else:
             params = self.backbone.enable_full_finetuning()
         if config.model.gradient_checkpointing:
@@ -180,19 +151,16 @@ class SPOTrainer:
         self.params = params
         self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
         if scorer is None and method_type.needs_scorer:
-            from ..preference.selection import describe_preference
-
             scorer = build_scorer(config, acc.device)
             if self.progress and acc.is_main_process:
-                print(describe_preference(config.preference))
+                print(describe_preference(self.config.preference))
         self.scorer = scorer
         self.method: Method = method_type(config, self.backbone, scorer)
         self.schedule = self.method.schedule()
         self.metric_names = self.method.metric_names
 
         o = config.optimizer
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-        policy, self.optimizer = acc.prepare(self.backbone.unet, optimizer)
+        policy, self.optimizer = run.optimizer(self.backbone.unet, params, o)
         self.backbone.policy_forward = policy
         self.policy = policy
         from diffusers.optimization import get_scheduler
@@ -201,7 +169,7 @@ class SPOTrainer:
             o.lr_scheduler, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
             num_warmup_steps=o.warmup_rounds, num_training_steps=config.train.rounds,
         )
-        self.metrics = MetricsLog(acc, self.run_dir / "metrics.jsonl")
+        self.metrics = run.metrics
         self.prompt_schedule = PromptSchedule(
             self.method.items(self.prompts), config.seed, config.train.prompts_per_round, acc.num_processes
         )
@@ -211,17 +179,14 @@ class SPOTrainer:
         #: micro-batches backpropagated since the last optimiser step (train.carry_accumulation),
         #: with their summed diagnostics and pairs
         self.pending = {"micro_batches": 0, "pairs": 0, "sums": dict.fromkeys(self.metric_names, 0.0)}
-        if self.resume_from is not None:
-            state = load_checkpoint(
-                acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
-            )
+        state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        if state is not None:
             self.rounds_done, self.step = int(state["rounds_done"]), int(state["step"])
             self.skipped_rounds = int(state.get("skipped_rounds", 0))
             self.pending = state.get("pending", self.pending)
             self.method.load_state_dict(state.get("method", {}))
             self.metrics.truncate_after(self.rounds_done)
-        if trackers:
-            acc.init_trackers("spo", config=_flat_config(self.config))
+        run.start_trackers()
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
@@ -230,51 +195,20 @@ class SPOTrainer:
             raise TrainingError("data.prompts: give a prompts file (one prompt per line, or a JSON list)")
         return load_prompts(config.data.prompts)
 
-    def _fresh_run_dir(self) -> None:
-        def make() -> None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-        write_everywhere(self.accelerator, f"creating the run directory {self.run_dir}", make)
-
-    def _prepare_run_dir(self, resume: bool) -> Path | None:
-        acc = self.accelerator
-        existing = list_checkpoints(self.run_dir)
-        if not resume:
-            if existing:
-                raise TrainingError(
-                    f"{self.run_dir} already holds checkpoints ({existing[-1].name}); "
-                    "pass --resume to continue that run, or choose another --output"
-                )
-            self._fresh_run_dir()
-            return None
-        latest = latest_good_checkpoint(self.run_dir, warn=print if acc.is_main_process else (lambda _: None))
-        if latest is None:
-            if acc.is_main_process:
-                print(f"--resume: no checkpoint in {self.run_dir}; starting from the beginning")
-            self._fresh_run_dir()
-            return None
-        saved_path = self.run_dir / "config.yaml"
-        if saved_path.exists():
-            saved = load_config(saved_path)
-            if saved.train.num_processes not in (None, acc.num_processes):
-                raise CheckpointError(
-                    f"this run used {saved.train.num_processes} processes and is resumed with "
-                    f"{acc.num_processes}; resume with the same number to continue exactly"
-                )
-            changed = _changed_keys(config_to_dict(saved), config_to_dict(self.config))
-            if "train.rounds" in changed and self.config.optimizer.lr_scheduler != "constant":
-                raise CheckpointError(
-                    f"--resume with train.rounds changed would reshape the {self.config.optimizer.lr_scheduler} "
-                    "learning-rate schedule; keep train.rounds, or use optimizer.lr_scheduler=constant"
-                )
-            changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
-            if changed:
-                raise CheckpointError(
-                    f"--resume with a different configuration: {', '.join(changed)} differ from "
-                    f"{saved_path}; only train.rounds and logging.* may change"
-                )
-        return latest
+    def _check_resume(self, saved: SPOConfig, saved_path: Path) -> None:
+        """``--resume`` continues a run only with the configuration it was started with."""
+        changed = _changed_keys(config_to_dict(saved), config_to_dict(self.config))
+        if "train.rounds" in changed and self.config.optimizer.lr_scheduler != "constant":
+            raise CheckpointError(
+                f"--resume with train.rounds changed would reshape the {self.config.optimizer.lr_scheduler} "
+                "learning-rate schedule; keep train.rounds, or use optimizer.lr_scheduler=constant"
+            )
+        changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise CheckpointError(
+                f"--resume with a different configuration: {', '.join(changed)} differ from "
+                f"{saved_path}; only train.rounds and logging.* may change"
+            )
 
     # ------------------------------------------------------------------ one round
     def _round_prompts(self, round_index: int) -> list[str]:
@@ -470,17 +404,6 @@ class SPOTrainer:
 
         what = "writing the final " + ("LoRA" if self.config.model.finetune == "lora" else "UNet")
         return write_everywhere(self.accelerator, f"{what} to {self.run_dir}", save)
-
-
-def _flat_config(config: SPOConfig) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for section, values in config_to_dict(config).items():
-        if isinstance(values, dict):
-            for k, v in values.items():
-                flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-        else:
-            flat[section] = values
-    return flat
 
 
 def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

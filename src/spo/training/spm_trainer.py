@@ -15,7 +15,9 @@ diffusion model loaded) and saves it as a CLIPModel directory (``RUN_DIR/reward`
 SPM is then built, as the paper builds its SPM from PickScore.
 
 Every draw of step s comes from generators seeded by (seed, purpose, s, rank), and the row order
-from seeded epoch permutations, so ``--resume`` continues exactly.
+from seeded epoch permutations, so ``--resume`` continues exactly. The start (accelerator, run
+directory, config.yaml, resume checks, AdamW, metrics, trackers) is the SPO trainer's
+(:mod:`spo.training.setup`).
 """
 
 from __future__ import annotations
@@ -31,21 +33,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import Backbone, BackboneLoadError, Conditioning, check_device_request, load_backbone, resolve_dtype
-from ..config import SPOConfig, save_config
+from ..backbones import Backbone, BackboneLoadError, Conditioning, load_backbone
+from ..config import SPOConfig
 from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
-from ..errors import local_path
-from ..training.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from ..training.distributed import process_count_problem, write_everywhere
-from ..training.output import output_problem, removed_on_failure
-from ..training.metrics import MetricsLog
-from ..training.seeding import derive_seed, generator
-from .clip_scorer import CLIPScorer
-from .loss import preference_pair_loss, release_accuracy
-from .spm import StepAwarePreferenceModel
+from ..errors import SPOError, local_path
+from ..preference.clip_scorer import CLIPScorer
+from ..preference.loss import preference_pair_loss, release_accuracy
+from ..preference.spm import load_preference_model
+from .checkpoint import save_checkpoint
+from .distributed import write_everywhere
+from .seeding import derive_seed, generator
+from .setup import Run, RunKind, start_run
 
 
-class SPMTrainingError(RuntimeError):
+class SPMTrainingError(SPOError, RuntimeError):
     """SPM training cannot go on; nothing was lost."""
 
 
@@ -58,16 +59,8 @@ class SPMTrainResult:
     spm_path: Path | None
 
 
-def load_preference_model(config: SPOConfig, device: torch.device | str | None = None, *,
-                          with_checkpoint: bool = True, dtype: torch.dtype | None = None) -> StepAwarePreferenceModel:
-    """The SPM the ``preference`` section names (also the sampler's scorer in ``spo train``), in
-    ``preference.dtype`` unless ``dtype`` is given; ``with_checkpoint=False`` leaves
-    ``preference.checkpoint`` out (SPM training starts from the base at identity, as the release)."""
-    p = config.preference
-    return StepAwarePreferenceModel.from_pretrained(
-        p.pretrained, p.processor, checkpoint=p.checkpoint if with_checkpoint else None, variant=p.variant,
-        frequencies=p.time_frequencies, device=device, dtype=dtype or resolve_dtype(p.dtype),
-    )
+#: what SPM runs' start differs in (spo.training.setup)
+SPM_RUN = RunKind(name="spm", checkpoint_prefix="step", error=SPMTrainingError, mixed_precision="spm.mixed_precision")
 
 
 def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int, warmup_type: str = "log") -> float:
@@ -126,37 +119,22 @@ class SPMTrainer:
         accelerator: Any = None,
         progress: bool = True,
     ) -> None:
-        from accelerate import Accelerator
-
         cfg = config.spm
         if not cfg.data:
             raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
-        problem = output_problem(run_dir, resume=resume or bool(list_checkpoints(run_dir, "step")))
-        if problem:
-            raise SPMTrainingError(problem)
-        check_device_request(config.model.device, config.model.dtype, cfg.mixed_precision, "spm.mixed_precision")
         self.clean = config.preference.variant == "clean"  # a clean-image reward model (PickScore-style)
         if config.preference.decoder is not None and not self.clean:  # fail before anything is written
             local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
-        self.accelerator = acc = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision, cpu=config.model.device == "cpu",
-            log_with=(["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else []) or None,
-            project_dir=str(self.run_dir / "logs"),
-        )
-        problem = process_count_problem(config.train.num_processes, acc.num_processes)
-        if problem:
-            raise SPMTrainingError(problem)
-        with removed_on_failure(self.run_dir, acc.is_main_process):  # a failed start leaves nothing
-            self._set_up(config, resume)
+        with start_run(config, self.run_dir, SPM_RUN, resume=resume, accelerator=accelerator) as run:
+            self.accelerator, self.resume_from = run.accelerator, run.resume_from
+            self._set_up(run)
 
-    def _set_up(self, config: SPOConfig, resume: bool) -> None:
-        acc, cfg = self.accelerator, config.spm
-        self.resume_from = self._prepare_run_dir(resume)
-        acc.wait_for_everyone()
-        self.config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_processes=acc.num_processes))
-        write_everywhere(acc, f"writing {self.run_dir / 'config.yaml'}",
-                         lambda: save_config(self.config, self.run_dir / "config.yaml"))
+    def _set_up(self, run: Run) -> None:
+        """Everything after the run directory: data, models, optimiser, resume state."""
+        acc, config = self.accelerator, run.resolved  # the loaders get the toy: references resolved
+        cfg = config.spm
+        self.config, self.resolved = run.config, config  # as written (config.yaml), and resolved
 
         with acc.main_process_first():  # one process prepares the datasets cache, then the others read it
             self.train_data = load_preference_split(cfg.data, cfg.train_split)
@@ -192,9 +170,7 @@ class SPMTrainer:
             CLIPScorer.from_pretrained(cfg.relabel, config.preference.processor, device=acc.device) if cfg.relabel else None
         )
         # the release: DeepSpeed's AdamW (torch_adam) over every SPM weight, one parameter group
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                      eps=cfg.eps)
-        self.policy, self.optimizer = acc.prepare(self.spm, optimizer)
+        self.policy, self.optimizer = run.optimizer(self.spm, self.params, cfg)
         if cfg.lr_schedule == "warmup_decay":
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer.optimizer,
@@ -203,45 +179,23 @@ class SPMTrainer:
             from diffusers.optimization import get_scheduler
 
             self.lr_scheduler = get_scheduler("constant", self.optimizer.optimizer)
-        self.metrics = MetricsLog(acc, self.run_dir / "metrics.jsonl")
+        self.metrics = run.metrics
         self.step, self.skipped_rows = 0, 0
         self.validation: dict[int, float] = {}
         self.validated_at: int | None = None  # the step of the last validation
-        if self.resume_from is not None:
-            state = load_checkpoint(acc, self.resume_from, trainable=self.trainable, optimizer=self.optimizer,
-                                    lr_scheduler=self.lr_scheduler)
-            if int(state.get("num_processes", acc.num_processes)) != acc.num_processes:
-                raise SPMTrainingError(
-                    f"this run used {state['num_processes']} processes; resume with the same number to continue exactly"
-                )
+        state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        if state is not None:  # (the process count was checked against config.yaml by start_run)
             self.step, self.skipped_rows = int(state["steps_done"]), int(state.get("skipped_rows", 0))
             self.metrics.truncate_after(self.step, key="step")
-        if acc.trackers:
-            acc.init_trackers("spm")
+        run.start_trackers()
 
     # ------------------------------------------------------------------ set-up helpers
-    def _prepare_run_dir(self, resume: bool) -> Path | None:
-        existing = list_checkpoints(self.run_dir, "step")
-        if existing and not resume:
-            raise SPMTrainingError(f"{self.run_dir} already holds checkpoints ({existing[-1].name}); pass --resume or choose another --output")
-
-        def make() -> None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not existing:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-        write_everywhere(self.accelerator, f"creating the run directory {self.run_dir}", make)
-        if not resume:
-            return None
-        warn = print if self.accelerator.is_main_process else (lambda _: None)
-        return latest_good_checkpoint(self.run_dir, "step", warn=warn)
-
     def _splits(self) -> tuple[list[int], list[int], Any]:
         cfg = self.config.spm
         rows = list(range(len(self.train_data)))
         if cfg.validation_split is not None:
             try:
-                val = load_preference_split(cfg.data, cfg.validation_split)  # type: ignore[arg-type]
+                val = load_preference_split(self.resolved.spm.data, cfg.validation_split)  # type: ignore[arg-type]
             except PreferenceDataError as err:
                 raise PreferenceDataError(f"{err} (set spm.validation_split=null to hold out training rows)") from None
             val_rows = list(range(len(val)))
