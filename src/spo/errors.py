@@ -17,18 +17,3 @@ class SPOError(Exception):
 class ModelLoadError(SPOError, RuntimeError):
     """A model could not be loaded from the given directory, file or hub id."""
 
-
-def local_path(path: str, what: str, error: type[ModelLoadError] = ModelLoadError, noun: str = "directory"):  # noqa: ANN201
-    """The local path ``path`` names, or ``None`` when it reads as a hub id (``owner/name``).
-
-    A path reads as local when it is absolute, starts with ``.`` or ``~``, exists, or has more than
-    one ``/``; a local path that does not exist raises ``error`` naming ``what`` and the path.
-    """
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if not (p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") > 1):
-        return None
-    if not p.exists():
-        raise error(f"{what}: no such {noun} {str(p)!r}")
-    return p

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..config import LoRAConfig, ModelConfig
 from ..diffusion import Schedule, schedule_from_config
-from ..errors import ModelLoadError, local_path
+from ..errors import ModelLoadError
+from ..weights import resolve_reference
 from .lora import attach_lora, lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -148,25 +149,25 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {name: dtype}
 
 
-def check_model_path(path: str, what: str = "model.pretrained") -> None:
-    """Fail early and clearly on a local path that does not exist or is not a diffusers folder.
-
-    Anything that is not an existing local path and looks like ``owner/name`` is treated as a hub id.
-    """
-    p = local_path(path, what, BackboneLoadError)
-    if p is None:
-        return
+def check_model_path(path: str, what: str = "model.pretrained", revision: str | None = None) -> str:
+    """What to load the pipeline ``path`` names from (:func:`spo.weights.resolve_reference`): a
+    local directory, a hub id (``owner/name``, left to ``from_pretrained``), or the local folder
+    of ``owner/name/FOLDER``. Fails early and clearly on a local path that does not exist or is
+    not a diffusers folder."""
+    resolved = resolve_reference(path, what, "directory", revision=revision, error=BackboneLoadError)
+    p = Path(resolved)
     if p.is_dir() and not (p / "model_index.json").exists():
         raise BackboneLoadError(
             f"{what}: {str(p)!r} is not a diffusers pipeline directory (no model_index.json); "
             "save one with `pipeline.save_pretrained(DIR)`"
         )
+    return resolved
 
 
 def _load_vae(path: str, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderKL
 
-    local_path(path, "model.vae", BackboneLoadError)
+    path = resolve_reference(path, "model.vae", "directory", error=BackboneLoadError)
     try:
         return AutoencoderKL.from_pretrained(path, **dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
@@ -179,8 +180,9 @@ def _load_score_decoder(path: str, dtype: torch.dtype) -> Any:
 
     from diffusers import AutoencoderTiny
 
-    p = local_path(path, "preference.decoder", BackboneLoadError)
-    config_file = p / "config.json" if p is not None and p.is_dir() else None
+    path = resolve_reference(path, "preference.decoder", "directory", error=BackboneLoadError)
+    p = Path(path)
+    config_file = p / "config.json" if p.is_dir() else None
     if config_file is not None and config_file.exists():
         try:
             class_name = json.loads(config_file.read_text()).get("_class_name")
@@ -263,7 +265,7 @@ class Backbone(ABC):
         torch_dtype = resolve_dtype(dtype)
         resolved_device = resolve_device(device)
         check_device_request(str(resolved_device), torch_dtype)
-        check_model_path(pretrained, "model.pretrained")
+        pretrained = check_model_path(pretrained, "model.pretrained", revision)
         extra: dict[str, Any] = dict(cls.pipeline_kwargs)
         if vae is not None:
             extra["vae"] = _load_vae(vae, torch_dtype)

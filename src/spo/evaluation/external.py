@@ -31,7 +31,7 @@ from torch import Tensor
 from ..builtin import resolve_weights
 from ..config import SPOConfig
 from ..errors import ModelLoadError
-from ..weights import error_line, read_state_dict, resolve_weights_file
+from ..weights import error_line, fetch_hub_file, parse_reference, read_state_dict, resolve_reference
 
 #: suffixes of a weights file named as a target (anything else is a preset or a config file)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -75,8 +75,8 @@ def base_denoiser(config: SPOConfig) -> BaseDenoiser:
         raise ModelLoadError(f"a fine-tuned pipeline or a LoRA file is evaluated against a diffusers base model "
                              f"(model.backbone one of {diffusers_backbones}), not model.backbone={backbone!r}")
     component = BACKBONES.get(backbone).lora_prefix
-    pretrained = resolve_weights(config.model.pretrained, "model.pretrained")
-    check_model_path(pretrained)
+    pretrained = check_model_path(resolve_weights(config.model.pretrained, "model.pretrained"),
+                                  revision=config.model.revision)
     try:
         index = diffusers.DiffusionPipeline.load_config(pretrained, revision=config.model.revision)
         class_name = index[component][1]
@@ -90,43 +90,39 @@ def base_denoiser(config: SPOConfig) -> BaseDenoiser:
 
 # ----------------------------------------------------------------------------- fine-tuned pipelines
 def looks_like_hub_id(text: str) -> bool:
-    """``owner/name`` (one ``/``, hub characters) that is not a local path."""
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not Path(text).expanduser().exists()
+    """A hub repo ``owner/name`` or a folder in one, ``owner/name/FOLDER``, that is no local path
+    (:func:`spo.weights.parse_reference`)."""
+    return parse_reference(text).repo_id is not None and "/" in text
 
 
 def resolve_pipeline(ref: str, component: str, what: str) -> Path:
     """The local directory of the pipeline ``ref`` names (a directory with ``model_index.json``,
-    or a hub id whose ``model_index.json``, ``COMPONENT/config.json`` and COMPONENT's safetensors
-    weights are fetched through ``huggingface_hub``; offline: from its cache)."""
+    or a hub repo ``owner/name`` or folder of one ``owner/name/FOLDER`` whose ``model_index.json``,
+    ``COMPONENT/config.json`` and COMPONENT's safetensors weights are fetched, each with
+    :func:`spo.weights.fetch_hub_file`; offline: from the hub cache)."""
     p = Path(ref).expanduser()
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ModelLoadError(f"{what}: {str(p)!r} is not a diffusers pipeline directory (no model_index.json)")
         return p
-    from huggingface_hub import hf_hub_download
+    parsed = parse_reference(ref)
+    repo, folder = parsed.repo_id or ref, f"{parsed.path_in_repo}/" if parsed.path_in_repo else ""
 
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(ref, filename))
+    def fetch(filename: str, lead: str | None = None) -> Path:
+        return fetch_hub_file(repo, folder + filename, what, lead=lead)
 
-    try:
-        index = fetch("model_index.json")
-    except Exception as err:  # noqa: BLE001 - offline, missing repo, network: one message
-        raise ModelLoadError(f"{what}: no such local directory, nor could the hub repo {ref!r} give its "
-                             f"model_index.json: {error_line(err)}") from None
-    try:
-        fetch(f"{component}/config.json")
-    except Exception as err:  # noqa: BLE001
-        raise ModelLoadError(f"{what}: the hub repo {ref!r} has no {component}/config.json: {error_line(err)}") from None
+    index = fetch("model_index.json", f"no such local directory, nor could the hub repo {ref!r} give its model_index.json")
+    fetch(f"{component}/config.json", f"the hub repo {ref!r} has no {component}/config.json")
     try:
         fetch(f"{component}/{SAFETENSORS_WEIGHTS}")
-    except Exception as single:  # noqa: BLE001 - maybe sharded
+    except ModelLoadError as single:  # maybe sharded
         try:
             shards = json.loads(fetch(f"{component}/{SAFETENSORS_INDEX}").read_text())["weight_map"]
             for shard in sorted(set(shards.values())):
                 fetch(f"{component}/{shard}")
         except Exception:  # noqa: BLE001
             raise ModelLoadError(f"{what}: the hub repo {ref!r} has no safetensors weights for its {component} "
-                                 f"(only safetensors are read): {error_line(single)}") from None
+                                 f"(only safetensors are read): {str(single).removeprefix(f'{what}: ')}") from None
     return index.parent
 
 
@@ -227,7 +223,7 @@ def resolve_lora(ref: str, what: str) -> Path:
             if (p / name).is_file():
                 return p / name
         raise ModelLoadError(f"{what}: the directory {str(p)!r} holds no LoRA file ({' or '.join(LORA_FILES)})")
-    return resolve_weights_file(ref, what)
+    return Path(resolve_reference(ref, what, "file"))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from ..backbones import Backbone, load_backbone, resolve_dtype
 from ..builtin import resolve_weights
 from ..config import SPOConfig, load_config
 from ..errors import ModelLoadError
-from ..weights import is_hub_file_reference
+from ..weights import parse_reference
 from .evaluate import BASE, EvalModel
 from .external import (
     LORA_FILES,
@@ -66,7 +66,7 @@ def is_run_dir(path: str | Path) -> bool:
 def resolve_target(text: str, overrides: Sequence[str] = ()) -> Target:
     """What ``text`` names, read without touching the network: a finished run directory
     (``config.yaml`` + ``lora/``); a fine-tuned diffusers pipeline (a directory with
-    ``model_index.json``, or a hub id ``owner/name``); a LoRA file (a weights file, a directory
+    ``model_index.json``, a hub id ``owner/name`` or a folder of one ``owner/name/FOLDER``); a LoRA file (a weights file, a directory
     holding ``pytorch_lora_weights.safetensors`` or ``adapter_model.safetensors``, or a hub file
     ``REPO_ID/FILE``); else a preset or config file."""
     p = Path(text).expanduser()
@@ -83,7 +83,7 @@ def resolve_target(text: str, overrides: Sequence[str] = ()) -> Target:
         raise ModelLoadError(f"{text}: a directory that is no run (config.yaml + lora/), no diffusers pipeline "
                              f"(model_index.json) and holds no LoRA file ({' or '.join(LORA_FILES)})")
     if p.suffix in WEIGHT_SUFFIXES:
-        if p.is_file() or is_hub_file_reference(text):
+        if p.is_file() or parse_reference(text).path_in_repo is not None:  # a local file, or REPO_ID/FILE
             return Target(target_name(text, "lora"), None, kind="lora", source=text)
         raise ModelLoadError(f"{text}: no such file (a file of a hub repo is written REPO_ID/FILE)")
     if looks_like_hub_id(text) and p.suffix not in (".yaml", ".yml", ".json"):

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..builtin import resolve_weights
-from ..errors import ModelLoadError, local_path
+from ..errors import ModelLoadError
+from ..weights import resolve_reference
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, spm_preprocess
 
 Preprocessing = Literal["release", "processor"]
@@ -24,17 +24,18 @@ PREPROCESSING: tuple[str, ...] = ("release", "processor")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
-def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str = "preference.pretrained") -> tuple[Any, Any, dict[str, Any]]:
-    """(CLIPModel, tokenizer, image settings) from a CLIPModel directory or hub id.
+def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str = "preference.pretrained",
+                    processor_what: str = "preference.processor") -> tuple[Any, Any, dict[str, Any]]:
+    """(CLIPModel, tokenizer, image settings) from a CLIPModel directory, hub id or folder of a hub
+    repo (``owner/name/FOLDER``; :func:`spo.weights.resolve_reference`).
 
     The tokenizer and image settings come from ``pretrained`` when it holds them, else from
     ``processor`` (PickScore ships none: the release takes laion's CLIP-ViT-H-14 processor).
     """
     from transformers import AutoTokenizer, CLIPModel
 
-    pretrained = resolve_weights(pretrained, what)
-    processor = resolve_weights(processor, "preference.processor") if processor else processor
-    local_path(pretrained, what, noun="file or directory")
+    pretrained = resolve_reference(pretrained, what, "directory")
+    processor = resolve_reference(processor, processor_what, "directory") if processor else processor
     try:
         model = CLIPModel.from_pretrained(pretrained)
     except (OSError, ValueError) as err:
@@ -46,7 +47,7 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"preference.processor: could not load a CLIP tokenizer from {source!r}: {err}"
+            f"{processor_what}: could not load a CLIP tokenizer from {source!r}: {err}"
         ) from err
     settings: dict[str, Any] = {
         "size": int(model.config.vision_config.image_size),
@@ -107,8 +108,10 @@ class CLIPScorer(nn.Module):
     def from_pretrained(
         cls, pretrained: str, processor: str | None = None, *, device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32, preprocessing: Preprocessing | None = None,
+        what: str = "preference.pretrained",
     ) -> "CLIPScorer":
-        model, tokenizer, settings = load_clip_parts(pretrained, processor)
+        """``what``: the option ``pretrained`` came from (it leads the error messages)."""
+        model, tokenizer, settings = load_clip_parts(pretrained, processor, what=what)
         scorer = cls(model, tokenizer, preprocessing=preprocessing, **settings)
         return scorer.to(device=device or "cpu", dtype=dtype)
 

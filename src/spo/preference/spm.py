@@ -26,9 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..builtin import resolve_weights
 from ..errors import ModelLoadError
-from ..weights import read_state_dict, resolve_weights_file
+from ..weights import parse_reference, read_state_dict, resolve_reference
 from .clip_scorer import CLIPScorer, Preprocessing, load_clip_parts
 from .preprocess import save_clip_image_config
 
@@ -147,8 +146,12 @@ class StepAwarePreferenceModel(CLIPScorer):
         dtype: torch.dtype = torch.float32,
     ) -> "StepAwarePreferenceModel":
         """From a CLIPModel directory or hub id (time modules at identity), from this project's
-        saved SPM directory, and/or with the authors' released state dict (``checkpoint``)."""
-        pretrained = resolve_weights(pretrained, "preference.pretrained")
+        saved SPM directory (local, or a hub repo or repo folder holding ``spm_config.json``),
+        and/or with the authors' released state dict (``checkpoint``); each reference as
+        :func:`spo.weights.resolve_reference` reads it."""
+        pretrained = resolve_reference(pretrained, "preference.pretrained", "directory")
+        if parse_reference(pretrained).repo_id is not None and _hub_spm(pretrained):  # a saved SPM on the hub
+            pretrained = resolve_reference(pretrained, "preference.pretrained", "directory", download=True)
         local = Path(pretrained).expanduser()
         if (local / SPM_CONFIG).exists():
             spm = cls.load(local, variant=None if variant == "step_aware" else variant)
@@ -164,7 +167,7 @@ class StepAwarePreferenceModel(CLIPScorer):
         or .safetensors), keys ``model.`` + CLIPModel keys + time modules: a local file or a hub
         file reference ``REPO_ID/FILE`` (the presets name
         ``SPO-Diffusion-Models/Step-Aware_Preference_Models/sd-v1-5_step-aware_preference_model.bin``)."""
-        path = resolve_weights_file(str(path), "preference.checkpoint")
+        path = Path(resolve_reference(str(path), "preference.checkpoint", "file"))
         state = read_state_dict(path, "preference.checkpoint")  # tensors only, 'state_dict' unwrapped
         # buffers that older transformers saved and newer ones recompute
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
@@ -259,6 +262,16 @@ class StepAwarePreferenceModel(CLIPScorer):
         shift, scale = vision.adaLN_modulation(c).chunk(2, dim=-1)
         emb = clip.visual_projection(pooled * (1 + scale) + shift)
         return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def _hub_spm(repo_id: str) -> bool:
+    """Whether the hub repo ``repo_id`` holds a saved SPM (``spm_config.json``); a repo that
+    cannot be asked (offline and not cached) is read as a CLIPModel, whose loading says why."""
+    try:
+        resolve_reference(f"{repo_id}/{SPM_CONFIG}", "preference.pretrained", "file")
+    except ModelLoadError:
+        return False
+    return True
 
 
 def load_preference_model(config: "SPOConfig", device: torch.device | str | None = None, *,

@@ -28,8 +28,9 @@ from ..backbones.base import (
     resolve_dtype,
 )
 from ..backbones.tiny import bytes_to_unicode
-from ..builtin import TOY_WEIGHTS, resolve_weights
+from ..builtin import TOY_WEIGHTS
 from ..config import ModelConfig
+from ..weights import resolve_reference
 from .grammar import vocabulary
 
 MARKER = "toy_model.json"
@@ -203,9 +204,9 @@ class ToyBackbone(Backbone):
         resolution: int | None = None,
         **_: Any,
     ) -> "ToyBackbone":
-        path = Path(resolve_weights(pretrained, "model.pretrained")).expanduser()
-        if not path.exists():
-            raise BackboneLoadError(f"model.pretrained: no such directory {str(path)!r}")
+        # a toy model directory: local (toy:NAME included), or a hub repo (or folder of one) fetched whole
+        path = Path(resolve_reference(pretrained, "model.pretrained", "directory", download=True,
+                                      error=BackboneLoadError))
         check_device_request(str(device) if device is not None else None, dtype)
         pipeline = load_toy_pipeline(path, resolve_dtype(dtype))
         return cls(pipeline, device=resolve_device(device), dtype=dtype, negative_prompt=negative_prompt,

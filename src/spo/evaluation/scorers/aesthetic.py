@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from ...errors import ModelLoadError
 from ...preference.clip_scorer import load_clip_parts
 from ...preference.preprocess import clip_preprocess
-from ...weights import read_state_dict, resolve_file
+from ...weights import read_state_dict, resolve_reference
 from .base import Scorer
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
@@ -59,7 +60,7 @@ class AestheticScorer(Scorer):
     expected_range = ("about 1-10 (a rating scale), typically 5-6.5; SPO paper: SD-1.5 5.365-5.887, "
                       "SDXL 5.950-6.364")
     weights_help = (f"the predictor's MLP: {MLP_FILE} (or a safetensors file of its tensors), a directory "
-                    "holding it, or a hub repo id holding it")
+                    "holding it, a hub repo id holding it, or REPO_ID/FILE of a hub repo")
     options = {
         "clip": (DEFAULT_CLIP, "the CLIP ViT-L/14 tower (transformers CLIPModel directory or hub id) and its "
                                "processor settings"),
@@ -72,7 +73,7 @@ class AestheticScorer(Scorer):
     @classmethod
     def load(cls, weights: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              **options: str) -> "AestheticScorer":
-        path = resolve_file(weights, cls.name, MLP_FILE)
+        path = Path(resolve_reference(weights, cls.name, "file", filename=MLP_FILE))
         try:
             mlp = mlp_from_state_dict(read_state_dict(path, cls.name))
         except ValueError as err:

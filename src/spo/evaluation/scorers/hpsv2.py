@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...errors import ModelLoadError, local_path
+from ...errors import ModelLoadError
 from ...preference.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from ...weights import error_line, read_state_dict, resolve_file
+from ...weights import error_line, read_state_dict, resolve_reference
 from .base import Scorer
 
 HUB_REPO = "xswu/HPSv2"
@@ -162,7 +162,7 @@ class HPSv2Scorer(Scorer):
                       "paper (HPS version not stated): SD-1.5 23.79-26.45, SDXL 26.95-31.80; not comparable "
                       "with HPSv2.1")
     weights_help = ("HPS_v2_compressed.pt (a torch checkpoint of tensors, {'state_dict': ...}, or safetensors), "
-                    f"a directory holding it, or the hub id {HUB_REPO}")
+                    f"a directory holding it, the hub id {HUB_REPO}, or REPO_ID/FILE of a hub repo")
     options = {
         "backend": ("transformers", "transformers (the checkpoint converted to a transformers CLIPModel; no open_clip "
                                     "needed) or open_clip (open_clip's own loader, tokenizer and PIL preprocessing; "
@@ -203,7 +203,7 @@ class HPSv2Scorer(Scorer):
 
         config_path = options.get("config")
         if config_path:
-            local_path(config_path, f"{cls.name}: config", noun="file")
+            config_path = resolve_reference(config_path, f"{cls.name}: config", "file")
             try:
                 config = CLIPConfig.from_json_file(config_path)
             except (OSError, ValueError, TypeError) as err:
@@ -212,13 +212,13 @@ class HPSv2Scorer(Scorer):
         else:
             config = vit_h_14_config()
         tokenizer_id = options.get("tokenizer") or DEFAULT_TOKENIZER
-        local_path(tokenizer_id, f"{cls.name}: tokenizer")
+        tokenizer_id = resolve_reference(tokenizer_id, f"{cls.name}: tokenizer", "directory")
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_id)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"{cls.name}: could not load a CLIP tokenizer from {tokenizer_id!r}: "
                                  f"{error_line(err)}") from None
-        path = resolve_file(weights, cls.name, cls.hub_filename)
+        path = Path(resolve_reference(weights, cls.name, "file", filename=cls.hub_filename))
         state = read_state_dict(path, cls.name)
         try:
             model = _build_clip(config, convert_open_clip_state_dict(state), dtype)
@@ -242,7 +242,7 @@ class HPSv2Scorer(Scorer):
         model_name = options.get("model")
         config_path = options.get("open_clip_config")
         if config_path:
-            path = local_path(config_path, f"{what}: open_clip_config", noun="file") or Path(config_path)
+            path = Path(resolve_reference(config_path, f"{what}: open_clip_config", "file"))
             try:
                 cfg = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as err:
@@ -256,7 +256,7 @@ class HPSv2Scorer(Scorer):
             open_clip.add_model_config(path)  # open_clip's registry: the file stem names the model
             model_name = path.stem
         model_name = model_name or DEFAULT_OPEN_CLIP_MODEL
-        checkpoint = resolve_file(weights, cls.name, cls.hub_filename)
+        checkpoint = Path(resolve_reference(weights, cls.name, "file", filename=cls.hub_filename))
         if "image_resize_mode" not in inspect.signature(open_clip.create_model_and_transforms).parameters:
             raise ModelLoadError(f"{what}: open_clip {getattr(open_clip, '__version__', '?')} has no image_resize_mode "
                                  "(HPS's longest-side resize); pip install 'spo-diffusion[eval]'")

@@ -14,7 +14,7 @@ class HPSv21Scorer(HPSv2Scorer):
                       "paper (HPS version not stated): SD-1.5 23.79-26.45, SDXL 26.95-31.80; not comparable "
                       "with HPSv2")
     weights_help = ("HPS_v2.1_compressed.pt (a torch checkpoint of tensors, {'state_dict': ...}, or "
-                    f"safetensors), a directory holding it, or the hub id {HUB_REPO}")
+                    f"safetensors), a directory holding it, the hub id {HUB_REPO}, or REPO_ID/FILE of a hub repo")
 
 
 SCORER = HPSv21Scorer

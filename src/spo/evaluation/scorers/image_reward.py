@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...errors import ModelLoadError, local_path
+from ...errors import ModelLoadError
 from ...preference.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
-from ...weights import read_state_dict, resolve_file
+from ...weights import check_reference, parse_reference, read_state_dict, resolve_reference
 from .base import Scorer
 
 #: the published normalisation of the MLP output (ImageReward.py: ``self.mean``, ``self.std``)
@@ -236,6 +236,12 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json")
 
 
+def _config_file(ref: str, what: str) -> str:
+    """A JSON option's file: local as it is (:func:`_read_json` says what is wrong with it), or a
+    file of a hub repo (``REPO_ID/FILE``) fetched."""
+    return ref if parse_reference(ref).local is not None else resolve_reference(ref, f"image_reward: {what}", "file")
+
+
 def _checkpoint_in(directory: Path) -> Path:
     for name in (CHECKPOINT_NAME, "ImageReward.safetensors"):
         if (directory / name).is_file():
@@ -268,6 +274,8 @@ def load_tokenizer(source: str, vocab_size: int) -> Any:
     ``vocab_size`` ids (30522 + 2 for the released model)."""
     from transformers import BertTokenizer
 
+    if parse_reference(source).local is None:  # a hub id as it is; a folder of a hub repo fetched
+        source = resolve_reference(source, "image_reward: tokenizer", "directory")
     try:
         tokenizer = BertTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - missing files, no network, wrong format: one message
@@ -317,8 +325,8 @@ class ImageRewardScorer(Scorer):
     )
     weights_help: ClassVar[str] = (
         "ImageReward.pt (or a .safetensors with the same keys), a directory holding one (optionally with "
-        "med_config.json and bert-base-uncased's tokenizer files), or a hub id (THUDM/ImageReward: fetches "
-        "ImageReward.pt and med_config.json); needs tokenizer=DIR_OR_HUB_ID (bert-base-uncased's tokenizer) "
+        "med_config.json and bert-base-uncased's tokenizer files), a hub id (THUDM/ImageReward: fetches "
+        "ImageReward.pt and med_config.json) or REPO_ID/FILE (that file, and med_config.json beside it); needs tokenizer=DIR_OR_HUB_ID (bert-base-uncased's tokenizer) "
         "unless the weights directory holds one"
     )
     options: ClassVar[dict[str, tuple[str | None, str]]] = {
@@ -347,13 +355,16 @@ class ImageRewardScorer(Scorer):
         med_path = options.get("med_config") or None
         vision_path = options.get("vision_config") or None
 
-        local = local_path(weights, "image_reward", noun="file or directory")
+        reference = check_reference(weights, "image_reward")
+        local = reference.local
         folder: Path | None = None
-        if local is None:  # a hub id: ImageReward.pt, and med_config.json unless given
-            checkpoint = resolve_file(weights, "image_reward", CHECKPOINT_NAME)
+        if local is None:  # a hub id: ImageReward.pt; REPO_ID/FILE: that file; med_config.json beside, unless given
+            checkpoint = Path(resolve_reference(weights, "image_reward", "file", filename=CHECKPOINT_NAME))
             if med_path is None:
+                inside = reference.path_in_repo.rpartition("/")[0] if reference.path_in_repo else ""
                 try:
-                    med_path = str(resolve_file(weights, "image_reward", MED_CONFIG_NAME))
+                    med_path = resolve_reference(f"{reference.repo_id}/{inside + '/' if inside else ''}{MED_CONFIG_NAME}",
+                                                 "image_reward", "file")
                 except ModelLoadError:
                     med_path = None  # the built-in values are the published med_config.json
         elif local.is_dir():
@@ -373,8 +384,8 @@ class ImageRewardScorer(Scorer):
             raise ModelLoadError(f"image_reward: no tokenizer for {weights!r}: pass tokenizer=DIR_OR_HUB_ID "
                                  "(bert-base-uncased's tokenizer), or put its files beside the weights")
 
-        med = _read_json(med_path, "med_config") if med_path else dict(MED_CONFIG)
-        vision_overrides = _read_json(vision_path, "vision_config") if vision_path else None
+        med = _read_json(_config_file(med_path, "med_config"), "med_config") if med_path else dict(MED_CONFIG)
+        vision_overrides = _read_json(_config_file(vision_path, "vision_config"), "vision_config") if vision_path else None
         tokenizer = load_tokenizer(tokenizer_source, int(med.get("vocab_size", MED_CONFIG["vocab_size"])))
         state = read_state_dict(checkpoint, "image_reward")
         model = load_image_reward_model(state, med, vision_overrides)
