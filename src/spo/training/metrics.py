@@ -17,6 +17,9 @@ class MetricsLog:
     def __init__(self, accelerator: Any, path: str | Path) -> None:
         self.accelerator = accelerator
         self.path = Path(path)
+        #: the last optimizer step sent to wandb, whose history takes one step that never goes
+        #: back (a line logged at an earlier step is dropped): a round line is logged there
+        self.wandb_step = 0
 
     def truncate_after(self, done: int, key: str = "round") -> None:
         """Drop lines written after the checkpoint a run resumes from (``round >= done``, or with
@@ -58,8 +61,16 @@ class MetricsLog:
             for k, v in entry.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("type",)
         }
-        if numbers and self.accelerator.trackers:
-            self.accelerator.log(numbers, step=tracker_step)
+        if not numbers:
+            return
+        # TensorBoard: each line at its own step (a round line at its round). wandb: one history
+        # step for all (it drops a line logged at an earlier step than the last one): a line with
+        # a "step" (an optimizer step) is logged at it, any other (a round line) at the last one,
+        # its own axis key (round/round) plotted against by ``define_metric`` (Run.start_trackers)
+        if "step" in entry and not isinstance(entry["step"], bool):
+            self.wandb_step = max(self.wandb_step, int(entry["step"]))
+        for tracker in self.accelerator.trackers:
+            tracker.log(numbers, step=self.wandb_step if tracker.name == "wandb" else tracker_step)
 
 
 def _json_safe(value: Any) -> Any:

@@ -80,6 +80,10 @@ class Run:
         """TensorBoard / W&B as ``logging.*`` asks, with the configuration as flat hyperparameters."""
         if trackers(self.config):
             self.accelerator.init_trackers(self.kind.name, config=flat_config(self.config))
+        if self.config.logging.wandb and self.accelerator.is_main_process:
+            # round lines share wandb's one history step with the optimizer steps (MetricsLog):
+            # their curves are drawn against the round
+            self.accelerator.get_tracker("wandb", unwrap=True).define_metric("round/*", step_metric="round/round")
 
 
 def trackers(config: SPOConfig) -> list[str]:
