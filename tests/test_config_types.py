@@ -87,6 +87,10 @@ LENIENT: list[tuple[Any, ...]] = [
     (list[str], "to_q", "k must be list[str], got 'to_q' (str)"),
     (list[str], ("to_q",), "k must be list[str], got ('to_q',) (tuple)"),
     (list[str], ["to_q", 3], "k[1] must be str, got 3 (int) (quote it to pass it as a string)"),
+    (list[str] | None, None, OK, None),  # logging.sample_prompts
+    (list[str] | None, ["a cat"], OK, ["a cat"]),
+    (list[str] | None, "a cat", "k must be list[str], got 'a cat' (str) (null is also allowed)"),
+    (list[str] | None, ["a", 3], "k[1] must be str, got 3 (int) (quote it to pass it as a string) (null is also allowed)"),
     (list[int], [0, 251], OK, [0, 251]),
     (list[int], [0, "a"], "k[1] must be int, got 'a' (str)"),
     (list[int], [0, True], "k[1] must be int, got True (bool)"),

@@ -287,6 +287,39 @@ def test_report_empty_run(tmp_path: Path) -> None:
     assert "No metrics yet" in write_report(run).read_text()
 
 
+def test_report_preview_strip(tmp_path: Path) -> None:
+    """The trainer's preview grids (spo.training.previews): the reference, then at most 8 rounds
+    evenly spaced with the first and the last, in round order, each captioned, in one strip that
+    scrolls sideways; other PNGs beside them stay the latest few."""
+    run = make_run(tmp_path, evaluation=False, samples=False)
+    _png(run / "samples" / "reference.png", (40, 60), (0, 0, 0))
+    for r in range(5, 105, 5):  # 20 previews, written newest first: the order is the round's, not the file's time
+        path = _png(run / "samples" / f"round-{r:06d}.png", (40, 60), (2 * r, 100, 100))
+        os.utime(path, (2_000_000 - r, 2_000_000 - r))
+    _png(run / "samples" / "other.png", (24, 24))
+    text = write_report(run).read_text()
+    page = parse(text)
+    samples = text[text.index('<section id="samples">'):text.index('<section id="evaluation">')]
+    strip = samples[samples.index('<div class="strip">'):samples.index("</div>")]
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", strip)
+    assert captions == ["reference"] + [f"after {r} rounds" for r in (5, 20, 30, 45, 60, 75, 85, 100)]
+    assert "8 of the 20 rounds with a preview, evenly spaced, the first and the last included" in samples
+    assert 'style="width' not in samples.split('<div class="strip">')[1].split("</div>")[0]  # grids as drawn
+    assert "logging.sample_every = 2" in samples and "Scroll sideways" in samples
+    assert ".strip{display:flex;flex-wrap:nowrap;overflow-x:auto" in text
+    assert "samples/other.png" in samples.split('<div class="strip">')[1].split("</div>", 1)[1]  # after the strip
+    assert sum(1 for t, _ in page.tags if t == "img") == 10
+    # a few rounds: every one of them, in round order
+    for path in (run / "samples").glob("round-*.png"):
+        if path.name not in ("round-000005.png", "round-000010.png"):
+            path.unlink()
+    _png(run / "samples" / "round-000001.png", (40, 60))
+    samples = write_report(run).read_text().split('<section id="samples">')[1].split("</section>")[0]
+    assert re.findall(r"<figcaption>([^<]*)</figcaption>", samples)[:4] == ["reference", "after 1 round",
+                                                                              "after 5 rounds", "after 10 rounds"]
+    assert "every round with a preview (3)" in samples
+
+
 def test_report_eval_dirs_and_output(tmp_path: Path) -> None:
     run = make_run(tmp_path, evaluation=False, samples=False)
     outside = tmp_path / "elsewhere" / "eval-b"

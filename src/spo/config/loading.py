@@ -534,6 +534,11 @@ def _value_problems(c: SPOConfig) -> list[str]:
              f"train.num_processes must be >= 1, got {c.train.num_processes!r}")
     rule(lg.sample_every >= 0,
          f"logging.sample_every must be >= 0 (0 = off), got {lg.sample_every!r}")
+    rule(lg.sample_count >= 1, f"logging.sample_count must be >= 1, got {lg.sample_count!r}")
+    if lg.sample_prompts is not None:
+        rule(len(lg.sample_prompts) >= 1 and all(p.strip() for p in lg.sample_prompts),
+             f"logging.sample_prompts must be null or a non-empty list of non-empty prompts, got "
+             f"{lg.sample_prompts!r}")
 
     rule(ev.seeds >= 1, f"eval.seeds must be >= 1, got {ev.seeds!r}")
     if ev.guidance_scale is not None:

@@ -401,8 +401,19 @@ class LoggingConfig:
         tensorboard: Write TensorBoard event files.
         wandb: Log to Weights & Biases.
         wandb_project: Weights & Biases project name.
-        sample_every: Generate preview images every this many rounds
-            (``0`` disables previews).
+        sample_every: Draw preview images every this many rounds and after the
+            last round (``0`` disables previews): the policy draws the preview
+            prompts from the same fixed noise each time (seeded by ``seed``) with
+            the run's ``sampling.*`` (steps, eta, guidance); the reference model
+            draws them once. Captioned grids go to ``RUN_DIR/samples/``
+            (``round-NNNNNN.png`` after NNNNNN rounds, ``reference.png``) and to
+            TensorBoard / wandb; ``spo report`` shows them as a strip over
+            rounds. The weights trained are the same with or without previews.
+        sample_prompts: The preview prompts; ``None``: the first
+            ``sample_count`` prompts of ``eval.prompts`` when set, else of the
+            training prompts.
+        sample_count: How many prompts the previews draw when ``sample_prompts``
+            is ``None``.
         keep_checkpoints: How many of the latest checkpoints to keep (older
             ones are deleted after a new one is complete).
     """
@@ -413,6 +424,8 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "spo"
     sample_every: int = 0
+    sample_prompts: list[str] | None = None
+    sample_count: int = 4
     keep_checkpoints: int = 2
 
 

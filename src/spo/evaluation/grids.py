@@ -1,56 +1,17 @@
-"""Side-by-side comparison grids with captions: base | fine-tuned, same prompt, same seed."""
+"""Side-by-side comparison grids with captions: base | fine-tuned, same prompt, same seed
+(the captioned grid itself, :func:`~spo.images.comparison_grid`, lives in :mod:`spo.images`: the
+trainer's previews draw it too)."""
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from ..images import comparison_grid
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size default font
-        return ImageFont.load_default()
-
-
-def comparison_grid(
-    rows: Sequence[tuple[str, Sequence[Image.Image]]],
-    column_labels: Sequence[str],
-    *,
-    cell: int = 256,
-    pad: int = 6,
-) -> Image.Image:
-    """One row per prompt: its caption above, then its images (e.g. base s0, model s0, base s1,
-    model s1) under ``column_labels``. Images are resized to ``cell`` px (nearest when enlarging,
-    so a toy image stays crisp; Lanczos when shrinking)."""
-    if not rows:
-        raise ValueError("no row to put in a comparison grid")
-    cols = len(column_labels)
-    font_size = max(10, min(16, cell // 14))
-    font = _font(font_size)
-    line_h = font_size + 4
-    chars = max(12, int((cols * (cell + pad)) / (font_size * 0.55)))
-    captions = [textwrap.wrap(text, chars)[:3] or [""] for text, _ in rows]
-    header_h = line_h + pad
-    heights = [len(c) * line_h + pad + cell + pad for c in captions]
-    width = pad + cols * (cell + pad)
-    canvas = Image.new("RGB", (width, header_h + sum(heights)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, label in enumerate(column_labels):
-        draw.text((pad + c * (cell + pad), pad // 2), label, fill=(60, 60, 60), font=font)
-    y = header_h
-    for (_, images), lines, h in zip(rows, captions, heights):
-        for i, line in enumerate(lines):
-            draw.text((pad, y + i * line_h), line, fill=(0, 0, 0), font=font)
-        top = y + len(lines) * line_h + pad // 2
-        for c, im in enumerate(images[:cols]):
-            resample = Image.NEAREST if im.width < cell else Image.LANCZOS
-            canvas.paste(im.convert("RGB").resize((cell, cell), resample), (pad + c * (cell + pad), top))
-        y += h
-    return canvas
+__all__ = ["comparison_grid", "write_comparison_grids"]
 
 
 def write_comparison_grids(

@@ -8,8 +8,11 @@ The page reads what a run directory holds (``config.yaml``, ``metrics.jsonl``, `
 * **Training curves**: whichever of the method's step and round metrics exist (SPO, D3PO, DDPO and
   Diffusion-DPO log different keys; unknown numeric keys get a plot of their own);
 * **Preference score per timestep** over rounds (``score_mean_per_t``, ``trajectory_score_per_t``);
-* **Preview samples** (the latest few PNGs), **Evaluation** (protocol, per-model tables with
-  95 % intervals and the paired difference vs base, skipped scorers, grids) and **Configuration**.
+* **Preview samples**: the trainer's preview grids (``samples/reference.png``, then
+  ``samples/round-NNNNNN.png``: :mod:`spo.training.previews`) as one strip over rounds, scrolled
+  sideways, at most :data:`STRIP_ROUNDS` rounds evenly spaced with the first and the last; any
+  other PNG there, the latest few; **Evaluation** (protocol, per-model tables with 95 % intervals
+  and the paired difference vs base, skipped scorers, grids) and **Configuration**.
 
 Everything is inline: CSS, SVG plots (:mod:`spo.evaluation.svg`), images as base64 ``data:`` URIs
 (grids wider than :data:`MAX_IMAGE_WIDTH` px are downscaled), no script, no external reference.
@@ -24,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +36,7 @@ from typing import Any
 from ..files import atomic_write_text
 from ..objectives import Curve
 from ..registry import METHODS
-from .svg import escape, finite, line_plot, per_timestep_plot
+from .svg import escape, finite, line_plot, per_timestep_plot, pick_evenly
 
 #: the eval.json format this page reads
 EVAL_FORMAT = "spo-eval/1"
@@ -40,8 +44,14 @@ EVAL_FORMAT = "spo-eval/1"
 MAX_IMAGE_WIDTH = 1600
 #: where preview samples may be, under the run directory
 SAMPLE_DIRS = ("samples", "validation")
-#: how many of the latest preview PNGs the page shows
+#: how many of the latest preview PNGs the page shows (other than the trainer's preview grids)
 LATEST_SAMPLES = 4
+#: the trainer's preview grids under ``samples/`` (names of spo.training.previews: this module
+#: imports no torch): the reference model's, and the policy's after NNNNNN rounds
+PREVIEW_REFERENCE = "reference.png"
+PREVIEW_ROUND = re.compile(r"round-(\d{6})\.png")
+#: the strip of previews shows at most this many rounds (evenly spaced, first and last included)
+STRIP_ROUNDS = 8
 #: keys of metrics.jsonl lines that are bookkeeping, not metrics to plot
 BOOKKEEPING = frozenset({"type", "step", "round", "num_processes", "records_per_process", "skipped", "optimizer_steps",
                          "pairs"})
@@ -65,8 +75,8 @@ ROUND_CURVES = (
     Curve("score_std", "Score spread per round", "standard deviation", ("score_std", "reward_std"), source="round"),
     Curve("records", "Units drawn and training records per round", "count", ("pools", "valid_records"), source="round",
           smooth=False),
-    Curve("seconds", "Seconds per round", "seconds", ("sampling_seconds", "training_seconds"), source="round",
-          smooth=False),
+    Curve("seconds", "Seconds per round", "seconds", ("sampling_seconds", "training_seconds", "preview_seconds"),
+          source="round", smooth=False),
     Curve("lr", "Learning rate", "lr", ("lr",), smooth=False),
     Curve("grad_norm", "Gradient norm (before clipping)", "norm", ("grad_norm",)),
 )
@@ -235,15 +245,16 @@ def image_data_uri(path: Path, max_width: int = MAX_IMAGE_WIDTH) -> tuple[str, i
     return "data:image/png;base64," + base64.b64encode(payload).decode("ascii"), size[0], size[1]
 
 
-def figure_img(path: Path, caption: str) -> str:
-    """A ``<figure>`` with the image embedded, or a note when it cannot be read."""
+def figure_img(path: Path, caption: str, *, enlarge: bool = True) -> str:
+    """A ``<figure>`` with the image embedded, or a note when it cannot be read; ``enlarge``: show
+    an image under 160 px wide up to 4x (a tiny preview)."""
     if not path.is_file():
         return note(f"missing image: {path}", "note warn")
     try:
         uri, w, h = image_data_uri(path)
     except (OSError, ValueError) as exc:
         return note(f"unreadable image {path}: {exc}", "note warn")
-    style = f' style="width:{w * min(4, 320 // w)}px"' if w < 160 else ""  # enlarge tiny previews (up to 4x)
+    style = f' style="width:{w * min(4, 320 // w)}px"' if enlarge and w < 160 else ""  # tiny previews, up to 4x
     return (f'<figure class="image"><img src="{uri}" width="{w}" height="{h}"{style} alt="{escape(caption)}">'
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
@@ -376,6 +387,7 @@ def summary_facts(run: RunData, n_evals: int) -> list[tuple[str, Any]]:
         opt_steps = int(sum(finite(r.get("optimizer_steps")) or 0 for r in rounds))
     sampling = sum(finite(r.get("sampling_seconds")) or 0.0 for r in rounds)
     training = sum(finite(r.get("training_seconds")) or 0.0 for r in rounds)
+    previews = sum(finite(r.get("preview_seconds")) or 0.0 for r in rounds)
     facts: list[tuple[str, Any]] = [
         ("Method", _get(cfg, "objective.name") or "unknown (no config.yaml)"),
         ("Model", _model_text(cfg)),
@@ -384,8 +396,9 @@ def summary_facts(run: RunData, n_evals: int) -> list[tuple[str, Any]]:
         ("Rounds done", f"{done}" + (f" of {planned}" if planned is not None else "")
          + (f" ({skipped} skipped)" if skipped else "")),
         ("Optimiser steps", opt_steps if opt_steps is not None else "\u2014"),
-        ("Wall time (rounds)", f"{fmt_seconds(sampling + training)} (sampling {fmt_seconds(sampling)}, "
-                               f"training {fmt_seconds(training)})" if rounds else "\u2014"),
+        ("Wall time (rounds)", f"{fmt_seconds(sampling + training + previews)} (sampling {fmt_seconds(sampling)}, "
+                               f"training {fmt_seconds(training)}"
+                               + (f", previews {fmt_seconds(previews)})" if previews else ")") if rounds else "\u2014"),
         ("Processes", (rounds or steps or [{}])[-1].get("num_processes", _get(cfg, "train.num_processes")) or "\u2014"),
         ("Status", _status_text(run.run_dir)),
         ("Evaluations", n_evals),
@@ -446,22 +459,63 @@ def per_t_section(run: RunData) -> str:
     return section("per-timestep", "Preference score per timestep", '<div class="plots">' + "\n".join(parts) + "</div>")
 
 
-def latest_samples(run_dir: Path, count: int = LATEST_SAMPLES) -> list[Path]:
-    """The newest ``count`` PNGs under the run's sample directories, oldest first."""
-    found = [p for d in SAMPLE_DIRS if (run_dir / d).is_dir() for p in (run_dir / d).rglob("*.png") if p.is_file()]
+def preview_rounds(run_dir: Path) -> dict[int, Path]:
+    """``{rounds done: path}`` of the trainer's preview grids (``samples/round-NNNNNN.png``), in round order."""
+    directory = run_dir / SAMPLE_DIRS[0]
+    found = {}
+    if directory.is_dir():
+        for path in directory.iterdir():
+            match = PREVIEW_ROUND.fullmatch(path.name)
+            if match and path.is_file():
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def preview_strip(run_dir: Path, count: int = STRIP_ROUNDS) -> tuple[list[tuple[str, Path]], int]:
+    """The strip's (caption, path): the reference grid first (when there), then at most ``count``
+    rounds' grids evenly spaced (first and last included); and how many rounds have one."""
+    rounds = preview_rounds(run_dir)
+    strip = [(f"after {r} round" + ("" if r == 1 else "s"), rounds[r]) for r in pick_evenly(list(rounds), count)]
+    reference = run_dir / SAMPLE_DIRS[0] / PREVIEW_REFERENCE
+    if reference.is_file():
+        strip.insert(0, ("reference", reference))
+    return strip, len(rounds)
+
+
+def latest_samples(run_dir: Path, count: int = LATEST_SAMPLES, *, exclude: Iterable[Path] = ()) -> list[Path]:
+    """The newest ``count`` PNGs under the run's sample directories, oldest first (``exclude``:
+    the preview grids the strip shows)."""
+    skip = set(exclude)
+    found = [p for d in SAMPLE_DIRS if (run_dir / d).is_dir() for p in (run_dir / d).rglob("*.png")
+             if p.is_file() and p not in skip]
     found.sort(key=lambda p: (p.stat().st_mtime, str(p)))
-    return found[-count:]
+    return found[-count:] if count > 0 else []
 
 
 def samples_section(run: RunData) -> str:
-    paths = latest_samples(run.run_dir)
-    if not paths:
-        every = _get(run.config, "logging.sample_every")
+    strip, n_rounds = preview_strip(run.run_dir)
+    previews = {*preview_rounds(run.run_dir).values(), *(path for _, path in strip)}  # all, shown or not
+    others = latest_samples(run.run_dir, exclude=previews)
+    every = _get(run.config, "logging.sample_every")
+    if not strip and not others:
         return section("samples", "Preview samples",
                        note(f"No preview images under {' or '.join(d + '/' for d in SAMPLE_DIRS)} "
                             f"(logging.sample_every = {every if every is not None else 'unset'})."))
-    figures = "\n".join(figure_img(p, str(p.relative_to(run.run_dir))) for p in paths)
-    return section("samples", "Preview samples", f'<div class="images">{figures}</div>')
+    parts = []
+    if strip:
+        shown = sum(1 for caption, _ in strip if caption != "reference")
+        which = (f"every round with a preview ({n_rounds})" if shown == n_rounds else
+                 f"{shown} of the {n_rounds} rounds with a preview, evenly spaced, the first and the last included")
+        first = "the reference model's first; " if strip[0][0] == "reference" else ""
+        parts.append(f'<p class="hint">The policy\'s previews drawn while training (logging.sample_every = '
+                     f"{escape(every if every is not None else 'unset')}): the same prompts from the same noise each "
+                     f"time, {first}{escape(which)}. Scroll sideways for later rounds.</p>")
+        figures = "\n".join(figure_img(path, caption, enlarge=False) for caption, path in strip)  # cells 128+ px
+        parts.append(f'<div class="strip">\n{figures}\n</div>')
+    if others:
+        figures = "\n".join(figure_img(p, str(p.relative_to(run.run_dir))) for p in others)
+        parts.append(("<h3>Other images</h3>" if strip else "") + f'<div class="images">{figures}</div>')
+    return section("samples", "Preview samples", "\n".join(parts))
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -646,6 +700,9 @@ figure.plot{border:1px solid #eceff3;border-radius:6px;padding:4px}
 svg.plot{width:100%;height:auto;display:block}
 figcaption{font-size:.85em;color:#555;padding:2px 6px}
 .images{display:flex;flex-wrap:wrap;align-items:flex-start;gap:14px}
+.strip{display:flex;flex-wrap:nowrap;overflow-x:auto;align-items:flex-start;gap:12px;padding-bottom:8px}
+.strip figure.image{flex:0 0 auto}
+.strip figure.image img{max-width:none}
 figure.image img{max-width:100%;height:auto;image-rendering:pixelated;border:1px solid #dde1e6;display:block}
 pre{background:#f3f4f6;border:1px solid #dde1e6;border-radius:6px;padding:12px;overflow:auto;font-size:.9em}
 .note{color:#555;font-style:italic}

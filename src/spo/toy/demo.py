@@ -1,7 +1,9 @@
 """The main job (``spo demo``, ``make demo``): SPO on the toy world end to end, then before/after.
 
 1. fine-tune the shipped toy base model with SPO, scored by the shipped toy SPM (the ``toy``
-   preset; overrides as ``key=value``), into ``OUTPUT/spo``; an interrupted demo resumes;
+   preset; overrides as ``key=value``), into ``OUTPUT/spo``, with previews every
+   :data:`PREVIEW_EVERY` rounds (``OUTPUT/spo/samples/``: the first four validation prompts from
+   fixed noise; about a second each on 2 CPU cores); an interrupted demo resumes;
 2. ``spo eval``: base vs fine-tuned on the validation prompts with the same seeds, scored by the
    toy PickScore and the two oracles, into ``OUTPUT/eval`` (table, ``eval.json``, grids);
 3. ``spo report``: one HTML page, ``OUTPUT/report.html`` (curves, evaluation, config).
@@ -21,12 +23,16 @@ from ..training import SPOTrainer
 from .eval_run import evaluate_run
 
 
+#: the demo's previews (``logging.sample_every``; an override ``logging.sample_every=0`` turns them off)
+PREVIEW_EVERY = 10
+
+
 def run_demo(output: str | Path, overrides: Sequence[str] = (), *, eval_seeds: int | None = None,
              eval_prompts: int | None = None, progress: bool = True, scorer: PoolScorer | None = None) -> dict[str, Any]:
     """Train into ``OUTPUT/spo`` (resuming what is there) and evaluate into ``OUTPUT/eval``;
     ``scorer`` replaces the preset's SPM (benchmarks' controls)."""
     output = Path(output)
-    config = load_config("toy", list(overrides))
+    config = load_config("toy", [f"logging.sample_every={PREVIEW_EVERY}", *overrides])
     run_dir = output / "spo"
     start = time.perf_counter()
     # an interrupted demo resumes (from its latest checkpoint, or from the start when it had none)
@@ -42,6 +48,9 @@ def run_demo(output: str | Path, overrides: Sequence[str] = (), *, eval_seeds: i
                               guidance_scale=guidance, num_inference_steps=config.sampling.num_inference_steps)
     eval_seconds = time.perf_counter() - start
     from ..evaluation.report import write_report
+    from ..training.model_card import update_model_cards
+
+    update_model_cards(run_dir, eval_dirs=[output / "eval"])  # the LoRA's card, now with the evaluation table
 
     report = write_report(run_dir, eval_dirs=[output / "eval"], output=output / "report.html")
     return {"train": result, "train_seconds": train_seconds, "eval": evaluation,

@@ -13,7 +13,9 @@ One round, on every process:
 5. update the policy (LoRA) in micro-batches with gradient accumulation, AdamW, clipping
    (with ``train.carry_accumulation``, as the release: a round's leftover micro-batches join
    the next round's first optimiser step);
-6. log, and every ``logging.checkpoint_every`` rounds write an atomic checkpoint.
+6. every ``logging.sample_every`` rounds and after the last, draw the previews (main process:
+   fixed prompts, fixed noise; :mod:`.previews`), log, and every ``logging.checkpoint_every``
+   rounds write an atomic checkpoint.
 
 All randomness of a round is derived from (seed, round, rank), so ``resume`` continues exactly.
 """
@@ -36,14 +38,17 @@ from ..backbones import Backbone, BackboneLoadError, load_backbone
 from ..builtin import resolve_references
 from ..config import SPOConfig, config_to_dict
 from ..data import load_prompts
-from ..errors import SPOError, local_path
+from ..errors import SPOError
 from ..objectives import Method, method_class
 from ..preference.selection import describe_preference, time_modules_problem
 from ..preference.spm import load_preference_model
 from ..sampling import PoolScorer
 from ..sampling.records import Records
+from ..weights import check_reference
 from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
+from .previews import Previews
+from .model_card import write_card_everywhere
 from .seeding import PromptSchedule, derive_seed, generator
 from .setup import Run, RunKind, start_run
 
@@ -111,7 +116,7 @@ class SPOTrainer:
                 raise TrainingError(problem)
         scores = method_type.needs_scorer and config.preference.decoder is not None
         if scores:  # a missing local decoder fails before the run directory is written
-            local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
+            check_reference(config.preference.decoder, "preference.decoder", "directory", BackboneLoadError)
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -158,6 +163,7 @@ class SPOTrainer:
         self.method: Method = method_type(config, self.backbone, scorer)
         self.schedule = self.method.schedule()
         self.metric_names = self.method.metric_names
+        self.previews = Previews.from_config(config, self.backbone, acc, self.run_dir, self.prompts)
 
         o = config.optimizer
         policy, self.optimizer = run.optimizer(self.backbone.unet, params, o)
@@ -350,7 +356,11 @@ class SPOTrainer:
         )
         if steps:
             entry.update({k: sum(s[k] for s in steps) / len(steps) for k in self.metric_names})
+        preview_seconds = self.previews.draw(round_index + 1)
+        if preview_seconds is not None:
+            entry["preview_seconds"] = round(preview_seconds, 3)
         self.metrics.write(entry, round_index, "round")
+        self.previews.publish(getattr(self.metrics, "wandb_step", None))  # after the round's line (wandb's order)
         return entry
 
     # ------------------------------------------------------------------ the loop
@@ -387,6 +397,8 @@ class SPOTrainer:
             bar.close()
         lora_path = None
         if self.rounds_done == cfg.train.rounds:
+            self.previews.draw(self.rounds_done)  # a run finished before previews were on: the last one
+            self.previews.publish(getattr(self.metrics, "wandb_step", None))
             lora_path = self.save_final()
         acc.wait_for_everyone()
         if acc.trackers:
@@ -395,7 +407,8 @@ class SPOTrainer:
 
     def save_final(self) -> Path | None:
         """The final weights: ``lora/pytorch_lora_weights.safetensors`` (diffusers format), or
-        ``unet/`` under full fine-tuning."""
+        ``unet/`` under full fine-tuning; then their model card, ``README.md`` beside them (one
+        that cannot be written is a warning: the weights are saved)."""
         def save() -> Path:
             if self.config.model.finetune == "lora":
                 return self.backbone.save_lora(self.run_dir / "lora")
@@ -403,7 +416,10 @@ class SPOTrainer:
             return self.run_dir / "unet"
 
         what = "writing the final " + ("LoRA" if self.config.model.finetune == "lora" else "UNet")
-        return write_everywhere(self.accelerator, f"{what} to {self.run_dir}", save)
+        path = write_everywhere(self.accelerator, f"{what} to {self.run_dir}", save)
+        folder = self.run_dir / ("lora" if self.config.model.finetune == "lora" else "unet")
+        write_card_everywhere(self.accelerator, self.run_dir, folder, self.config)
+        return path
 
 
 def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
