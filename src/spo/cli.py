@@ -280,6 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batch = len(prompts) if is_toy else args.batch_size
     result = evaluate(models, protocol, scorers, output, load_model=load_model, batch_size=batch, skipped=skipped,
                       grid_cell=64 if is_toy else None)
+    cards = _rewrite_model_cards(compared, output)
     if scorers:
         print(format_table(result))
         print(f"mean [95% interval] over {len(prompts)} prompts x {seeds} seeds; paired: same prompt, same noise")
@@ -291,8 +292,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ("results", str(output / "eval.json")),
         ("per image / per prompt", f"{output / 'scores.csv'} / {output / 'per_prompt.csv'}"),
         ("grids", ", ".join(str(output / g) for gs in result["grids"].values() for g in gs[:1])),
+        *([("model cards", ", ".join(cards))] if cards else []),
     ])
     return 0
+
+
+def _rewrite_model_cards(models: Sequence[Any], output: Path) -> list[str]:
+    """The model cards (``README.md`` beside the final weights) of the evaluated runs, written
+    again with this evaluation's table. A card that cannot be written is a warning line: the
+    evaluation stands."""
+    from .training.model_card import update_model_cards
+
+    written: list[str] = []
+    for model in models:
+        if model.run is None:
+            continue
+        try:
+            written += [str(p) for p in update_model_cards(model.run, eval_dirs=[output])]
+        except (OSError, ValueError) as err:
+            print(f"warning: the model card of {model.run} was not written: {type(err).__name__}: {err}")
+    return written
 
 
 def _toy_targets(targets: Sequence[str]) -> dict[str, Any]:

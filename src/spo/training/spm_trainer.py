@@ -36,12 +36,14 @@ from tqdm.auto import tqdm
 from ..backbones import Backbone, BackboneLoadError, Conditioning, load_backbone
 from ..config import SPOConfig
 from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
-from ..errors import SPOError, local_path
+from ..errors import SPOError
 from ..preference.clip_scorer import CLIPScorer
 from ..preference.loss import preference_pair_loss, release_accuracy
 from ..preference.spm import load_preference_model
+from ..weights import check_reference
 from .checkpoint import save_checkpoint
 from .distributed import write_everywhere
+from .model_card import write_card_everywhere
 from .seeding import derive_seed, generator
 from .setup import Run, RunKind, start_run
 
@@ -124,7 +126,7 @@ class SPMTrainer:
             raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
         self.clean = config.preference.variant == "clean"  # a clean-image reward model (PickScore-style)
         if config.preference.decoder is not None and not self.clean:  # fail before anything is written
-            local_path(config.preference.decoder, "preference.decoder", BackboneLoadError)
+            check_reference(config.preference.decoder, "preference.decoder", "directory", BackboneLoadError)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         with start_run(config, self.run_dir, SPM_RUN, resume=resume, accelerator=accelerator) as run:
             self.accelerator, self.resume_from = run.accelerator, run.resume_from
@@ -167,7 +169,8 @@ class SPMTrainer:
         self.params = [p for p in self.spm.parameters() if p.requires_grad]
         self.trainable = {n: p for n, p in self.spm.named_parameters() if p.requires_grad}
         self.relabeler = (
-            CLIPScorer.from_pretrained(cfg.relabel, config.preference.processor, device=acc.device) if cfg.relabel else None
+            CLIPScorer.from_pretrained(cfg.relabel, config.preference.processor, device=acc.device, what="spm.relabel")
+            if cfg.relabel else None
         )
         # the release: DeepSpeed's AdamW (torch_adam) over every SPM weight, one parameter group
         self.policy, self.optimizer = run.optimizer(self.spm, self.params, cfg)
@@ -410,6 +413,7 @@ class SPMTrainer:
             spm_path = write_everywhere(
                 acc, f"writing the trained {'reward model' if self.clean else 'SPM'} to {self.run_dir}",
                 lambda: self.spm.save_clip(self.run_dir / "reward") if self.clean else self.spm.save(self.run_dir / "spm"))
+            write_card_everywhere(acc, self.run_dir, self.run_dir / ("reward" if self.clean else "spm"), self.config)
         if acc.trackers:
             acc.end_training()
         self.seconds = time.perf_counter() - start
