@@ -52,6 +52,7 @@ class Registry(Generic[T]):
         self.what, self.package, self.attribute, self.group, self.key = what, package, attribute, group, key
         self._registered: dict[str, T] = {}
         self._scanned: dict[str, T] | None = None
+        self._found: dict[str, T] = {}
 
     # ------------------------------------------------------------------ registering
     def register(self, plugin: T) -> T:
@@ -88,11 +89,15 @@ class Registry(Generic[T]):
     def _lookup(self, name: str) -> T | None:
         if name in self._registered:
             return self._registered[name]
-        plugin = self._builtin(name)
-        if plugin is not None:
-            return plugin
-        entry = self._entry_points().get(name)
-        return entry.load() if entry is not None else None
+        if name not in self._found:  # a built-in or an entry point, once found, stays (misses are not kept)
+            plugin = self._builtin(name)
+            if plugin is None:
+                entry = self._entry_points().get(name)
+                plugin = entry.load() if entry is not None else None
+            if plugin is None:
+                return None
+            self._found[name] = plugin
+        return self._found[name]
 
     def _scan(self) -> dict[str, T]:
         """The built-ins, each module of the home package with the attribute (imported once)."""
