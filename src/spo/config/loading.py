@@ -473,10 +473,20 @@ def _value_problems(c: SPOConfig) -> list[str]:
          f"probabilities), got {p.threshold!r}")
     rule(p.inner_steps >= 1,
          f"pools.inner_steps must be >= 1 (1 = plain SPO), got {p.inner_steps!r}")
+    if p.threshold_schedule != "constant":
+        for name in ("threshold_min", "threshold_max"):
+            value = getattr(p, name)
+            rule(value is not None and 0 <= value < 1,
+                 f"pools.{name} must be set in [0, 1) with pools.threshold_schedule={p.threshold_schedule}, got {value!r}")
     problems.extend(_method_problems(c))
 
     rule(c.preference.time_frequencies >= 1,
          f"preference.time_frequencies must be >= 1, got {c.preference.time_frequencies!r}")
+    rule(c.preference.guidance_scale > 0,
+         f"preference.guidance_scale must be > 0 (1.0 = no guidance), got {c.preference.guidance_scale!r}")
+    if c.preference.kind == "latent" and c.preference.decoder is not None:
+        problems.append("preference.decoder does not apply to preference.kind=latent (the latent reward model "
+                        "decodes nothing): set preference.decoder=null")
 
     d = c.data
     rule(0 <= d.empty_caption_probability < 1,

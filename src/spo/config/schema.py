@@ -210,6 +210,17 @@ class PoolsConfig:
             branches only where ``i != len(timesteps) - 1``): with MSPO j = 3 the
             last segment has 4 steps; with j = 1 the last two steps form one
             segment. Its SD-1.5 pipeline pools every step (``false``).
+        threshold_schedule: How the tie threshold depends on the pool's timestep t (LPO's
+            ``dynamic_threshold``, ``lpo/preference_models/compare_funcs.py``): ``"constant"``
+            (``threshold`` at every t, SPO's rule); ``"sigma"``: from ``threshold_min`` at the
+            smallest sampling timestep to ``threshold_max`` at the largest, linear in the
+            stochastic step's standard deviation sigma_t (eta = 1) of the backbone's own
+            schedule (LPO's presets: 0.35 to 0.5 for SD-1.5, 0.45 to 0.6 for SDXL);
+            ``"variance"``: linear in sigma_t squared; ``"linear"``: linear in t. The release
+            tabulates sigma_t for SD's 20-step schedule; computed here it equals that table to
+            its 4 decimals. ``threshold`` is then unused.
+        threshold_min: The threshold at the smallest sampling timestep (a non-constant schedule).
+        threshold_max: The threshold at the largest sampling timestep (a non-constant schedule).
     """
 
     k: int = 4
@@ -220,6 +231,9 @@ class PoolsConfig:
     resampler: Literal["random", "win", "lose"] = "random"
     pair: Literal["best_worst", "random"] = "best_worst"
     fold_last_step: bool = False
+    threshold_schedule: Literal["constant", "sigma", "variance", "linear"] = "constant"
+    threshold_min: float | None = None
+    threshold_max: float | None = None
 
 
 @dataclass
@@ -256,6 +270,26 @@ class PreferenceConfig:
             The final images, evaluation and ``spo sample`` keep the
             pipeline's VAE. ``null``: the pipeline's VAE everywhere. Its
             effect on pair choice with real weights is not measured here.
+        kind: ``"clip"`` (the default): a CLIP/PickScore-based model that scores decoded
+            images (the SPM, or a clean reward model); ``"latent"``: LPO's latent reward model
+            (LRM, :mod:`spo.preference.latent`), the diffusion model's own UNet down and mid
+            blocks scoring the noisy latents directly at t (no VAE decode). With ``latent``,
+            ``pretrained`` is a diffusion model (diffusers directory, hub id, ``toy:base``) whose
+            UNet and text encoder(s) start the LRM, or a saved LRM directory of ours;
+            ``checkpoint`` is the authors' released LRM (hub ``casiatao/LRM``: a folder with
+            ``unet/``, ``text_encoder/`` and ``state_dict.pt``) loaded over it; ``processor``,
+            ``variant``, ``time_frequencies`` and ``decoder`` do not apply.
+        guidance_scale: The LRM's own classifier-free guidance on its pooled mid-block
+            features (the release: 7.5; ``1.0`` disables it). ``kind=latent`` only.
+        multi_scale: The LRM pools every down block's last resnet output and the mid block
+            (the release); ``false``: the mid block alone. ``kind=latent`` only.
+        multi_scale_cfg: Also apply the guidance to the pooled down-block features (the
+            release's configs: ``false``). ``kind=latent`` only.
+        text_projection: A CLIPModel (directory, hub id, or weights file) whose
+            ``text_projection`` initialises the LRM's when it is built from a diffusion model
+            (the release: ``openai/clip-vit-large-patch14``, whose text tower is SD-1.5's text
+            encoder); ``null``: a fresh normal(0, 0.02) initialisation. Not used for SDXL, whose
+            LRM scores in the second text encoder's own projected space. ``kind=latent`` only.
     """
 
     pretrained: str = "yuvalkirstain/PickScore_v1"
@@ -265,6 +299,11 @@ class PreferenceConfig:
     dtype: DType = "float32"
     time_frequencies: int = 256
     decoder: str | None = None
+    kind: Literal["clip", "latent"] = "clip"
+    guidance_scale: float = 7.5
+    multi_scale: bool = True
+    multi_scale_cfg: bool = False
+    text_projection: str | None = None
 
 
 @dataclass

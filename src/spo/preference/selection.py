@@ -29,6 +29,8 @@ def is_spm_directory(pretrained: str | None) -> bool:
 
 def time_modules_problem(preference: Any) -> str | None:
     """Why ``preference`` (the config section) cannot score step-aware as asked, or ``None``."""
+    if getattr(preference, "kind", "clip") == "latent":
+        return None  # a latent reward model is step-aware by construction (the UNet reads t)
     if preference.variant != "step_aware" or preference.checkpoint or is_spm_directory(preference.pretrained):
         return None
     return (
@@ -42,6 +44,10 @@ def time_modules_problem(preference: Any) -> str | None:
 
 def describe_preference(preference: Any) -> str:
     """One line saying what scores the samples (printed at the start of a run)."""
+    if getattr(preference, "kind", "clip") == "latent":
+        over = f" with the released LRM {preference.checkpoint}" if preference.checkpoint else ""
+        return (f"preference model: latent reward model of {preference.pretrained}{over} "
+                f"(scores latents at t; its guidance {preference.guidance_scale:g})")
     if preference.variant == "clean":
         return f"preference model: {preference.pretrained}, no time conditioning (preference.variant=clean)"
     if preference.checkpoint:

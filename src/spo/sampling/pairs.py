@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 PairRule = Literal["best_worst", "random"]
 Resampler = Literal["random", "win", "lose"]
+ThresholdSchedule = Literal["constant", "sigma", "variance", "linear"]
 
 
 @dataclass
@@ -84,3 +86,39 @@ def choose_continuation(
     if resampler == "lose":
         return choice.lose
     raise ValueError(f"unknown resampler {resampler!r}; expected 'random', 'win' or 'lose'")
+
+
+def tie_thresholds(
+    schedule: Any,
+    timesteps: Sequence[int | float],
+    kind: ThresholdSchedule = "constant",
+    threshold: float = 0.3,
+    low: float | None = None,
+    high: float | None = None,
+) -> dict[float, float]:
+    """The tie threshold at each sampling timestep (LPO's ``dynamic_threshold``).
+
+    ``constant``: ``threshold`` everywhere. Otherwise ``low`` at the timestep where the measure is
+    smallest and ``high`` where it is largest, linear in between, the measure being ``sigma``:
+    the standard deviation sigma_t of the stochastic step at t (eta = 1) of ``schedule``;
+    ``variance``: sigma_t squared; ``linear``: t itself. On SD's 20-step DDIM schedule sigma_t
+    is the release's table (``compare_funcs.py``) to its 4 decimals.
+    """
+    if kind == "constant":
+        return {t: float(threshold) for t in timesteps}
+    if low is None or high is None:
+        raise ValueError(f"threshold schedule {kind!r} needs both threshold_min and threshold_max")
+    if kind == "linear":
+        measure = {t: float(t) for t in timesteps}
+    elif kind in ("sigma", "variance"):
+        zero = torch.zeros(1, dtype=torch.float64)
+        measure = {}
+        for t in timesteps:
+            _, std = schedule.posterior(zero, t, zero, eta=1.0)
+            sigma = float(torch.as_tensor(std).reshape(-1)[0])
+            measure[t] = sigma if kind == "sigma" else sigma * sigma
+    else:
+        raise ValueError(f"unknown threshold schedule {kind!r}; expected constant, sigma, variance or linear")
+    lo, hi = min(measure.values()), max(measure.values())
+    span = hi - lo
+    return {t: float(low) if span == 0 else float(low + (m - lo) / span * (high - low)) for t, m in measure.items()}

@@ -11,6 +11,12 @@ One rollout of B prompts, following the authors' release:
    branches into a training record;
 5. one candidate (uniformly at random by default) continues, reusing its UNet pass.
 
+A scorer of latents (``takes_latents``: LPO's latent reward model) instead scores the branches'
+latents themselves right after the segment, at the timestep of the segment's last step, as
+LPO's pipeline does (``lpo/custom_diffusers/multi_sample_pipeline.py``: the k candidates
+x_{t-1} scored at t); nothing is decoded, and the next UNet pass runs on the continuing
+candidate only. The tie threshold may depend on the pool's timestep (``pools.threshold_schedule``).
+
 With ``fold_last_step`` (the release's SDXL pipeline) a pool that would start at the very last
 step is not drawn: that step is folded into the preceding segment, whose candidates each take it
 on their own before they are scored (segment lengths j, ..., j, j + 1 when j does not divide the
@@ -30,12 +36,13 @@ from torch import Tensor
 from ..backbones import Backbone, Conditioning
 from ..config import SPOConfig
 from ..diffusion import Schedule
-from .pairs import PairRule, Resampler, choose_continuation, choose_pairs
+from .pairs import PairRule, Resampler, ThresholdSchedule, choose_continuation, choose_pairs, tie_thresholds
 from .records import TransitionRecords
 
 PoolScorer = Callable[[Tensor, Sequence[str], Tensor], Tensor]
 """A preference scorer of a pool's images at their timesteps: (images in [-1, 1] (N, 3, H, W), N prompts,
-N timesteps) -> N raw scores. Any such callable (not an evaluation :class:`spo.evaluation.scorers.Scorer`)."""
+N timesteps) -> N raw scores. Any such callable (not an evaluation :class:`spo.evaluation.scorers.Scorer`).
+One whose ``takes_latents`` attribute is true gets the candidates' latents (N, C, h, w) instead."""
 
 
 @dataclass
@@ -120,6 +127,8 @@ class PoolSampler:
         decode_batch_size: decode and score at most this many images at once (None = all).
         fold_last_step: never open a pool at the last step; fold it into the segment before
             (the release's SDXL pipeline; its SD-1.5 pipeline pools the last step too).
+        threshold_schedule / threshold_min / threshold_max: a tie threshold that depends on the
+            pool's timestep (:func:`~spo.sampling.pairs.tie_thresholds`; ``constant``: ``threshold``).
 
     A scorer whose ``takes_unclamped_images`` attribute is true gets the VAE's decoded x0-hat as
     it is (the release's SPM resizes the unclamped image, then clamps); others get it clamped to
@@ -143,6 +152,9 @@ class PoolSampler:
         pair: PairRule = "best_worst",
         decode_batch_size: int | None = None,
         fold_last_step: bool = False,
+        threshold_schedule: ThresholdSchedule = "constant",
+        threshold_min: float | None = None,
+        threshold_max: float | None = None,
     ) -> None:
         if k < 2:
             raise ValueError(f"a candidate pool needs k >= 2, got {k}")
@@ -160,6 +172,10 @@ class PoolSampler:
         self.pair = pair
         self.decode_batch_size = decode_batch_size
         self.fold_last_step = fold_last_step
+        self.threshold_schedule = threshold_schedule
+        self.threshold_min, self.threshold_max = threshold_min, threshold_max
+        #: does the scorer read latents (LPO's latent reward model) rather than decoded images?
+        self.scores_latents = bool(getattr(scorer, "takes_latents", False))
 
     @classmethod
     def from_config(cls, backbone: Backbone, scorer: PoolScorer, config: SPOConfig, **kwargs: Any) -> "PoolSampler":
@@ -178,11 +194,20 @@ class PoolSampler:
             resampler=p.resampler,
             pair=p.pair,
             fold_last_step=p.fold_last_step,
+            threshold_schedule=p.threshold_schedule,
+            threshold_min=p.threshold_min,
+            threshold_max=p.threshold_max,
             **{"decode_batch_size": s.decode_batch_size, **kwargs},
         )
 
     def schedule(self) -> Schedule:
         return self.backbone.schedule(self.num_inference_steps)
+
+    def thresholds(self) -> dict[float, float]:
+        """The tie threshold at each sampling timestep."""
+        schedule = self.schedule()
+        return tie_thresholds(schedule, schedule.timesteps.tolist(), self.threshold_schedule, self.threshold,
+                              self.threshold_min, self.threshold_max)
 
     # ------------------------------------------------------------------------------ helpers
     def _predict(self, x: Tensor, t: int, cond: Conditioning, stats: RolloutStats) -> Tensor:
@@ -205,6 +230,13 @@ class PoolSampler:
         ts = torch.full((images.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=images.device)
         scores = self.scorer(images, list(prompts), ts).float().to(x0.device)
         stats.scored += images.shape[0]
+        return scores
+
+    def _score_latents(self, latents: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
+        """Score the candidates' latents themselves at ``t`` (a latent reward model): no decode."""
+        ts = torch.full((latents.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=latents.device)
+        scores = self.scorer(latents, list(prompts), ts).float().to(latents.device)
+        stats.scored += latents.shape[0]
         return scores
 
     # ------------------------------------------------------------------------------ rollout
@@ -233,6 +265,7 @@ class PoolSampler:
         out = self._predict(x, ts[0], cond, stats)
         first = divert_index(ts, self.divert_start_step, self.kappa)
         lengths = dict(pool_segments(n, first, self.inner_steps, self.fold_last_step))
+        thresholds = self.thresholds()
         i = 0
         while i < n:
             t = ts[i]
@@ -257,16 +290,19 @@ class PoolSampler:
                 nxt = schedule.step(out_c, t_in, cur, eta=self.eta, noise=self._noise(cur.shape, generator, out_c.dtype))
                 transitions.append((i + inner, t_in, cur, nxt.prev_sample))
                 cur = nxt.prev_sample
-            # ---- score the branches from the next pass's x0-prediction (t = 0 at the end)
             end = i + m
-            if end < n:
-                out_next = self._predict(cur, ts[end], cond_k, stats)
-                x0_hat = schedule.predict_x0(out_next, ts[end], cur)
-                score_t = ts[end]
-            else:
-                out_next, x0_hat, score_t = None, cur, 0
-            scores = self._score(x0_hat.to(cur.dtype), prompts_k, score_t, stats).view(batch, k)
-            choice = choose_pairs(scores, self.threshold, self.pair, generator)
+            if self.scores_latents:  # ---- LPO: the branches' latents, at the segment's last timestep
+                out_next = None
+                scores = self._score_latents(cur, prompts_k, ts[end - 1], stats).view(batch, k)
+            else:  # ---- SPO: the next pass's x0-prediction, decoded (t = 0 at the end)
+                if end < n:
+                    out_next = self._predict(cur, ts[end], cond_k, stats)
+                    x0_hat = schedule.predict_x0(out_next, ts[end], cur)
+                    score_t = ts[end]
+                else:
+                    out_next, x0_hat, score_t = None, cur, 0
+                scores = self._score(x0_hat.to(cur.dtype), prompts_k, score_t, stats).view(batch, k)
+            choice = choose_pairs(scores, thresholds[t], self.pair, generator)
             valid = choice.valid.nonzero()[:, 0]
             stats.pools += batch
             stats.valid_pairs += int(valid.numel())
@@ -305,6 +341,8 @@ class PoolSampler:
             x = cur.view(batch, k, *cur.shape[1:])[rows_all, keep]
             if out_next is not None:
                 out = out_next.view(batch, k, *out_next.shape[1:])[rows_all, keep]
+            elif end < n:  # a latent scorer needed no pass on the branches: only the continuing one
+                out = self._predict(x, ts[end], cond, stats)
             i = end
 
         merged = TransitionRecords.cat(records) if records else _empty_records(cond, x, schedule.timesteps.dtype)

@@ -41,6 +41,7 @@ from ..data import load_prompts
 from ..errors import SPOError
 from ..objectives import Method, method_class
 from ..preference.selection import describe_preference, time_modules_problem
+from ..preference.latent import load_latent_reward_model
 from ..preference.spm import load_preference_model
 from ..sampling import PoolScorer
 from ..sampling.records import Records
@@ -77,7 +78,10 @@ class TrainResult:
 def build_scorer(config: SPOConfig, device: torch.device) -> PoolScorer:
     """The preference scorer the config names: the step-aware preference model of
     ``preference.*`` (a CLIP/PickScore directory or hub id, an SPM directory, and/or the
-    authors' released SPM state dict in ``preference.checkpoint``)."""
+    authors' released SPM state dict in ``preference.checkpoint``), or with
+    ``preference.kind=latent`` LPO's latent reward model."""
+    if config.preference.kind == "latent":
+        return load_latent_reward_model(config, device)
     return load_preference_model(config, device)
 
 
