@@ -547,6 +547,24 @@ class SPMTrainConfig:
             exceeds the other's by more than this (the release: 0.1).
         mixed_precision: Autocast of the SPM forward (the release: bf16; its DeepSpeed also
             keeps the weights themselves in bf16, ours stay fp32 under autocast).
+        timesteps: Which t a training pair is noised at: ``"uniform"`` over 0 .. T - 1 (the SPM
+            release), ``"sampling"``: one of the backbone's ``sampling.num_inference_steps``
+            DDIM timesteps up to ``max_timestep`` (the LRM release: 1, 51, ..., 951); ``"auto"``:
+            ``sampling`` for ``preference.kind=latent``, else ``uniform``.
+        max_timestep: With ``timesteps=sampling``, the largest t drawn (the LRM release: 951);
+            ``null``: every sampling timestep.
+        pair_noise: ``"shared"``: both images of a pair noised with one noise tensor (the SPM
+            release); ``"independent"``: each its own (the LRM release draws ``randn_like`` over
+            both images); ``"auto"``: ``independent`` for ``preference.kind=latent``, else ``shared``.
+        pseudo_preference: A CSV aligned row by row with the training split, with the columns
+            ``different_flag``, ``aesthetic_gap``, ``clipscore_gap`` and ``vqascore_gap`` (the LRM
+            release's pseudo-preference file of Pick-a-Pic v1, from its README's Google Drive
+            link); training keeps the rows ``filter_strategy`` accepts. ``null``: every row.
+        filter_strategy: The LRM release's rule (``step_sd_hf_dataset.py``): keep a decided pair
+            (``different_flag == 1``) when its CLIP-score and VQA-score gaps are > 0 and its
+            aesthetic gap > 0 (1), > -0.5 (2, the release's choice) or > -1 (3); keep a tie
+            (``different_flag == 0``) when the aesthetic gap < 0.2, CLIP-score gap < 0.03 and
+            VQA-score gap < 0.07.
         from_checkpoint: Start from ``preference.checkpoint`` (e.g. fine-tune a released SPM).
             ``false`` (the release's recipe, ``train_spm.py``): start from
             ``preference.pretrained`` (PickScore) with the time modules at their identity
@@ -581,6 +599,11 @@ class SPMTrainConfig:
     relabel_threshold: float = 0.1
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     from_checkpoint: bool = False
+    timesteps: Literal["auto", "uniform", "sampling"] = "auto"
+    max_timestep: int | None = None
+    pair_noise: Literal["auto", "shared", "independent"] = "auto"
+    pseudo_preference: str | None = None
+    filter_strategy: Literal[1, 2, 3] = 2
 
 
 @dataclass
