@@ -3,8 +3,17 @@ the better outcome? (spo.toy.pool_accuracy; docs/toy-world.md, "What a judge kno
 
 From the shipped base model, ``--prompts`` training prompts, pools of k candidates x_{t-1} at each
 ``--timesteps`` t, each candidate finished ``--continuations`` times and labelled by the mean
-oracle scores of its finished images; then each judge scores the candidates' x0-hat as SPO does.
-The pools are cached (``--cache``), so judges added later are measured on the same pools.
+oracle scores of its finished images; then each judge scores the candidates' x0-hat as SPO does,
+or, a latent judge (a latent reward model's directory, ``lrm_config.json``; the continuation
+controls), the candidates' latents x_{t-1} at the pool's t as LPO does. The pools are cached
+(``--cache``), so judges added later are measured on the same pools; a cache drawn before the pools
+kept their candidates is refused (delete it to redraw: the same seeds give the same pools).
+
+Tie thresholds (``thresholds`` in the JSON; spo.toy.judges.judge_threshold): the toy preset's 0.07
+for the controls (the continuation controls included) and the v1 SPM, the release's 0.3 carried to
+each other reward model's logit scale, and for a latent reward model the toy-lpo preset's sigma
+schedule (0.35 at t = 1 to 0.5 at t = 951, by the pool's t). The continuation controls sample
+with the base model the pools were drawn from (with the pools' CFG, eta and steps).
 
     python benchmarks/toy_pool_accuracy.py --output benchmarks/results/toy-pool-accuracy.json
     python benchmarks/toy_pool_accuracy.py --prompts 4 --continuations 2 --timesteps 451 51   # minutes -> seconds
@@ -22,7 +31,15 @@ import torch
 from spo.builtin import resolve_weights
 from spo.toy.judges import JUDGES, judge_spec, judge_threshold, load_judge
 from spo.toy.model import ToyBackbone
-from spo.toy.pool_accuracy import PoolAccuracySettings, draw_pools, load_pools, measure, pool_prompts, save_pools
+from spo.toy.pool_accuracy import (
+    PoolAccuracySettings,
+    StalePoolsError,
+    draw_pools,
+    load_pools,
+    measure,
+    pool_prompts,
+    save_pools,
+)
 
 from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
@@ -60,7 +77,8 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=defaults.timesteps)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--judges", nargs="+", default=[j for j in DEFAULT_JUDGES if j in JUDGES],
-                        help="names of spo.toy.judges.JUDGES, reward-model directories, or LABEL=either")
+                        help="names of spo.toy.judges.JUDGES, reward-model directories (a latent reward model's "
+                        "too), or LABEL=either")
     parser.add_argument("--cache", type=Path, default=None, help="default: REPO/runs/pool-accuracy/pools-P-C-k-seed.pt")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -72,17 +90,30 @@ def main() -> None:
                                     timesteps=args.timesteps, seed=args.seed)
     cache = args.cache or Path(__file__).parent.parent / "runs" / "pool-accuracy" / f"pools-{args.prompts}-{args.continuations}-{args.k}-{args.seed}.pt"
     start = time.perf_counter()
-    pools = load_pools(cache, settings)
+    try:
+        pools = load_pools(cache, settings)
+    except StalePoolsError as err:
+        parser.error(str(err))
     drawn = pools is None
+    backbone = None
+
+    def base_model() -> ToyBackbone:
+        nonlocal backbone
+        if backbone is None:
+            backbone = ToyBackbone.from_pretrained(resolve_weights("toy:base"), device="cpu")
+            backbone.unet.to(memory_format=torch.channels_last)  # samples faster on CPU (benchmarks/toy_round.py)
+        return backbone
+
     if pools is None:
-        backbone = ToyBackbone.from_pretrained(resolve_weights("toy:base"), device="cpu")
-        backbone.unet.to(memory_format=torch.channels_last)  # samples faster on CPU (benchmarks/toy_round.py)
-        pools = draw_pools(backbone, settings)
+        pools = draw_pools(base_model(), settings)
         save_pools(pools, settings, cache)
     draw_seconds = time.perf_counter() - start
     judges = {}
     for label, name in specs:
         judge = load_judge(name, seed=args.seed)
+        if getattr(judge, "needs_backbone", False):  # a continuation control: finishes candidates with the base model
+            judge.bind_sampling(base_model(), num_inference_steps=settings.num_inference_steps,
+                                guidance_scale=settings.guidance_scale, eta=settings.eta)
         judges[label] = (judge, judge_threshold(name, judge))
     result = measure(judges, pools, pool_prompts(settings))
     result = {

@@ -4,7 +4,8 @@ For every scene of the grammar (x --seeds renders): a clean render against (a) t
 degraded in detail (each kind at strength 0.5) and (b) a render with one layout attribute
 changed. Reports, for the toy CLIP (contrastive only), the toy PickScore (fine-tuned on the
 generic pairs) and the toy SPM at t = 0, the share of pairs in which the clean / aligned image
-scores higher (``--models``: by default each shipped build's toy CLIP, toy PickScore and toy
+scores higher (a latent reward model, ``lrm=DIR``: each image noised at t = 1 with its own seeded
+noise on the toy base model's schedule and scored at t = 1, as LPO scores a finished candidate) (``--models``: by default each shipped build's toy CLIP, toy PickScore and toy
 SPM). With ``--data`` (a built preference set), also the accuracy on its validation pairs
 of the noise-free blend (0.7 alignment + 0.3 aesthetic, a perfect model of the labels' mean):
 the ceiling a reward model can be expected to approach, since the labels carry noise.
@@ -29,11 +30,37 @@ from spo.toy.grammar import COLOURS
 from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
 
+#: where a latent reward model scores the controlled pairs: the smallest DDIM timestep of the toy schedule
+LATENT_T = 1
+
+
+def _noised(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """``images`` (pixel space: the toy's latents) noised at ``LATENT_T`` on the toy base model's
+    schedule, each with its own noise from a generator seeded by ``seed``."""
+    from diffusers import DDIMScheduler
+
+    from spo.builtin import resolve_weights
+    from spo.diffusion.schedule import schedule_from_config
+
+    schedule = schedule_from_config(DDIMScheduler.from_pretrained(resolve_weights("toy:base"), subfolder="scheduler"), 20)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    return schedule.add_noise(images, noise, torch.full((images.shape[0],), LATENT_T)).float()
+
+
 def preferred_share(model, a: list[np.ndarray], b: list[np.ndarray], prompts: list[str]) -> float:
+    xa = torch.from_numpy(np.stack([to_tensor_range(x) for x in a]))
+    xb = torch.from_numpy(np.stack([to_tensor_range(x) for x in b]))
+    t = torch.zeros(len(a))
+    if getattr(model, "takes_latents", False):
+        xa, xb, t = _noised(xa, 1), _noised(xb, 2), torch.full((len(a),), LATENT_T)
     with torch.no_grad():
-        sa = model(torch.from_numpy(np.stack([to_tensor_range(x) for x in a])), prompts, torch.zeros(len(a)))
-        sb = model(torch.from_numpy(np.stack([to_tensor_range(x) for x in b])), prompts, torch.zeros(len(b)))
+        sa = model(xa, prompts, t)
+        sb = model(xb, prompts, t)
     return round(float((sa > sb).float().mean()), 4)
+
+
+def logit_scale(model) -> float:
+    return float((model.logit_scale if hasattr(model, "logit_scale") else model.model.logit_scale).exp())
 
 
 def main() -> None:
@@ -54,7 +81,7 @@ def main() -> None:
     result: dict = {"pairs_per_comparison": len(scenes), "strength": args.strength, "clean_over_misaligned": {},
                     "clean_over_degraded": {}}
     # the scale of the scores (the tie threshold of SPO acts on softmax gaps of these)
-    result["exp_logit_scale"] = {name: round(float(m.model.logit_scale.exp()), 3) for name, m in models.items()}
+    result["exp_logit_scale"] = {name: round(logit_scale(m), 3) for name, m in models.items()}
     for name, model in models.items():
         result["clean_over_misaligned"][name] = preferred_share(model, clean, wrong, prompts)
         result["clean_over_degraded"][name] = {}

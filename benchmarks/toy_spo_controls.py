@@ -13,18 +13,34 @@ Judges (``--judges``, spo.toy.judges.JUDGES):
   pickscore-vN     build vN's toy PickScore as a clean reward (Table 5's third row)
   clip-vN          build vN's toy CLIP as a clean reward
   ideal-blend      the noise-free generic blend oracle (a perfect toy PickScore; a control)
-  LABEL=DIR        a reward model's directory (e.g. a build not shipped), reported as LABEL
+  ideal-blend-continuation(-4)  each candidate finished 1 (4) times by the current policy, scored by
+                   the log mean blend of its finished images (a latent control: it scores x_{t-1})
+  LABEL=DIR        a reward model's directory (e.g. a build not shipped), reported as LABEL; a latent
+                   reward model's directory (lrm_config.json) runs with preference.kind=latent
 
 The tie threshold of a reward model is the release's 0.3 at PickScore's logit scale 100 carried
 to the model's own scale at an equal cosine gap (spo.toy.judges.judge_threshold); the controls
 and the v1 SPM use the toy preset's 0.07 (for the ideal judge, whose score is log aesthetic, a
-15% higher aesthetic). Every part resumes: finished trainings and
-evaluations are reused, so the script can be run judge by judge and the table collected at the
-end (results merge into ``--output``).
+15% higher aesthetic).
+
+With ``--preset toy-lpo`` (LPO: pools at every step, beta 500, a tie threshold rising with
+sigma_t): a latent reward model keeps the preset's schedule (0.35 -> 0.5); the controls get that
+schedule carried to their scale (spo.toy.judges.control_threshold: 0.083 -> 0.124, as SPO's
+release 0.3 maps to the controls' 0.07), the latent ones (the continuation controls) scoring the
+candidates x_{t-1} at t as LPO does, the others x0-hat as SPO does; the other reward models score
+images and are refused. A latent reward model under the SPO presets keeps LPO's schedule (its own).
+
+Every part resumes: finished trainings and evaluations are reused, so the script can be run judge
+by judge and the table collected at the end (results merge into ``--output``).
 
     python benchmarks/toy_spo_controls.py --judges ideal-aesthetic random --seeds 0 1 2 \\
         --budgets 60 300 --output-dir runs/controls --output benchmarks/results/toy-spo-controls.json
     python benchmarks/toy_spo_controls.py --table --output benchmarks/results/toy-spo-controls.json
+
+LPO on the toy world (a latent reward model of ``spo train-spm toy-lpo``, and a control):
+
+    python benchmarks/toy_spo_controls.py --preset toy-lpo --judges lrm=runs/toy-lrm ideal-blend-continuation \\
+        --seeds 0 --budgets 60 --output-dir runs/lpo-controls --output benchmarks/results/toy-lpo-spo.json
 
 The flow-matching twin (``--preset toy-flow``; evaluated with the SDE at the training noise level):
 
@@ -51,21 +67,58 @@ import numpy as np
 from spo.config import load_config
 from spo.data import load_prompts
 from spo.toy.eval_run import base_vs_fine_tuned, evaluate_run
-from spo.toy.judges import JUDGES, judge_reference, judge_spec, judge_threshold, load_judge
+from spo.toy.judges import (
+    JUDGES,
+    control_threshold,
+    judge_reference,
+    judge_spec,
+    judge_threshold,
+    load_judge,
+)
 from spo.training import SPOTrainer
 from spo.training.checkpoint import list_checkpoints
 
 from _report import write_report  # benchmarks/_report.py (scripts run from this folder)
 
 
-def judge_setup(name: str, seed: int) -> tuple[Any, list[str]]:
-    """(scorer for the trainer, or None to let it load the reward model; config overrides)."""
-    judge = load_judge(name, seed=seed)
-    threshold = [f"pools.threshold={judge_threshold(name, judge)}"]
+def lpo_preset(preset: str) -> bool:
+    """Does ``preset`` run LPO (``objective.name: lpo``: judged on latents, LPO's tie schedule)?"""
+    return load_config(preset).objective.name == "lpo"
+
+
+def judge_setup(name: str, seed: int, preset: str = "toy") -> tuple[Any, list[str], str]:
+    """(scorer for the trainer, or None to let it load the reward model; config overrides; the
+    tie threshold as reported). A control is the scorer itself (a continuation control is bound
+    to the trainer's policy by the SPO method: ``needs_backbone``); a reward model is loaded by
+    the trainer (a latent one with ``preference.kind=latent``).
+
+    Tie thresholds: under the SPO presets, the controls' 0.07 or the reward model's own
+    (:func:`~spo.toy.judges.judge_threshold`); a latent reward model always LPO's sigma schedule
+    of the ``toy-lpo`` preset; under an LPO preset the controls get that schedule carried to their
+    scale (:func:`~spo.toy.judges.control_threshold`: 0.35 -> 0.083, 0.5 -> 0.124)."""
     reference, variant = judge_reference(name)
+    lpo = lpo_preset(preset)
+    if variant == "latent":  # the trainer loads it; its tie rule is LPO's (the toy-lpo preset's)
+        pools = load_config("toy-lpo").pools
+        schedule = [f"pools.threshold_schedule={pools.threshold_schedule}", f"pools.threshold_min={pools.threshold_min}",
+                    f"pools.threshold_max={pools.threshold_max}"]
+        label = f"{pools.threshold_schedule} {pools.threshold_min}-{pools.threshold_max}"
+        return None, ["preference.kind=latent", f"preference.pretrained={reference}", *([] if lpo else schedule)], label
+    if lpo and variant != "control":
+        raise ValueError(f"judge {name!r} scores images: with an LPO preset use a latent reward model's directory "
+                         "(lrm_config.json) or a control")
+    judge = load_judge(name, seed=seed)
+    if variant == "control" and lpo:  # LPO's schedule at the controls' scale; the LRM is never loaded
+        pools = load_config(preset).pools
+        low, high = control_threshold(pools.threshold_min), control_threshold(pools.threshold_max)
+        return judge, ["preference.pretrained=toy:base", f"pools.threshold_min={low}", f"pools.threshold_max={high}"], \
+            f"{pools.threshold_schedule} {low}-{high}"
+    threshold = judge_threshold(name, judge)
+    assert not isinstance(threshold, dict)
+    overrides = [f"pools.threshold={threshold}"]
     if variant == "control":
-        return judge, threshold
-    return None, [f"preference.pretrained={reference}", f"preference.variant={variant}", *threshold]
+        return judge, overrides, str(threshold)
+    return None, [f"preference.pretrained={reference}", f"preference.variant={variant}", *overrides], str(threshold)
 
 
 def rounds_of(run_dir: Path, budget: int) -> list[dict[str, Any]]:
@@ -77,7 +130,7 @@ def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, ove
             progress: bool, eval_prompts: int = 0, eval_seeds: int = 3, eval_eta: float = 1.0,
             preset: str = "toy") -> dict[str, Any]:
     run_dir = out / label / f"seed{seed}" / "spo"
-    scorer, judge_overrides = judge_setup(name, seed)
+    scorer, judge_overrides, threshold = judge_setup(name, seed, preset)
     results = {}
     for budget in budgets:
         kept = run_dir.parent / f"lora-r{budget}"
@@ -108,7 +161,7 @@ def run_one(label: str, name: str, seed: int, budgets: list[int], out: Path, ove
             "valid_pair_rate": round(float(np.mean([r["valid_pair_rate"] for r in rounds])), 3),
             "training_seconds": round(sum(r["sampling_seconds"] + r["training_seconds"] for r in rounds), 1),
             "eval_seconds": float((eval_dir / "seconds.txt").read_text()) if (eval_dir / "seconds.txt").exists() else None,
-            "threshold": [o for o in judge_overrides if o.startswith("pools.threshold=")][0].split("=")[1],
+            "threshold": threshold,
             "base": result["base"], "fine_tuned": result["fine_tuned"], "difference": result["difference"],
         }
     return results
@@ -177,7 +230,7 @@ def main() -> None:
     parser.add_argument("--eval-eta", type=float, default=1.0,
                         help="DDIM eta of the evaluation sampler (1.0, as the toy preset trains); for the flow toy "
                         "model (preset toy-flow) its SDE noise level")
-    parser.add_argument("--preset", default="toy", help="the base preset of every run (toy, or toy-flow)")
+    parser.add_argument("--preset", default="toy", help="the base preset of every run (toy, toy-flow, or toy-lpo)")
     parser.add_argument("--table", action="store_true", help="only print --output's results as a markdown table")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
@@ -188,8 +241,13 @@ def main() -> None:
         parser.error("--budgets must increase")
     try:
         specs = [judge_spec(j) for j in args.judges]
-    except ValueError as err:
+        lpo = lpo_preset(args.preset)
+    except (ValueError, OSError) as err:
         parser.error(str(err))
+    refused = [name for _, name in specs if lpo and judge_reference(name)[1] not in ("control", "latent")]
+    if refused:
+        parser.error(f"--preset {args.preset} scores latents: {refused} score images; use a latent reward model's "
+                     "directory (lrm_config.json) or a control")
     report: dict[str, Any] = {}
     if args.output and args.output.exists():
         report = json.loads(args.output.read_text())

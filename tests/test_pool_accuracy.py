@@ -181,3 +181,73 @@ def test_pool_accuracy_benchmark_reduced(tmp_path) -> None:  # noqa: ANN001
     assert again.returncode == 0 and json.loads(out.read_text())["seconds_drawing_pools"] is None
     bad = subprocess.run([*cmd[:-2], "--judges", "nobody"], cwd=bench, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown judge 'nobody'" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def toy_base():  # noqa: ANN201
+    from spo.builtin import resolve_weights
+    from spo.toy.model import ToyBackbone
+
+    return ToyBackbone.from_pretrained(resolve_weights("toy:base"), device="cpu")
+
+
+def test_blend_continuation_judge(toy_base) -> None:  # noqa: ANN001
+    """It finishes each candidate with the bound model: a clean picture one step before the end beats
+    its speckled copy; seeded by the candidates (deterministic), M = 4 is another estimate than M = 1;
+    at the last step it is the blend judge itself."""
+    from spo.toy import all_scenes, degrade, render
+    from spo.toy.judges import BlendContinuationJudge, BlendOracleJudge
+    from spo.toy.render import to_tensor_range
+
+    one, four = load_judge("ideal-blend-continuation", seed=0), load_judge("ideal-blend-continuation-4", seed=0)
+    assert isinstance(one, BlendContinuationJudge) and (one.continuations, four.continuations) == (1, 4)
+    assert one.takes_latents and one.needs_backbone and JUDGES["ideal-blend-continuation-4"][1] == "control"
+    with pytest.raises(RuntimeError, match="bind"):
+        one(torch.zeros(1, 3, 32, 32), ["x"], torch.tensor([51]))
+    for judge in (one, four):
+        judge.bind_sampling(toy_base, num_inference_steps=20, guidance_scale=3.0, eta=1.0)
+    rng = np.random.default_rng(0)
+    scene = all_scenes()[0]
+    clean = render(scene, rng)
+    x = torch.from_numpy(np.stack([to_tensor_range(i) for i in (clean, degrade(clean, "speckle", 0.8, rng))]))
+    prompts = [scene.prompt] * 2
+    near_end = one(x, prompts, torch.tensor([51, 51]))  # the candidates are at t = 1: one step to go
+    assert near_end[0] > near_end[1]
+    assert torch.allclose(one(x, prompts, torch.tensor([1, 1])), BlendOracleJudge()(x, prompts))  # x_0 already
+    noisy = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, b = one(noisy, prompts, torch.full((2,), 151)), one(noisy, prompts, torch.full((2,), 151))
+    assert torch.equal(a, b) and not torch.equal(a, four(noisy, prompts, torch.full((2,), 151)))
+
+
+def test_pool_accuracy_latent_judges(toy_base, tmp_path) -> None:  # noqa: ANN001
+    """The pools keep their candidates; a latent judge (an LRM built from toy:base, the continuation
+    control) scores them at the branching t, with LPO's tie schedule; an old cache is refused."""
+    from spo.builtin import resolve_weights
+    from spo.preference.latent import LatentRewardModel
+    from spo.toy.judges import BlendOracleJudge, lpo_thresholds
+    from spo.toy.pool_accuracy import StalePoolsError, judge_pools
+
+    settings = PoolAccuracySettings(prompts=2, timesteps=[151], continuations=1)
+    pools = draw_pools(toy_base, settings, progress=False)
+    assert pools[0].candidates.shape == (2, 4, 3, 32, 32) and pools[0].t == 151
+    lrm = LatentRewardModel.from_pretrained(resolve_weights("toy:base"))
+    continuation = load_judge("ideal-blend-continuation")
+    continuation.bind_sampling(toy_base, num_inference_steps=20, guidance_scale=3.0, eta=1.0)
+    prompts = pool_prompts(settings)
+    expected = lrm(pools[0].candidates.flatten(0, 1), [q for q in prompts for _ in range(4)], torch.full((8,), 151))
+    assert torch.allclose(judge_pools(lrm, pools[0], prompts), expected.view(2, 4))
+    schedule = lpo_thresholds()
+    assert schedule[951] == pytest.approx(0.5) and schedule[1] == pytest.approx(0.35) and 0.35 < schedule[151] < 0.5
+    result = measure({"lrm": (lrm, schedule), "continuation": (continuation, 0.07), "blend": (BlendOracleJudge(), 0.07)},
+                     pools, prompts)
+    for name in ("lrm", "continuation", "blend"):
+        assert result["per_t"][0]["judges"][name]["blend"]["pools"] == 2 and result["seconds_judging"][name] >= 0
+    # a cache written before the pools kept their candidates is refused, naming the way out
+    save_pools(pools, settings, tmp_path / "pools.pt")
+    saved = torch.load(tmp_path / "pools.pt", weights_only=True)
+    for pool in saved["pools"]:
+        del pool["candidates"]
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(StalePoolsError, match="delete it to redraw"):
+        load_pools(tmp_path / "old.pt", settings)
+    assert load_pools(tmp_path / "old.pt", PoolAccuracySettings(prompts=3)) is None  # other settings: just not used

@@ -73,3 +73,35 @@ def test_controls_benchmark_reduced(tmp_path: Path) -> None:
                                 cwd=BENCH, capture_output=True, text=True, timeout=60)
         assert failed.returncode == 2 and message in failed.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_lpo_thresholds_and_judge_setup(controls) -> None:  # noqa: ANN001
+    """LPO's tie schedule carried to the controls' scale (the ratio that maps SPO's release 0.3 to
+    0.07); what each judge runs with under --preset toy-lpo; image judges are refused there."""
+    from spo.toy.judges import BlendContinuationJudge, control_threshold
+
+    assert control_threshold(0.3) == 0.07
+    assert (control_threshold(0.35), control_threshold(0.5)) == (0.083, 0.124)
+    scorer, overrides, threshold = controls.judge_setup("ideal-blend-continuation", 0, "toy-lpo")
+    assert isinstance(scorer, BlendContinuationJudge) and threshold == "sigma 0.083-0.124"
+    assert {"pools.threshold_min=0.083", "pools.threshold_max=0.124"} <= set(overrides)
+    assert controls.judge_setup("ideal-blend", 0, "toy")[1:] == (["pools.threshold=0.07"], "0.07")
+    with pytest.raises(ValueError, match="scores images"):
+        controls.judge_setup("spm-v1", 0, "toy-lpo")
+
+
+def test_lpo_binds_the_continuation_judge_to_the_policy(controls, tmp_path: Path) -> None:
+    """One tiny LPO round (3 steps) with the continuation control: the SPO method binds it to the
+    trainer's backbone with the run's sampling settings before it samples."""
+    from spo.config import load_config
+    from spo.training import SPOTrainer
+
+    scorer, overrides, _ = controls.judge_setup("ideal-blend-continuation", 0, "toy-lpo")
+    config = load_config("toy-lpo", [*overrides, "train.rounds=1", "train.prompts_per_round=1",
+                                     "sampling.num_inference_steps=3", "sampling.guidance_scale=2.0"])
+    trainer = SPOTrainer(config, tmp_path / "run", scorer=scorer, progress=False)
+    assert scorer.backbone is trainer.backbone
+    assert (scorer.num_inference_steps, scorer.guidance_scale, scorer.eta) == (3, 2.0, 1.0)
+    trainer.train()
+    round0 = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert round0["pools"] == 3 and all(math.isfinite(v) for v in round0["score_mean_per_t"].values())

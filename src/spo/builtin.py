@@ -97,8 +97,8 @@ def resolve_data(ref: str | None, what: str = "data") -> str | None:
 
 def resolve_references(config: "SPOConfig") -> "SPOConfig":
     """A copy of ``config`` with every ``toy:`` reference replaced by the shipped file's path: the
-    weights (``model.pretrained``, ``model.vae``, ``preference.pretrained`` / ``processor``,
-    ``spm.relabel``), the data sets (``data.preference_data``, ``spm.data``) and the prompt sets
+    weights (``model.pretrained``, ``model.vae``, ``preference.pretrained`` / ``processor`` /
+    ``checkpoint`` / ``text_projection``, ``spm.relabel``), the data sets (``data.preference_data``, ``spm.data``) and the prompt sets
     (``data.prompts``, ``eval.prompts``). An unknown name raises :class:`BuiltinError` naming the field."""
     r = dataclasses.replace
     m, p, d, e, s = config.model, config.preference, config.data, config.eval, config.spm
@@ -107,7 +107,10 @@ def resolve_references(config: "SPOConfig") -> "SPOConfig":
         model=r(m, pretrained=resolve_weights(m.pretrained, "model.pretrained"),
                 vae=resolve_weights(m.vae, "model.vae") if m.vae is not None else None),
         preference=r(p, pretrained=resolve_weights(p.pretrained, "preference.pretrained"),
-                     processor=resolve_weights(p.processor, "preference.processor") if p.processor is not None else None),
+                     processor=resolve_weights(p.processor, "preference.processor") if p.processor is not None else None,
+                     checkpoint=resolve_weights(p.checkpoint, "preference.checkpoint") if p.checkpoint is not None else None,
+                     text_projection=(resolve_weights(p.text_projection, "preference.text_projection")
+                                      if p.text_projection is not None else None)),
         data=r(d, prompts=resolve_prompts(d.prompts, "data.prompts"),
                preference_data=resolve_data(d.preference_data, "data.preference_data")),
         eval=r(e, prompts=resolve_prompts(e.prompts, "eval.prompts")),

@@ -141,6 +141,9 @@ def cmd_train_spm(args: argparse.Namespace) -> int:
             ("processes", str(trainer.accelerator.num_processes)),
             ("optimiser steps", str(result.steps)),
             ("rows skipped (bad data)", str(result.skipped_rows)),
+            ("LRM", f"{result.spm_path} (use: preference.kind=latent preference.pretrained={result.spm_path} "
+                    "preference.checkpoint=null)")
+            if result.model == "lrm" else
             ("SPM", f"{result.spm_path} (use: preference.pretrained={result.spm_path})"),
         ]
     )

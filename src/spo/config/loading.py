@@ -537,6 +537,9 @@ def _value_problems(c: SPOConfig) -> list[str]:
     if sp.max_grad_norm is not None:
         rule(sp.max_grad_norm > 0, f"spm.max_grad_norm must be null or > 0, got {sp.max_grad_norm!r}")
     rule(sp.warmup_steps >= 0, f"spm.warmup_steps must be >= 0, got {sp.warmup_steps!r}")
+    if sp.max_timestep is not None:
+        rule(sp.max_timestep >= 0, f"spm.max_timestep must be null (every sampling timestep) or >= 0, "
+                                   f"got {sp.max_timestep!r}")
     rule(lg.keep_checkpoints >= 1,
          f"logging.keep_checkpoints must be >= 1, got {lg.keep_checkpoints!r}")
     if c.train.num_processes is not None:

@@ -198,3 +198,70 @@ def load_pair(data: Any, index: int, resolution: int) -> dict[str, Any] | None:
     if image_0 is None or image_1 is None:
         return None
     return {"caption": caption, "images": torch.stack([image_0, image_1]), "labels": labels}
+
+
+#: the LRM release's pseudo-preference file of Pick-a-Pic v1 (``step_sd_hf_dataset.py``)
+PSEUDO_PREFERENCE_COLUMNS = ("different_flag", "aesthetic_gap", "clipscore_gap", "vqascore_gap")
+#: ``filter_strategy`` -> the aesthetic gap a decided pair must exceed (the release's rules 1, 2, 3)
+AESTHETIC_FLOOR = {1: 0.0, 2: -0.5, 3: -1.0}
+
+
+def _csv_number(text: str | None) -> float:
+    """A CSV cell as pandas reads it for a comparison: a number, ``True`` / ``False`` as 1 / 0,
+    an empty cell (or ``nan``) as NaN, which no comparison accepts."""
+    value = (text or "").strip()
+    if value.lower() in ("true", "false"):
+        return 1.0 if value.lower() == "true" else 0.0
+    if value == "":
+        return float("nan")
+    return float(value)  # ValueError for anything else
+
+
+def pseudo_preference_filter(path: str, strategy: int, what: str = "spm.pseudo_preference") -> list[bool]:
+    """Which rows of the training split the LRM release's pseudo-preference rule keeps: the CSV
+    at ``path`` (one row per training row, header with :data:`PSEUDO_PREFERENCE_COLUMNS`), read
+    as the release reads it with pandas (row i is training row i). A decided pair
+    (``different_flag == 1``) is kept when its CLIP-score and VQA-score gaps are > 0 and its
+    aesthetic gap exceeds :data:`AESTHETIC_FLOOR` of ``strategy``; a tie (``different_flag == 0``)
+    when the aesthetic gap < 0.2, the CLIP-score gap < 0.03 and the VQA-score gap < 0.07. An
+    unreadable file, a missing column or a cell that is no number is a :class:`PreferenceDataError`."""
+    import csv
+
+    if strategy not in AESTHETIC_FLOOR:
+        raise PreferenceDataError(f"spm.filter_strategy: expected one of {sorted(AESTHETIC_FLOOR)}, got {strategy!r}")
+    floor = AESTHETIC_FLOOR[strategy]
+    try:
+        with open(Path(path).expanduser(), newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in PSEUDO_PREFERENCE_COLUMNS if c not in header]
+            if missing:
+                raise PreferenceDataError(f"{what}: {path}: missing columns {missing}; the pseudo-preference "
+                                          f"file needs {list(PSEUDO_PREFERENCE_COLUMNS)}")
+            keep = []
+            for line, row in enumerate(reader, start=2):
+                row = {(k or "").strip(): v for k, v in row.items()}
+                try:
+                    flag, aes, clip, vqa = (_csv_number(row.get(c)) for c in PSEUDO_PREFERENCE_COLUMNS)
+                except ValueError:
+                    bad = next(c for c in PSEUDO_PREFERENCE_COLUMNS if not _parses(row.get(c)))
+                    raise PreferenceDataError(f"{what}: {path} line {line}: {bad} is not a number: "
+                                              f"{row.get(bad)!r}") from None
+                decided = flag == 1 and aes > floor and clip > 0 and vqa > 0
+                tie = flag == 0 and aes < 0.2 and clip < 0.03 and vqa < 0.07
+                keep.append(decided or tie)
+    except OSError as err:
+        raise PreferenceDataError(f"{what}: cannot read {str(path)!r}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise PreferenceDataError(f"{what}: {path} is not a readable CSV file ({type(err).__name__})") from None
+    if not keep:
+        raise PreferenceDataError(f"{what}: {path} has no rows")
+    return keep
+
+
+def _parses(text: str | None) -> bool:
+    try:
+        _csv_number(text)
+    except ValueError:
+        return False
+    return True

@@ -220,7 +220,10 @@ def _mean(values: dict[Any, float]) -> float:
 
 class SPOMethod(Method):
     """SPO (and MSPO): candidate pools scored by the step-aware preference model at each step
-    t <= kappa, best/worst pairs past the tie threshold, the clamped-ratio DPO loss."""
+    t <= kappa, best/worst pairs past the tie threshold, the clamped-ratio DPO loss.
+
+    A scorer whose ``needs_backbone`` attribute is true (a judge that samples with the policy
+    itself) gets ``scorer.bind(backbone, config)`` once, here, before any sampling."""
 
     name = "spo"
     config_class = SPOMethodConfig
@@ -235,6 +238,8 @@ class SPOMethod(Method):
 
     def __init__(self, config: SPOConfig, backbone: Backbone, scorer: Any = None) -> None:
         super().__init__(config, backbone, scorer)
+        if getattr(scorer, "needs_backbone", False):  # e.g. spo.toy.judges.BlendContinuationJudge
+            scorer.bind(backbone, config)
         self.sampler = self.make_sampler(config, backbone, scorer)
         self.objective = SPOObjective.from_config(config)
 

@@ -197,8 +197,9 @@ class LatentRewardModel(nn.Module):
         pooled = second[0]  # text_embeds: the projected pooled output of the second encoder
         return hidden, pooled, pooled[: len(prompts)], None
 
-    def time_ids(self, rows: int, dtype: torch.dtype) -> Tensor:
-        side = self.resolution
+    def time_ids(self, rows: int, dtype: torch.dtype, side: int | None = None) -> Tensor:
+        """SDXL's size conditioning (H, W, 0, 0, H, W) at ``side`` (default ``resolution``)."""
+        side = int(side or self.resolution)
         return torch.tensor([[side, side, 0, 0, side, side]] * rows, dtype=dtype, device=self.device)
 
     # ------------------------------------------------------------------ image side
@@ -213,7 +214,10 @@ class LatentRewardModel(nn.Module):
         added = None
         if self.family == "sdxl":
             assert pooled is not None
-            added = {"text_embeds": pooled.to(dtype), "time_ids": self.time_ids(x.shape[0], dtype)}
+            # the image side these latents decode to (the release resizes every image to the native
+            # size, where this is ``resolution``; a run at another model.resolution states its own)
+            factor = max(1, self.resolution // int(self.unet.config.sample_size))
+            added = {"text_embeds": pooled.to(dtype), "time_ids": self.time_ids(x.shape[0], dtype, latents.shape[-1] * factor)}
         stages, mid = unet_features(self.unet, x, t, hidden.to(dtype), added)
         pooled_stages = [s.float().mean(dim=(2, 3)) for s in stages]
         pooled_mid = mid.float().mean(dim=(2, 3))
@@ -284,8 +288,10 @@ class LatentRewardModel(nn.Module):
         if missing or unexpected:
             raise ModelLoadError(f"{what}: the LRM head does not fit: missing {missing}, unexpected {unexpected}")
         own = self.head_state()
+        # the projections exactly as ours (a transposed matrix of the same size is wrong too); the
+        # logit scale any one-element tensor (a float in the release's state_dict.pt reads as shape ())
         wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
-                 if tuple(state[k].reshape(own[k].shape).shape) != tuple(own[k].shape) or state[k].numel() != own[k].numel()]
+                 if (state[k].numel() != 1 if k == "logit_scale" else tuple(state[k].shape) != tuple(own[k].shape))]
         if wrong:
             raise ModelLoadError(f"{what}: shape mismatch for {wrong[:4]}")
         with torch.no_grad():
@@ -374,11 +380,18 @@ class LatentRewardModel(nn.Module):
 
     def _load_flat(self, state: dict[str, Tensor], what: str) -> None:
         head = {k: v for k, v in state.items() if k in self.head_state()}
-        rest = {k: v for k, v in state.items() if k not in head}
+        # the release's preference models hold the pipeline's VAE as ``self.vae`` (never used to
+        # score): a whole-model state dict of theirs carries its weights, which their own
+        # ``load_state_dict(ckpt, strict=False)`` takes in and ours passes over
+        rest = {k: v for k, v in state.items() if k not in head and not k.startswith("vae.")}
         own = self.state_dict()
         unexpected = sorted(set(rest) - set(own))
         if unexpected:
             raise ModelLoadError(f"{what}: {len(unexpected)} keys do not fit this LRM: {unexpected[:6]}")
+        wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in rest.items()
+                 if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ModelLoadError(f"{what}: shape mismatch for {wrong[:4]}")
         self.load_state_dict(rest, strict=False)
         self.load_head({**self.head_state(), **head}, what)
 
@@ -400,8 +413,10 @@ def _load_parts(source: str) -> tuple[Any, list[Any], list[Any], Family]:
     local = Path(source)
     if local.is_dir():
         if not (local / "unet").is_dir():
-            raise ModelLoadError(f"{what}: {source!r} holds no unet/ folder: a latent reward model is built from a "
-                                 "diffusion model's UNet (a diffusers pipeline directory or hub id) or loaded from a saved LRM")
+            sd3 = " (an SD3 pipeline: its transformer has no down and mid blocks to pool, and LPO's release has no " \
+                  "LRM for it)" if (local / "transformer").is_dir() else ""
+            raise ModelLoadError(f"{what}: {source!r} holds no unet/ folder{sd3}: a latent reward model is built from "
+                                 "a diffusion model's UNet (a diffusers pipeline directory or hub id) or loaded from a saved LRM")
         sdxl = (local / "text_encoder_2").is_dir()
     else:
         sdxl = _hub_has(source, "text_encoder_2/config.json")

@@ -23,14 +23,22 @@ Per t the pools also report how much of the outcome is decided at that step: the
 candidates' labels (max - min) and the share of the label variance that lies between candidates
 rather than between continuations of one candidate.
 
-The pools (x0-hat images and labels) do not depend on the judge: they are drawn once and cached,
-so every judge, including later builds', is measured on the same pools.
+A latent judge (``takes_latents``: LPO's latent reward model, or the continuation control) is
+measured on what LPO scores: the candidates' latents x_{t-1} themselves (``Pools.candidates``; for
+the pixel-space toy model the images x_{t-1}), at the pool's branching timestep t; every other
+judge scores x0-hat at ``score_t``. Its tie threshold may depend on t (a dict by branching t).
+
+The pools (candidates, x0-hat images and labels) do not depend on the judge: they are drawn once
+and cached, so every judge, including later builds', is measured on the same pools. A cache
+written before the pools kept their candidates is refused (:class:`StalePoolsError`): redraw it
+(the same seeds give the same pools).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,12 +79,17 @@ class PoolAccuracySettings:
 class Pools:
     """The pools drawn at one timestep t: P prompts x k candidates."""
 
-    t: int
+    t: int  # the branching timestep: x_t -> the candidates x_{t-1}; latent judges score them at t
     score_t: int  # the timestep the judges score x0-hat at (the next one; 0 after the last step)
     continuations: int  # finished images behind each label
     images: Tensor  # (P, k, 3, H, W) x0-hat in [-1, 1]
     labels: dict[str, Tensor]  # name -> (P, k): mean oracle score over the continuations
     label_sd: dict[str, Tensor]  # name -> (P, k): sd over the continuations
+    candidates: Tensor  # (P, k, C, h, w) the candidates' latents x_{t-1} (toy: 3 x 32 x 32 pixels, unclamped)
+
+
+class StalePoolsError(ValueError):
+    """A pool cache written before the pools kept their candidates' latents."""
 
 
 def pool_prompts(settings: PoolAccuracySettings) -> list[str]:
@@ -152,6 +165,7 @@ def draw_pools(backbone: Backbone, settings: PoolAccuracySettings, progress: boo
             t=t, score_t=score_t, continuations=c if i + 1 < len(ts) else 1, images=backbone.decode(x0_hat).float().cpu().view(p, k, *images.shape[1:]),
             labels={n: v.view(p, k, c).mean(dim=2) for n, v in labels.items()},
             label_sd={n: v.view(p, k, c).std(dim=2, unbiased=c > 1) for n, v in labels.items()},
+            candidates=candidates.float().cpu().view(p, k, *candidates.shape[1:]),
         ))
     bar.close()
     return pools
@@ -164,13 +178,19 @@ def save_pools(pools: list[Pools], settings: PoolAccuracySettings, path: str | P
 
 
 def load_pools(path: str | Path, settings: PoolAccuracySettings) -> list[Pools] | None:
-    """The cached pools if ``path`` holds pools drawn with ``settings``, else ``None``."""
+    """The cached pools if ``path`` holds pools drawn with ``settings``, else ``None``; a cache of
+    these settings written before the pools kept their candidates' latents raises
+    :class:`StalePoolsError` (redraw it: the latent judges need the candidates)."""
     path = Path(path)
     if not path.exists():
         return None
     saved = torch.load(path, weights_only=True)
     if saved["settings"] != asdict(settings):
         return None
+    if any("candidates" not in pool for pool in saved["pools"]):
+        raise StalePoolsError(
+            f"{path} holds pools drawn before they kept their candidates' latents x_(t-1), which the latent judges "
+            "score: delete it to redraw the pools (the same seeds give the same pools and labels), or pass another cache")
     return [Pools(**pool) for pool in saved["pools"]]
 
 
@@ -260,36 +280,50 @@ def pool_statistics(pool: Pools) -> dict[str, Any]:
 
 
 def judge_pools(judge: Any, pool: Pools, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
-    """(P, k) scores of the pool's x0-hat images by ``judge``, at the pool's scoring timestep."""
+    """(P, k) scores by ``judge`` of the pool's x0-hat images at the pool's scoring timestep, or,
+    for a latent judge (``takes_latents``), of the candidates' latents at the branching t (LPO)."""
+    latent = bool(getattr(judge, "takes_latents", False))
     p, k = pool.images.shape[:2]
-    flat = pool.images.flatten(0, 1)
+    flat = (pool.candidates if latent else pool.images).flatten(0, 1)
     flat_prompts = [q for q in prompts for _ in range(k)]
     scores = []
     with torch.no_grad():
         for s in range(0, flat.shape[0], batch_size):
             chunk = flat[s : s + batch_size]
-            ts = torch.full((chunk.shape[0],), pool.score_t, dtype=torch.long)
+            ts = torch.full((chunk.shape[0],), pool.t if latent else pool.score_t, dtype=torch.long)
             scores.append(judge(chunk, flat_prompts[s : s + batch_size], ts).float().cpu())
     return torch.cat(scores).view(p, k)
 
 
-def measure(judges: dict[str, tuple[Any, float]], pools: list[Pools], prompts: Sequence[str]) -> dict[str, Any]:
-    """Per t: the pools' statistics, and for each judge (judge, tie threshold) its measures
-    against every label. ``trained_pairs``: per judge and label, the agreement of the pairs that
-    pass the tie threshold, pooled over every t measured (each t weighs by how many of its pools
-    give a pair, as in SPO's training, though over the measured t rather than all pooled steps),
-    with the number of such pairs and the share of pools that give one."""
-    result: dict[str, Any] = {"per_t": [], "trained_pairs": {}}
+def threshold_at(threshold: float | Mapping[int, float], t: int) -> float:
+    """The tie threshold of a pool branching at ``t``: a number, or a dict by branching t (LPO's)."""
+    if isinstance(threshold, Mapping):
+        return float(threshold[int(t)])
+    return float(threshold)
+
+
+def measure(judges: dict[str, tuple[Any, float | Mapping[int, float]]], pools: list[Pools],
+            prompts: Sequence[str]) -> dict[str, Any]:
+    """Per t: the pools' statistics, and for each judge (judge, tie threshold: a number, or a dict
+    by the pool's branching t) its measures against every label. ``trained_pairs``: per judge and
+    label, the agreement of the pairs that pass the tie threshold, pooled over every t measured
+    (each t weighs by how many of its pools give a pair, as in SPO's training, though over the
+    measured t rather than all pooled steps), with the number of such pairs and the share of pools
+    that give one. ``seconds_judging``: each judge's scoring time over all pools."""
+    result: dict[str, Any] = {"per_t": [], "trained_pairs": {}, "seconds_judging": dict.fromkeys(judges, 0.0)}
     pooled: dict[str, dict[str, list[Tensor]]] = {name: {label: [] for label in LABELS} for name in judges}
     valid_counts: dict[str, list[int]] = {name: [0, 0] for name in judges}
     for pool in pools:
         entry = pool_statistics(pool)
         entry["judges"] = {}
         for name, (judge, threshold) in judges.items():
+            start = time.perf_counter()
             scores = judge_pools(judge, pool, prompts)
+            result["seconds_judging"][name] = round(result["seconds_judging"][name] + time.perf_counter() - start, 2)
             entry["judges"][name] = {}
+            tie = threshold_at(threshold, pool.t)
             for label in LABELS:  # the valid mask depends on the scores only: the same for every label
-                metrics, trained, valid = _metrics_and_trained_pairs(scores, pool.labels[label], threshold)
+                metrics, trained, valid = _metrics_and_trained_pairs(scores, pool.labels[label], tie)
                 entry["judges"][name][label] = metrics
                 pooled[name][label].append(trained)
             valid_counts[name][0] += int(valid.sum())

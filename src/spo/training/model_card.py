@@ -1,7 +1,8 @@
 """The model card (``README.md``) written beside a run's final weights.
 
 ``spo train`` writes it into ``RUN_DIR/lora/`` (or ``unet/`` under full fine-tuning) and
-``spo train-spm`` into ``RUN_DIR/spm/`` (or ``reward/``) once the weights are saved; ``spo eval``
+``spo train-spm`` into ``RUN_DIR/spm/`` (or ``reward/``, or ``lrm/`` for a latent reward model)
+once the weights are saved; ``spo eval``
 writes it again when it evaluates the run, so the evaluation table appears. It has what the
 diffusers training scripts put in theirs (``save_model_card``: a ``huggingface_hub`` model card
 whose YAML metadata holds ``base_model``, ``library_name`` and ``tags``), from the run's own
@@ -18,7 +19,8 @@ files only:
 - the evaluation table of every ``eval.json`` under the run directory (``spo eval``'s);
 - links to the latest preview images (``RUN_DIR/samples/*.png``) when there are any;
 - how to load the weights (two lines of diffusers; the SPM through
-  ``StepAwarePreferenceModel.from_pretrained``).
+  ``StepAwarePreferenceModel.from_pretrained``; the LRM through
+  ``LatentRewardModel.from_pretrained``, or ``preference.kind=latent preference.pretrained=DIR``).
 
 Links are relative to the card, so they hold while the run directory stays together.
 """
@@ -40,7 +42,9 @@ from ..files import atomic_write_text
 
 CARD = "README.md"
 #: the folders of final weights a run may hold, in the order cards are listed
-WEIGHT_DIRS = ("lora", "unet", "spm", "reward")
+WEIGHT_DIRS = ("lora", "unet", "spm", "reward", "lrm")
+#: the preference models ``spo train-spm`` trains (their cards share one layout)
+JUDGES = ("spm", "reward", "lrm")
 #: how many of the latest preview images a card links
 PREVIEWS = 3
 #: method names as people write them, and what each does (a plugin's name stands as it is)
@@ -172,7 +176,7 @@ def _section(cfg: dict[str, Any], name: str, skip: Sequence[str] = ()) -> list[t
 
 
 def _kind(weights_dir: Path, cfg: dict[str, Any]) -> str:
-    """``lora``, ``unet``, ``spm`` or ``reward``: the folder's name, else the config's choice."""
+    """``lora``, ``unet``, ``spm``, ``reward`` or ``lrm``: the folder's name, else the config's choice."""
     if weights_dir.name in WEIGHT_DIRS:
         return weights_dir.name
     return "unet" if _get(cfg, "model.finetune") == "full" else "lora"
@@ -180,6 +184,9 @@ def _kind(weights_dir: Path, cfg: dict[str, Any]) -> str:
 
 def _metadata(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """The YAML front matter, keyed as ``huggingface_hub.ModelCardData`` writes it."""
+    if kind == "lrm":  # diffusers' UNet and transformers' text encoder(s) with the LRM's head
+        return {"base_model": str(_get(cfg, "preference.pretrained", "")), "library_name": "diffusers",
+                "tags": ["latent-reward-model", "reward-model", "lpo", "diffusers", "transformers"]}
     if kind in ("spm", "reward"):
         tags = (["step-aware-preference-model"] if kind == "spm" else []) + ["clip", "reward-model", "spo"]
         return {"base_model": str(_get(cfg, "preference.pretrained", "")), "library_name": "transformers",
@@ -218,6 +225,14 @@ def _load_snippet(kind: str, cfg: dict[str, Any], weights_dir: Path) -> list[str
                 "```", "",
                 f"Or let a run score with it: `spo train PRESET preference.pretrained={weights_dir} "
                 "preference.checkpoint=null`."]
+    if kind == "lrm":
+        return ["```python", "from spo.preference.latent import LatentRewardModel", "",
+                f"lrm = LatentRewardModel.from_pretrained({where})  # scores = lrm(noisy_latents, prompts, timesteps)",
+                "```", "",
+                f"Or let a run score with it: `spo train PRESET preference.kind=latent preference.pretrained={weights_dir} "
+                "preference.checkpoint=null` (`null`: no released LRM loaded over it). Its `unet/` and "
+                "`text_encoder/` folders load on their own with diffusers' `UNet2DConditionModel` and "
+                "transformers' `CLIPTextModel`."]
     if kind == "reward":
         return ["```python", "from transformers import AutoProcessor, CLIPModel", "",
                 f"model, processor = CLIPModel.from_pretrained({where}), AutoProcessor.from_pretrained({where})",
@@ -248,11 +263,13 @@ def _recipe(kind: str, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     model = [(f"model.{k}", _get(cfg, f"model.{k}")) for k in ("backbone", "pretrained", "vae", "revision", "variant",
                                                                "resolution", "dtype")
              if _get(cfg, f"model.{k}") is not None or k in ("backbone", "pretrained")]
-    if kind in ("spm", "reward"):
-        preference = [(f"preference.{k}", _get(cfg, f"preference.{k}"))
-                      for k in ("pretrained", "processor", "checkpoint", "variant", "time_frequencies", "decoder")]
+    if kind in JUDGES:
+        keys = (("kind", "pretrained", "checkpoint", "text_projection", "guidance_scale", "multi_scale",
+                 "multi_scale_cfg") if kind == "lrm" else
+                ("pretrained", "processor", "checkpoint", "variant", "time_frequencies", "decoder"))
+        preference = [(f"preference.{k}", _get(cfg, f"preference.{k}")) for k in keys]
         rows = preference + _section(cfg, "spm")
-        if kind == "spm":  # the diffusion model that noised the images
+        if kind in ("spm", "lrm"):  # the diffusion model that noised the images (its VAE, the LRM's)
             rows = model + rows
         return rows + [("seed", cfg.get("seed"))]
     method = str(_get(cfg, "objective.name", "spo"))
@@ -280,7 +297,7 @@ def _recipe(kind: str, cfg: dict[str, Any]) -> list[tuple[str, Any]]:
 def _training_counts(kind: str, entries: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """What ``metrics.jsonl`` counted: rounds, optimiser steps, seconds (SPM: steps and pairs)."""
     steps = [e for e in entries if e.get("type") == "step"]
-    if kind in ("spm", "reward"):
+    if kind in JUDGES:
         rows: list[tuple[str, Any]] = [("optimiser steps", len(steps))]
         pairs = sum(int(e.get("pairs", 0) or 0) for e in steps)
         if pairs:
@@ -303,8 +320,8 @@ def _training_counts(kind: str, entries: list[dict[str, Any]]) -> list[tuple[str
     return rows
 
 
-def _validation(entries: list[dict[str, Any]]) -> list[str]:
-    """The SPM's pair accuracy per timestep: the first validation and the last."""
+def _validation(entries: list[dict[str, Any]], latent: bool = False) -> list[str]:
+    """The SPM's (the LRM's) pair accuracy per timestep: the first validation and the last."""
     checks = [e for e in entries if e.get("type") == "validation"]
     if not checks:
         return []
@@ -314,7 +331,8 @@ def _validation(entries: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["## Validation", "",
              f"Pair accuracy on the validation pairs ({last.get('pairs', '?')} counted) at each timestep t "
-             "(images noised to t, scored at t; t = 0: the clean images).", ""]
+             + ("(VAE latents noised to t, scored at t; t = 0: the clean latents)." if latent else
+                "(images noised to t, scored at t; t = 0: the clean images)."), ""]
     both = first is not last
     if both:
         lines += [f"| t | at step {first.get('step', '?')} | at step {last.get('step', '?')} |", "| --- | --- | --- |"]
@@ -400,7 +418,15 @@ def build_model_card(run_dir: str | Path, weights_dir: str | Path | None = None,
     base = metadata["base_model"]
     entries = _metrics(run_dir)
     lines = [_front_matter(metadata)]
-    if kind in ("spm", "reward"):
+    if kind == "lrm":
+        lines += [f"# Latent reward model from `{base}`", "",
+                  f"LPO's latent reward model (LRM) trained by `spo train-spm` (`preference.kind=latent`) on the "
+                  f"preference pairs of `{_get(cfg, 'spm.data')}`: the down and mid blocks of the diffusion model's "
+                  "own UNet score a noisy latent at its timestep t against the prompt, without decoding it. Its "
+                  "folder holds the trained components in their libraries' formats (`unet/`: diffusers; "
+                  "`text_encoder/` and `tokenizer/`: transformers; `_2` as well for SDXL), `lrm.safetensors` (the "
+                  "visual and text projections and the logit scale) and `lrm_config.json`.", ""]
+    elif kind in ("spm", "reward"):
         what = "Step-aware preference model" if kind == "spm" else "Clean-image reward model"
         variant = _get(cfg, "preference.variant", "step_aware")
         lines += [f"# {what} from `{base}`", "",
@@ -429,7 +455,7 @@ def build_model_card(run_dir: str | Path, weights_dir: str | Path | None = None,
     if note:
         lines += [note, ""]
     lines += ["## How to use it", "", *_load_snippet(kind, cfg, weights_dir), ""]
-    if kind not in ("spm", "reward"):
+    if kind not in JUDGES:
         lines += _evaluation(run_dir, weights_dir, _eval_files(run_dir, eval_dirs))
         reference, latest = _previews(run_dir)
         if reference is not None or latest:
@@ -440,7 +466,7 @@ def build_model_card(run_dir: str | Path, weights_dir: str | Path | None = None,
             lines += [f"![{p.stem}]({_link(p, weights_dir)})" for p in latest]
             lines.append("")
     else:
-        lines += _validation(entries)
+        lines += _validation(entries, latent=kind == "lrm")
     lines += ["## Training", "", "How the run was configured (its `config.yaml`, as written):", "",
               *_table(_recipe(kind, cfg)), ""]
     counts = _training_counts(kind, entries)
@@ -462,7 +488,7 @@ def write_model_card(run_dir: str | Path, weights_dir: str | Path | None = None,
 
 
 def final_weight_dirs(run_dir: str | Path) -> list[Path]:
-    """The folders of final weights the run directory holds (``lora``, ``unet``, ``spm``, ``reward``)."""
+    """The folders of final weights the run directory holds (``lora``, ``unet``, ``spm``, ``reward``, ``lrm``)."""
     return [Path(run_dir) / name for name in WEIGHT_DIRS if (Path(run_dir) / name).is_dir()]
 
 

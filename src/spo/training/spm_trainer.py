@@ -14,6 +14,17 @@ With ``preference.variant=clean`` the same trainer fits a clean-image reward mod
 diffusion model loaded) and saves it as a CLIPModel directory (``RUN_DIR/reward``) from which an
 SPM is then built, as the paper builds its SPM from PickScore.
 
+With ``preference.kind=latent`` it trains LPO's latent reward model (LRM,
+:mod:`spo.preference.latent`; the LRM release's recipe, ``lrm/lrm_15/trainer``): every weight the
+LRM's score reaches (its UNet's down and mid blocks with the time and conditioning embeddings, the
+text encoder(s), the visual and text projections and the logit scale; the VAE stays frozen) on
+the pairs' VAE latents noised at t, each image with its own noise (``spm.pair_noise=auto``), t
+drawn from the sampling schedule's DDIM timesteps up to ``spm.max_timestep``
+(``spm.timesteps=auto``), scored by the LRM on the noisy latents at t: no x0 estimate, no decode.
+The loss, optimiser and schedule are the SPM's. The trained LRM is saved to ``RUN_DIR/lrm``.
+``spm.pseudo_preference`` keeps the training rows the release's pseudo-preference rule
+(``spm.filter_strategy``) accepts, whatever the judge.
+
 Every draw of step s comes from generators seeded by (seed, purpose, s, rank), and the row order
 from seeded epoch permutations, so ``--resume`` continues exactly. The start (accelerator, run
 directory, config.yaml, resume checks, AdamW, metrics, trackers) is the SPO trainer's
@@ -35,9 +46,16 @@ from tqdm.auto import tqdm
 
 from ..backbones import Backbone, BackboneLoadError, Conditioning, load_backbone
 from ..config import SPOConfig
-from ..data.pickapic import PreferenceDataError, caption_weights, load_pair, load_preference_split
+from ..data.pickapic import (
+    PreferenceDataError,
+    caption_weights,
+    load_pair,
+    load_preference_split,
+    pseudo_preference_filter,
+)
 from ..errors import SPOError
 from ..preference.clip_scorer import CLIPScorer
+from ..preference.latent import load_latent_reward_model
 from ..preference.loss import preference_pair_loss, release_accuracy
 from ..preference.spm import load_preference_model
 from ..weights import check_reference
@@ -59,6 +77,8 @@ class SPMTrainResult:
     skipped_rows: int
     validation: dict[int, float]
     spm_path: Path | None
+    #: what was trained and saved: ``"spm"``, ``"reward"`` (a clean reward model) or ``"lrm"``
+    model: str = "spm"
 
 
 #: what SPM runs' start differs in (spo.training.setup)
@@ -94,12 +114,13 @@ def noised_x0_images(
     generator_: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Images (N, 2, 3, H, W) of N pairs -> the decoded DDIM x0 estimates after noising both
-    images of pair i at ``timesteps[i]`` with the SAME ``noise[i]``; returns (N, 2, 3, H, W).
+    images of pair i at ``timesteps[i]`` with the SAME ``noise[i]`` (``noise`` (N, C, h, w)), or
+    each image with its own (``noise`` (N, 2, C, h, w)); returns (N, 2, 3, H, W).
     Decoded as ``spo train`` decodes what it scores (``preference.decoder`` when set)."""
     n = images.shape[0]
     latents = backbone.encode_images(images.flatten(0, 1), generator=generator_)  # (2N, C, h, w)
     t = timesteps.repeat_interleave(2).to(latents.device)
-    eps = noise.repeat_interleave(2, dim=0).to(latents)
+    eps = pair_noise_rows(noise).to(latents)
     schedule = backbone.schedule(1)
     # noising (DDPM's, or the flow's (1 - s) x0 + s eps) and the x0 estimate in fp32: alpha-bar
     # rounded to fp16 is ~7% off in sqrt(1 - abar) at small t
@@ -109,8 +130,14 @@ def noised_x0_images(
     return backbone.decode_for_scoring(x0.to(latents.dtype)).view(n, 2, *images.shape[2:])
 
 
+def pair_noise_rows(noise: torch.Tensor) -> torch.Tensor:
+    """The noise of each image, pair by pair (2N, C, h, w): ``noise`` (N, 2, C, h, w) holds one
+    per image (``spm.pair_noise=independent``), (N, C, h, w) one per pair (``shared``)."""
+    return noise.flatten(0, 1) if noise.dim() == 5 else noise.repeat_interleave(2, dim=0)
+
+
 class SPMTrainer:
-    """Trains the SPM of ``config.preference`` on ``config.spm.data`` into ``run_dir``."""
+    """Trains the SPM (or the LRM) of ``config.preference`` on ``config.spm.data`` into ``run_dir``."""
 
     def __init__(
         self,
@@ -124,9 +151,14 @@ class SPMTrainer:
         cfg = config.spm
         if not cfg.data:
             raise PreferenceDataError("spm.data: give a Pick-a-Pic-format dataset (save_to_disk directory or parquet)")
-        self.clean = config.preference.variant == "clean"  # a clean-image reward model (PickScore-style)
+        self.latent = config.preference.kind == "latent"  # LPO's latent reward model
+        # a clean-image reward model (PickScore-style); preference.variant does not apply to an LRM
+        self.clean = config.preference.variant == "clean" and not self.latent
         if config.preference.decoder is not None and not self.clean:  # fail before anything is written
             check_reference(config.preference.decoder, "preference.decoder", "directory", BackboneLoadError)
+        # the pseudo-preference file is read (columns, values) before anything is written
+        self.pseudo_keep = (pseudo_preference_filter(cfg.pseudo_preference, cfg.filter_strategy)
+                            if cfg.pseudo_preference else None)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         with start_run(config, self.run_dir, SPM_RUN, resume=resume, accelerator=accelerator) as run:
             self.accelerator, self.resume_from = run.accelerator, run.resume_from
@@ -142,6 +174,8 @@ class SPMTrainer:
             self.train_data = load_preference_split(cfg.data, cfg.train_split)
             self.train_rows, self.val_rows, self.val_data = self._splits()
         self.weights = caption_weights(self.train_data)
+        if self.pseudo_keep is not None:  # training rows only, before the epoch permutations
+            self.train_rows = self._pseudo_filtered(self.train_rows)
         torch.manual_seed(derive_seed(config.seed, "spm-init"))
         self.backbone: Backbone | None = None
         if self.clean:  # scored as they are: no diffusion model, one "timestep"
@@ -156,12 +190,22 @@ class SPMTrainer:
             too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]
             if too_late:
                 raise SPMTrainingError(f"spm.validation_timesteps {too_late} are beyond the schedule (T = {self.num_train_timesteps})")
+        self.timestep_mode = cfg.timesteps if cfg.timesteps != "auto" else ("sampling" if self.latent else "uniform")
+        self.pair_noise = cfg.pair_noise if cfg.pair_noise != "auto" else ("independent" if self.latent else "shared")
+        self.candidate_timesteps = self._candidate_timesteps() if self.backbone is not None else None
         self.guidance = cfg.guidance_scale if cfg.guidance_scale is not None else config.sampling.guidance_scale
         # trainable weights in fp32 whatever preference.dtype says (that is the scoring precision);
         # spm.mixed_precision autocasts the forward. The release trains from PickScore with its
-        # identity init (train_spm.py: init_adaln_paras), not from a released SPM.
-        self.spm = load_preference_model(config, acc.device, with_checkpoint=cfg.from_checkpoint, dtype=torch.float32)
-        self.spm.model.requires_grad_(True)
+        # identity init (train_spm.py: init_adaln_paras), not from a released SPM; the LRM release
+        # from the diffusion model (and CLIP ViT-L/14's text projection), not from a released LRM.
+        if self.latent:
+            self.spm = load_latent_reward_model(config, acc.device, with_checkpoint=cfg.from_checkpoint,
+                                                dtype=torch.float32)
+            self.spm.requires_grad_(True)
+            self._freeze_unreached()
+        else:
+            self.spm = load_preference_model(config, acc.device, with_checkpoint=cfg.from_checkpoint, dtype=torch.float32)
+            self.spm.model.requires_grad_(True)
         if self.clean:  # the time modules are unused: frozen (DDP wants every trainable weight used)
             for module in self.spm.time_modules():
                 module.requires_grad_(False)
@@ -188,6 +232,11 @@ class SPMTrainer:
         self.validated_at: int | None = None  # the step of the last validation
         state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         if state is not None:  # (the process count was checked against config.yaml by start_run)
+            saved_rows = state.get("train_rows")
+            if saved_rows is not None and int(saved_rows) != len(self.train_rows):
+                raise SPMTrainingError(
+                    f"the checkpoint was trained on {int(saved_rows)} training rows, this run has {len(self.train_rows)} "
+                    "(spm.data, spm.pseudo_preference or spm.filter_strategy changed?); --resume needs the same rows")
             self.step, self.skipped_rows = int(state["steps_done"]), int(state.get("skipped_rows", 0))
             self.metrics.truncate_after(self.step, key="step")
         run.start_trackers()
@@ -211,6 +260,60 @@ class SPMTrainer:
             raise PreferenceDataError(f"{cfg.data}: {len(rows)} rows are too few to hold out a validation set")
         return sorted(perm[n_val:]), sorted(perm[:n_val]), self.train_data
 
+    def _pseudo_filtered(self, rows: list[int]) -> list[int]:
+        """The training rows ``spm.pseudo_preference`` keeps (the release's ``filter_strategy``)."""
+        cfg, keep = self.config.spm, self.pseudo_keep
+        assert keep is not None
+        if len(keep) != len(self.train_data):
+            raise PreferenceDataError(
+                f"spm.pseudo_preference: {cfg.pseudo_preference} has {len(keep)} rows, the training split "
+                f"{cfg.train_split!r} of {cfg.data} has {len(self.train_data)}: the file must be aligned row by row with it")
+        kept = [r for r in rows if keep[r]]
+        if not kept:
+            raise PreferenceDataError(f"spm.pseudo_preference: filter_strategy {cfg.filter_strategy} keeps none of "
+                                      f"the {len(rows)} training rows of {cfg.data}")
+        return kept
+
+    def _candidate_timesteps(self) -> torch.Tensor | None:
+        """``spm.timesteps=sampling``: the sampling schedule's timesteps up to ``spm.max_timestep``,
+        ascending (the LRM release: 1, 51, ..., 951); ``None`` for ``uniform``."""
+        cfg = self.config.spm
+        if self.timestep_mode != "sampling":
+            return None
+        assert self.backbone is not None
+        steps = self.backbone.schedule(self.config.sampling.num_inference_steps).timesteps
+        kept = steps[steps <= cfg.max_timestep] if cfg.max_timestep is not None else steps
+        if kept.numel() == 0:
+            raise SPMTrainingError(f"spm.max_timestep={cfg.max_timestep} keeps none of the "
+                                   f"{self.config.sampling.num_inference_steps} sampling timesteps {steps.tolist()}")
+        return kept.sort().values
+
+    def _training_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        if self.clean:
+            return torch.randint(0, 1, (n,), generator=gen)
+        assert self.backbone is not None
+        if self.candidate_timesteps is None:  # uniform over 0 .. T - 1 (the SPM release)
+            return self.backbone.schedule(1).training_timesteps(n, gen)
+        index = torch.randint(0, len(self.candidate_timesteps), (n,), generator=gen)
+        return self.candidate_timesteps[index]
+
+    def _freeze_unreached(self) -> None:
+        """Freeze the LRM's weights that its score never reaches (the UNet's up blocks and output
+        layers; SDXL: the first text encoder's last layer and final norm, as its penultimate hidden
+        states condition the UNet): one backward pass on a blank latent finds them. They would get
+        no gradient anyway; DDP wants every trainable weight used, and AdamW keeps no state for
+        them. The release trains every weight, these with zero gradients only."""
+        assert self.backbone is not None
+        lrm = self.spm
+        blank = torch.zeros(1, *self.backbone.latent_shape, device=lrm.device)
+        t = torch.zeros(1, dtype=torch.long, device=lrm.device)
+        lrm.zero_grad(set_to_none=True)
+        lrm.score(blank, [""], t).sum().backward()
+        for p in lrm.parameters():
+            if p.grad is None:
+                p.requires_grad_(False)
+        lrm.zero_grad(set_to_none=True)
+
     def _row_at(self, position: int) -> int:
         """Training row at a position of the infinite sequence of seeded epoch permutations."""
         n = len(self.train_rows)
@@ -222,14 +325,42 @@ class SPMTrainer:
 
     # ------------------------------------------------------------------ scoring pairs
     def _noise(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """One noise tensor per pair (N, C, h, w), or per image (N, 2, C, h, w) with
+        ``spm.pair_noise=independent``."""
         if self.backbone is None:
             return torch.zeros(n, 1)
-        return torch.randn(n, *self.backbone.latent_shape, generator=gen)
+        per = (2,) if self.pair_noise == "independent" else ()
+        return torch.randn(n, *per, *self.backbone.latent_shape, generator=gen)
+
+    @torch.no_grad()
+    def _encode_pairs(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Images (N, 2, 3, H, W) -> their VAE latents (2N, C, h, w), pair by pair (the posterior sampled)."""
+        assert self.backbone is not None
+        return self.backbone.encode_images(images.flatten(0, 1).to(self.accelerator.device), generator=gen)
+
+    def _score_latent_pairs(self, captions: list[str], latents: torch.Tensor, timesteps: torch.Tensor,
+                            noise: torch.Tensor, grad: bool, clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LRM's scores of both images of each pair (``latents`` (2N, C, h, w)) noised at its
+        t (``clean``: the latents themselves), scored at t: no x0 estimate, no decode."""
+        assert self.backbone is not None
+        ts = timesteps.repeat_interleave(2)
+        if clean:
+            x_t = latents.float()
+        else:  # in fp32, as the SPM path noises
+            x_t = self.backbone.schedule(1).add_noise(latents, pair_noise_rows(noise).to(latents.device), ts.cpu())
+        prompts = [c for c in captions for _ in range(2)]
+        ts = ts.to(x_t.device)
+        with torch.set_grad_enabled(grad), self.accelerator.autocast():
+            scores = self.policy(x_t, prompts, ts, grad=True) if grad else self.spm(x_t, prompts, ts)
+        scores = scores.float().view(-1, 2)
+        return scores[:, 0], scores[:, 1]
 
     def _score_pairs(self, captions: list[str], images: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                      gen: torch.Generator, grad: bool, clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of both images of each pair at its t: on the decoded x0 estimates after
         noising, or (``clean``, or a clean reward model) on the images themselves."""
+        if self.latent:
+            return self._score_latent_pairs(captions, self._encode_pairs(images, gen), timesteps, noise, grad, clean)
         if self.backbone is None or clean:  # the images themselves (the release's validation at t = 0)
             x0_images = images.to(self.accelerator.device)
         else:
@@ -295,8 +426,7 @@ class SPMTrainer:
                     images = torch.stack([p["images"] for p in pairs])
                     captions = [p["caption"] for p in pairs]
                     labels = self._relabel(images, captions, torch.tensor([p["labels"] for p in pairs]))
-                    t = (torch.randint(0, 1, (len(pairs),), generator=gen) if self.clean
-                         else self.backbone.schedule(1).training_timesteps(len(pairs), gen))
+                    t = self._training_timesteps(len(pairs), gen)
                     noise = self._noise(len(pairs), gen)
                     s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=True)
                     share = preference_pair_loss(s0, s1, labels.to(s0.device), torch.tensor(weights, device=s0.device),
@@ -306,7 +436,8 @@ class SPMTrainer:
                     used += len(pairs)
                 else:  # every row of this micro-batch was bad: a zero-weight pass through the DDP
                     # wrapper keeps this process's gradient all-reduce in step with the others
-                    blank = torch.zeros(1, 3, self.resolution, self.resolution, device=acc.device)
+                    blank = (torch.zeros(1, *self.backbone.latent_shape, device=acc.device) if self.latent
+                             else torch.zeros(1, 3, self.resolution, self.resolution, device=acc.device))
                     loss = self.policy(blank, [""], torch.zeros(1, device=acc.device), grad=True).sum() * 0.0
                 if not torch.isfinite(loss.detach()).all():
                     bad_flag = torch.ones(1, device=acc.device)
@@ -360,12 +491,17 @@ class SPMTrainer:
             images = torch.stack([p["images"] for p in keep])
             captions = [p["caption"] for p in keep]
             labels = self._relabel(images, captions, torch.tensor([p["labels"] for p in keep]))
+            latents = (self._encode_pairs(images, generator(self.config.seed, "spm-val-latents", start, acc.process_index))
+                       if self.latent else None)  # the LRM's pairs: encoded once, noised at each t
             for j, t_value in enumerate(self.validation_timesteps):
                 gen = generator(self.config.seed, "spm-val", t_value, start, acc.process_index)
                 t = torch.full((len(keep),), t_value, dtype=t_dtype)
                 noise = self._noise(len(keep), gen)
                 clean = t_value == 0 and cfg.clean_validation_at_zero
-                s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=False, clean=clean)
+                if latents is not None:
+                    s0, s1 = self._score_latent_pairs(captions, latents, t, noise, grad=False, clean=clean)
+                else:
+                    s0, s1 = self._score_pairs(captions, images, t, noise, gen, grad=False, clean=clean)
                 correct, counted = release_accuracy(s0.cpu(), s1.cpu(), labels, ties=ties)
                 counts[j, 0] += correct
                 counts[j, 1] += counted
@@ -385,7 +521,7 @@ class SPMTrainer:
             self.accelerator, self.run_dir, self.step, trainable=self.trainable, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints, kind="step",
             state={"skipped_rows": self.skipped_rows, "seed": self.config.seed,
-                   "num_processes": self.accelerator.num_processes},
+                   "num_processes": self.accelerator.num_processes, "train_rows": len(self.train_rows)},
         )
 
     def train(self, stop_after: int | None = None) -> SPMTrainResult:
@@ -408,13 +544,15 @@ class SPMTrainer:
         finally:
             bar.close()
         spm_path = None
+        model = "reward" if self.clean else "lrm" if self.latent else "spm"
         if self.step == cfg.steps:
             self.validate()
+            noun = {"reward": "reward model", "lrm": "latent reward model", "spm": "SPM"}[model]
             spm_path = write_everywhere(
-                acc, f"writing the trained {'reward model' if self.clean else 'SPM'} to {self.run_dir}",
-                lambda: self.spm.save_clip(self.run_dir / "reward") if self.clean else self.spm.save(self.run_dir / "spm"))
-            write_card_everywhere(acc, self.run_dir, self.run_dir / ("reward" if self.clean else "spm"), self.config)
+                acc, f"writing the trained {noun} to {self.run_dir}",
+                lambda: self.spm.save_clip(self.run_dir / model) if self.clean else self.spm.save(self.run_dir / model))
+            write_card_everywhere(acc, self.run_dir, self.run_dir / model, self.config)
         if acc.trackers:
             acc.end_training()
         self.seconds = time.perf_counter() - start
-        return SPMTrainResult(self.run_dir, self.step, self.skipped_rows, dict(self.validation), spm_path)
+        return SPMTrainResult(self.run_dir, self.step, self.skipped_rows, dict(self.validation), spm_path, model)
