@@ -1,5 +1,7 @@
 """Run under `accelerate launch` by test_multiprocess.py: Diffusion-DPO, D3PO and DDPO on two CPU
-processes, one after the other. Each process writes what it saw per method."""
+processes, one after the other (or the methods of the optional 5th argument, comma-separated:
+``lpo`` judges the pools' latents with a fixed latent scorer). Each process writes what it saw
+per method."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fixed_scorers import LatentBrightness
 from spo.config import load_config
 from spo.training import SPOTrainer
 
@@ -17,18 +20,30 @@ def brightness(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor
     return images.mean(dim=(1, 2, 3)) * 100
 
 
+OWN = {
+    "diffusion_dpo": ["objective.beta=5000"],
+    "d3po": ["objective.beta=0.1"],
+    "ddpo": ["objective.stat_min_count=2"],
+    # the sd15-lpo preset's pools (k 4 from the first step, the sigma tie threshold) and beta 500
+    "lpo": ["preference.checkpoint=null", "preference.text_projection=null", "preference.dtype=float32"],
+}
+
+
 def main() -> None:
     model, prompts, data, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    for method, beta in (("diffusion_dpo", "5000"), ("d3po", "0.1"), ("ddpo", "1")):
+    methods = sys.argv[5].split(",") if len(sys.argv) > 5 else ["diffusion_dpo", "d3po", "ddpo"]
+    for method in methods:
         run = out / method
-        config = load_config("sd15", [
+        lpo = method == "lpo"
+        config = load_config("sd15-lpo" if lpo else "sd15", [
             f"model.pretrained={model}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
             "train.mixed_precision=no", f"data.prompts={prompts}", f"data.preference_data={data}", "train.rounds=2",
             "train.prompts_per_round=3", "train.batch_size=6", "sampling.num_inference_steps=4", "optimizer.lr=1e-3",
             "logging.tensorboard=false", "logging.checkpoint_every=2", f"objective.name={method}",
-            *([f"objective.beta={beta}"] if method != "ddpo" else ["objective.stat_min_count=2"]),
+            *OWN[method], *([f"preference.pretrained={model}"] if lpo else []),
         ])
-        trainer = SPOTrainer(config, run, scorer=None if method == "diffusion_dpo" else brightness, progress=False)
+        scorer = None if method == "diffusion_dpo" else LatentBrightness() if lpo else brightness
+        trainer = SPOTrainer(config, run, scorer=scorer, progress=False)
         prepared: list[float] = []
         original = trainer.method.prepare
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from spo.config import (
     validate,
 )
 
-PRESETS = ["sd15", "sd15-d3po", "sd15-ddpo", "sd15-diffusion-dpo", "sd3", "sdxl", "sdxl-d3po", "sdxl-ddpo",
-           "sdxl-diffusion-dpo", "toy", "toy-d3po", "toy-ddpo", "toy-diffusion-dpo", "toy-flow"]
+PRESETS = ["sd15", "sd15-d3po", "sd15-ddpo", "sd15-diffusion-dpo", "sd15-lpo", "sd3", "sdxl", "sdxl-d3po",
+           "sdxl-ddpo", "sdxl-diffusion-dpo", "sdxl-lpo", "toy", "toy-d3po", "toy-ddpo", "toy-diffusion-dpo",
+           "toy-flow", "toy-lpo"]
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -205,7 +207,8 @@ def test_yaml_mistyped_key_suggests_correction(tmp_path):
         load_config(path)
     message = str(info.value)
     assert "'pools.treshold'" in message
-    assert "did you mean 'pools.threshold'" in message
+    # the closest key first (pools.threshold_min / _max are close too since LPO's threshold schedule)
+    assert re.search(r"did you mean (one of )?'pools\.threshold'", message), message
     assert "run.yaml" in message
 
 
@@ -328,7 +331,8 @@ def test_public_contract_keys_work_in_every_preset(preset, tmp_path):
 def test_override_mistyped_key_suggests_correction():
     with pytest.raises(ConfigError) as info:
         load_config("sd15", ["pools.treshold=0.2"])
-    assert "unknown config key 'pools.treshold'; did you mean 'pools.threshold'?" in str(info.value)
+    assert re.search(r"unknown config key 'pools\.treshold'; did you mean (one of )?'pools\.threshold'[,?]",
+                     str(info.value)), str(info.value)
 
 
 def test_override_key_in_wrong_section_suggests_right_one():
@@ -595,6 +599,44 @@ def test_method_presets_hold_the_published_defaults():
     for method, published in (("d3po", 3e-5), ("ddpo", 3e-4), ("diffusion-dpo", 1e-5)):
         assert load_config(f"toy-{method}").optimizer.lr == pytest.approx(5 * published)
         assert load_config(f"toy-{method}").model.pretrained == "toy:base"
+
+
+def test_lpo_presets_hold_the_release_numbers():
+    """sd15-lpo, sdxl-lpo and toy-lpo: the LPO release's settings (its exp configs over
+    basic_config.py: lpo_sd-v1-5_..._thresh035-05-sigma.py, lpo_sdxl_..._thresh45-6-sigma.py)."""
+    from spo.objectives.lpo import LPOConfig
+
+    for name, (low, high) in (("sd15-lpo", (0.35, 0.5)), ("sdxl-lpo", (0.45, 0.6)), ("toy-lpo", (0.35, 0.5))):
+        c = load_config(name)
+        assert type(c.objective) is LPOConfig and c.objective.name == "lpo", name
+        assert (c.objective.beta, c.objective.eps, c.objective.cfg) == (500.0, 0.1, True), name
+        assert (c.pools.k, c.pools.divert_start_step, c.pools.inner_steps) == (4, 0, 1), name
+        assert (c.pools.threshold_schedule, c.pools.threshold_min, c.pools.threshold_max) == ("sigma", low, high), name
+        p = c.preference
+        assert (p.kind, p.guidance_scale, p.multi_scale, p.multi_scale_cfg) == ("latent", 7.5, True, False), name
+        assert c.model.backbone == name.split("-")[0]
+    sd15, sdxl = load_config("sd15-lpo"), load_config("sdxl-lpo")
+    # sampling is SPO's (basic_config: 20 DDIM steps, eta 1, CFG 5); the 7.5 of "cfg75" is the LRM's
+    for c in (sd15, sdxl):
+        assert (c.sampling.num_inference_steps, c.sampling.eta, c.sampling.guidance_scale) == (20, 1.0, 5.0)
+        assert c.optimizer.max_grad_norm is None  # the release clips an exhausted filter iterator
+        assert c.preference.dtype == "float16"
+    assert sd15.optimizer.lr == pytest.approx(6e-5) and (sd15.lora.rank, sd15.lora.alpha) == (4, 4.0)
+    assert (sd15.train.prompts_per_round, sd15.train.batch_size, sd15.train.gradient_accumulation_steps) == (5, 10, 1)
+    assert sd15.pools.fold_last_step is False
+    assert sd15.preference.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert sd15.preference.checkpoint == "casiatao/LRM/lrm_sd15"
+    assert sd15.preference.text_projection == "openai/clip-vit-large-patch14"
+    assert sdxl.optimizer.lr == pytest.approx(1e-5) and (sdxl.lora.rank, sdxl.lora.alpha) == (64, 64.0)
+    assert (sdxl.train.prompts_per_round, sdxl.train.batch_size, sdxl.train.gradient_accumulation_steps) == (4, 4, 1)
+    assert sdxl.pools.fold_last_step is False and sdxl.train.carry_accumulation is False
+    assert sdxl.preference.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert sdxl.preference.checkpoint == "casiatao/LRM/lrm_sdxl"
+    toy = load_config("toy-lpo")
+    assert toy.model.pretrained == "toy:base" and toy.preference.pretrained == "toy:lrm"
+    # the LRM's checks: LPO needs a latent judge
+    with pytest.raises(ConfigError, match="preference.kind"):
+        load_config("sd15-lpo", ["preference.kind=clip"])
 
 
 def test_method_settings_are_checked():

@@ -50,6 +50,28 @@ def test_two_process_baselines(tiny_sd15_path: Path, pickapic_path: Path, tmp_pa
         assert (tmp_path / method / "lora" / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_two_process_lpo(tiny_sd15_path: Path, pickapic_path: Path, tmp_path: Path) -> None:
+    """LPO (the sd15-lpo preset's pools, a fixed latent judge) on two gloo ranks: both ranks
+    exist, each scored its own pools' latents, and they end with the same LoRA."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green stars\na yellow cat\n")
+    proc = _launch(METHODS_SCRIPT, str(tiny_sd15_path), str(prompts), str(pickapic_path), str(tmp_path), "lpo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "lpo" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert ranks[0]["weights_hash"] == pytest.approx(ranks[1]["weights_hash"], rel=1e-12, abs=1e-12)
+    assert ranks[0]["prepared"] == ranks[1]["prepared"]
+    rounds = [e for e in read_metrics(tmp_path / "lpo" / "metrics.jsonl") if e["type"] == "round"]
+    assert [e["num_processes"] for e in rounds] == [2, 2] and all(len(e["records_per_process"]) == 2 for e in rounds)
+    assert all(n > 0 for e in rounds for n in e["records_per_process"])  # every rank found pairs of its own
+    assert all(e["pools"] == 2 * 3 * 4 for e in rounds)  # 3 prompts per rank, pools at all 4 steps
+    steps = [e for e in read_metrics(tmp_path / "lpo" / "metrics.jsonl") if e["type"] == "step"]
+    assert steps[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert (tmp_path / "lpo" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert not (tmp_path / "ddpo").exists()  # the methods of the 5th argument only
+
+
 def test_two_process_training(tiny_sd15_path: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\ntwo green stars\na yellow cat\n")

@@ -89,6 +89,31 @@ def test_first_step_loss_is_log2(tiny_any_path: tuple[str, Path]) -> None:
     assert grads and any(float(g.abs().max()) > 0 for g in grads)
 
 
+def test_lpo_first_step_loss_is_log2(tiny_any_path: tuple[str, Path]) -> None:
+    """LPO's objective (SPO's loss at beta 500) on a latent-judged rollout with the LPO release's
+    pools (from the first step, the sigma tie threshold): log 2 and ratios 1 at initialisation,
+    and a gradient on the LoRA."""
+    from fixed_scorers import LatentBrightness
+
+    kind, path = tiny_any_path
+    backbone = BACKBONES[kind].from_pretrained(str(path), device="cpu")
+    backbone.attach_lora(LoRAConfig(rank=4))
+    config = load_config("sd15-lpo", ["sampling.num_inference_steps=6"])
+    sampler = PoolSampler.from_config(backbone, LatentBrightness(), config)
+    assert sampler.scores_latents and sampler.divert_start_step == 0 and sampler.threshold_schedule == "sigma"
+    rollout = sampler.rollout(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    assert rollout.stats.decoded == 0 and len(rollout.records) > 0
+    objective = SPOObjective.from_config(config)
+    assert objective.beta == 500.0 and objective.guidance_scale == 5.0
+    out = objective(backbone, sampler.schedule(), rollout.records)
+    assert float(out.loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+    assert out.metrics["ratio_win"] == pytest.approx(1.0, abs=1e-6)
+    assert out.metrics["ratio_lose"] == pytest.approx(1.0, abs=1e-6)
+    out.loss.backward()
+    grads = [p.grad for p in backbone.trainable_parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().max()) > 0 for g in grads)
+
+
 def test_log_probs_against_float64_per_record(tiny_sd15_path: Path) -> None:
     """MSPO records (some with their own x_t): one batched call equals a per-record float64
     computation from alpha-bar."""

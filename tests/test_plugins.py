@@ -128,8 +128,8 @@ def test_the_method_settings_belong_to_the_method(plugins: None) -> None:
 
 
 def test_unknown_and_taken_names() -> None:
-    with pytest.raises(RegistryError, match="objective.name must be one of 'd3po', 'ddpo', 'diffusion_dpo', 'spo', "
-                                            "got 'sppo' \\(str\\); did you mean 'spo'\\?"):
+    with pytest.raises(RegistryError, match="objective.name must be one of 'd3po', 'ddpo', 'diffusion_dpo', 'lpo', "
+                                            "'spo', got 'sppo' \\(str\\); did you mean 'spo'\\?"):
         METHODS.get("sppo")
 
     class Impostor(ThrowawayMethod):

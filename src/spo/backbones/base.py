@@ -311,7 +311,7 @@ class Backbone(ABC):
         self._reference_active = False
         self._schedules: dict[int, Schedule] = {}
         #: (prompt, with_negative) -> its text-encoder outputs, one row (most recently used last)
-        self._prompt_cache: OrderedDict[tuple[str, bool], Conditioning] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple[tuple[str, ...], bool], Conditioning] = OrderedDict()
         self.lora_settings: LoRAConfig | None = None
         self._adapter_name: str | None = None
         for module in self._frozen_modules():
@@ -363,9 +363,9 @@ class Backbone(ABC):
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
     # ----------------------------------------------------------------------- conditioning
-    #: how many prompts' text-encoder outputs are kept (the text encoders are frozen, so a prompt
+    #: how many calls' text-encoder outputs are kept (the text encoders are frozen, so a prompt list
     #: always encodes the same); 0 turns the cache off
-    prompt_cache_size: int = 1024
+    prompt_cache_size: int = 256
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Refuse prompts this model cannot be conditioned on (a closed vocabulary); raises a
@@ -374,26 +374,28 @@ class Backbone(ABC):
     def encode_prompts(self, prompts: Sequence[str], *, with_negative: bool = True) -> Conditioning:
         """Encode prompts (and the negative prompt for classifier-free guidance).
 
-        Outputs are cached per prompt (least recently used dropped beyond
-        :attr:`prompt_cache_size`): a training set's prompts come back round after round, and the
-        text encoders never change. Prompts not in the cache are encoded in one batch."""
+        The distinct prompts of one call are encoded in one batch, as the diffusers pipelines
+        encode theirs, and the result is cached per call (the ordered prompt list; least recently
+        used dropped beyond :attr:`prompt_cache_size` lists): a batched text encoder's output can
+        depend on the batch it ran in (SDXL's pooled embedding by ~4e-7), so what a call returns
+        depends on that call's prompts only, never on which prompts an earlier call happened to
+        cache, and a resumed run (empty cache) continues exactly."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        unique = list(dict.fromkeys(prompts))
+        rows = [unique.index(p) for p in prompts]
         if self.prompt_cache_size <= 0:
-            return self._encode_prompts(prompts, with_negative=with_negative)
+            encoded = self._encode_prompts(unique, with_negative=with_negative)
+            return encoded if rows == list(range(len(unique))) else encoded.index(rows)
         cache = self._prompt_cache
-        missing = [p for p in dict.fromkeys(prompts) if (p, with_negative) not in cache]
-        if missing:
+        key = (tuple(prompts), with_negative)
+        if key not in cache:
             with torch.no_grad():
-                encoded = self._encode_prompts(missing, with_negative=with_negative)
-            for i, p in enumerate(missing):
-                cache[(p, with_negative)] = encoded._map(lambda v, i=i: v[i : i + 1].clone())
-        rows = []
-        for p in prompts:
-            cache.move_to_end((p, with_negative))
-            rows.append(cache[(p, with_negative)])
-        while len(cache) > max(self.prompt_cache_size, len(set(prompts))):
+                encoded = self._encode_prompts(unique, with_negative=with_negative)
+            cache[key] = encoded if rows == list(range(len(unique))) else encoded.index(rows)
+        cache.move_to_end(key)
+        while len(cache) > self.prompt_cache_size:
             cache.popitem(last=False)
-        return Conditioning.cat(rows)
+        return cache[key]
 
     @abstractmethod
     def _encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> Conditioning:
