@@ -41,7 +41,7 @@ from spo.data import load_prompts
 from spo.toy.eval_run import evaluate_run
 from spo.training import SPOTrainer
 
-PRESETS = {"spo": "toy", "diffusion_dpo": "toy-diffusion-dpo", "d3po": "toy-d3po", "ddpo": "toy-ddpo"}
+PRESETS = {"spo": "toy", "diffusion_dpo": "toy-diffusion-dpo", "d3po": "toy-d3po", "ddpo": "toy-ddpo", "lpo": "toy-lpo"}
 METRICS = ("aesthetic", "alignment", "pickscore")
 
 

@@ -56,3 +56,14 @@ def test_an_unknown_reference_names_its_field() -> None:
         resolve_references(load_config("toy", ["data.prompts=toy:prompts"]))
     with pytest.raises(BuiltinError, match="spm.data: unknown built-in data set"):
         resolve_references(load_config("toy", ["spm.data=toy:nothing"]))
+
+
+def test_the_unshipped_toy_lrm_names_how_to_build_it() -> None:
+    """toy:lrm missed its registered targets and does not ship: the reference fails with the one
+    command that builds it (docs/toy-world.md), not as an unknown name."""
+    import pytest
+
+    from spo.builtin import BuiltinError, resolve_weights
+
+    with pytest.raises(BuiltinError, match="spo train-spm toy-lpo preference.pretrained=toy:base"):
+        resolve_weights("toy:lrm", "preference.pretrained")
