@@ -47,24 +47,8 @@ def require_release() -> Path:
     return RELEASE
 
 
-def _package(name: str, path: Path) -> types.ModuleType:
-    """A namespace for one of the release's packages without running its ``__init__``."""
-    if name in sys.modules:
-        return sys.modules[name]
-    module = types.ModuleType(name)
-    module.__path__ = [str(path)]  # type: ignore[attr-defined]
-    sys.modules[name] = module
-    return module
-
-
-class _Registry:
-    """Stands in for mmengine's ``Registry`` (the release's builders only register functions)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def register_module(self, *args: Any, **kwargs: Any) -> Any:
-        return lambda obj: obj
+# a namespace package without its ``__init__``, and mmengine's registry stand-in: the SPO oracle's
+from release_oracle import _package, _Registry  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 class _Transform:

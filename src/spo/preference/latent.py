@@ -146,10 +146,10 @@ class LatentRewardModel(nn.Module):
             hidden = int(self.text_encoder.config.hidden_size)
             projection_dim = projection_dim or hidden
             self.text_projection = nn.Linear(hidden, projection_dim, bias=False)
-            nn.init.normal_(self.text_projection.weight, std=0.02)
+            nn.init.normal_(self.text_projection.weight, mean=0.0, std=0.02)
         self.projection_dim = int(projection_dim)
         self.visual_projection = nn.Linear(feature_width(unet, multi_scale), self.projection_dim, bias=False)
-        nn.init.normal_(self.visual_projection.weight, std=0.02)
+        nn.init.normal_(self.visual_projection.weight, mean=0.0, std=0.02)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.requires_grad_(False)
         self.eval()
