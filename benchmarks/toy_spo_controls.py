@@ -39,8 +39,8 @@ by judge and the table collected at the end (results merge into ``--output``).
 
 LPO on the toy world (a latent reward model of ``spo train-spm toy-lpo``, and a control):
 
-    python benchmarks/toy_spo_controls.py --preset toy-lpo --judges lrm=runs/toy-lrm ideal-blend-continuation \\
-        --seeds 0 --budgets 60 --output-dir runs/lpo-controls --output benchmarks/results/toy-lpo-spo.json
+    python benchmarks/toy_spo_controls.py --preset toy-lpo --judges lrm=runs/toy-lrm/lrm ideal-blend \\
+        --seeds 0 1 2 --budgets 60 --output-dir runs/lpo-controls --output benchmarks/results/toy-lpo-controls.json
 
 The flow-matching twin (``--preset toy-flow``; evaluated with the SDE at the training noise level):
 

@@ -60,6 +60,23 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lrm_sd15_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-1.5 pipeline whose UNet has SD-1.5's block layout (4 down blocks of 2 layers: the
+    LPO release's fixed multi-scale indices), built once for the LRM tests (tests/lpo_oracle.py)."""
+    from lpo_oracle import save_multiscale_pipeline
+
+    return save_multiscale_pipeline("sd15", tmp_path_factory.mktemp("lrm-sd15"))
+
+
+@pytest.fixture(scope="session")
+def lrm_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with SDXL's layout (3 down blocks of 2 layers)."""
+    from lpo_oracle import save_multiscale_pipeline
+
+    return save_multiscale_pipeline("sdxl", tmp_path_factory.mktemp("lrm-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_sd15_fitted_vae_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.5 pipeline whose VAE keeps layout through encode/decode (SPM training tests)."""
     from spo.backbones.tiny import save_tiny_pipeline

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from lpo_oracle import multiscale_unet, one_thread, save_multiscale_pipeline
+from lpo_oracle import multiscale_unet, one_thread
 from spo.errors import ModelLoadError
 from spo.preference.latent import LatentRewardModel, feature_width, load_latent_reward_model, unet_features
 
@@ -37,16 +37,6 @@ SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=[
 def _one_thread() -> Any:
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def lrm_sd15_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_multiscale_pipeline("sd15", tmp_path_factory.mktemp("lrm-sd15"))
-
-
-@pytest.fixture(scope="module")
-def lrm_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_multiscale_pipeline("sdxl", tmp_path_factory.mktemp("lrm-sdxl"))
 
 
 def _latents(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -268,7 +258,7 @@ def test_sdxl_scores_in_the_second_text_encoders_text_embeds(lrm_sdxl_path: Path
     with torch.no_grad():
         embeds = lrm.text_encoder_2(ids).text_embeds
     torch.testing.assert_close(text, embeds / embeds.norm(dim=-1, keepdim=True), rtol=0, atol=1e-6)
-    hidden, pooled, _, _ = lrm.encode_text(PROMPTS)
+    hidden, pooled, _ = lrm.encode_text(PROMPTS)
     assert pooled is not None and pooled.shape == (2 * len(PROMPTS), 32) and hidden.shape[-1] == 64
     with pytest.raises(ValueError, match="text_embeds space"):
         LatentRewardModel(lrm.unet, [lrm.text_encoder, lrm.text_encoder_2], lrm.tokenizers, family="sdxl", projection_dim=16)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fixed_scorers import PROMPTS, LatentBrightness, brightness
+from lora_round_trip import assert_lora_reproduces_policy
 from spo.cli import main
 from spo.config import load_config
 from spo.sampling import PoolSampler, ddim_sample
@@ -192,25 +193,12 @@ def test_lpo_lora_round_trips_through_diffusers(tiny_path: tuple[str, Path], pro
                                                 tmp_path: Path) -> None:
     """LPO's final LoRA (diffusers format) loads into the plain diffusers pipeline and gives the
     function of the trained policy."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
     backbone, model = tiny_path
     config = _config(backbone, model, prompts_file, "train.rounds=2", "optimizer.lr=3e-2", "objective.eps=null")
     run = tmp_path / "run"
     trainer = SPOTrainer(config, run, scorer=LatentBrightness(), progress=False)
     assert trainer.train().steps > 0
-    pipe = DiffusionPipeline.from_pretrained(str(model))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="latent", eta=0.0)
-    before = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    pipe.load_lora_weights(str(run / "lora"))
-    after = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    assert float((after - before).abs().max()) > 1e-3
-    trainer.backbone.policy_forward = None
-    ours = ddim_sample(trainer.backbone, PROMPTS[:1], num_inference_steps=4, eta=0.0, guidance_scale=5.0,
-                       generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ours, after, rtol=1e-4, atol=1e-4)
+    assert_lora_reproduces_policy(trainer, model, run / "lora")
 
 
 # ------------------------------------------------------------------------------ spo train

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpo_oracle import lpo_module, one_thread, release_line, require_release, save_multiscale_pipeline
+from lpo_oracle import lpo_module, one_thread, release_line, require_release
 from spo.backbones import SD15Backbone, SDXLBackbone
 from spo.diffusion import DDIMSchedule
 from spo.preference.latent import LatentRewardModel, unet_features
@@ -55,16 +55,6 @@ SCORE_PROMPTS = PROMPTS + PROMPTS[::-1]
 def _one_thread() -> Any:
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def lrm_sd15_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_multiscale_pipeline("sd15", tmp_path_factory.mktemp("lpo-lrm-sd15"))
-
-
-@pytest.fixture(scope="module")
-def lrm_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_multiscale_pipeline("sdxl", tmp_path_factory.mktemp("lpo-lrm-sdxl"))
 
 
 @pytest.fixture(scope="module")

@@ -241,12 +241,14 @@ def pseudo_preference_filter(path: str, strategy: int, what: str = "spm.pseudo_p
             keep = []
             for line, row in enumerate(reader, start=2):
                 row = {(k or "").strip(): v for k, v in row.items()}
-                try:
-                    flag, aes, clip, vqa = (_csv_number(row.get(c)) for c in PSEUDO_PREFERENCE_COLUMNS)
-                except ValueError:
-                    bad = next(c for c in PSEUDO_PREFERENCE_COLUMNS if not _parses(row.get(c)))
-                    raise PreferenceDataError(f"{what}: {path} line {line}: {bad} is not a number: "
-                                              f"{row.get(bad)!r}") from None
+                values = []
+                for column in PSEUDO_PREFERENCE_COLUMNS:
+                    try:
+                        values.append(_csv_number(row.get(column)))
+                    except ValueError:
+                        raise PreferenceDataError(f"{what}: {path} line {line}: {column} is not a number: "
+                                                  f"{row.get(column)!r}") from None
+                flag, aes, clip, vqa = values
                 decided = flag == 1 and aes > floor and clip > 0 and vqa > 0
                 tie = flag == 0 and aes < 0.2 and clip < 0.03 and vqa < 0.07
                 keep.append(decided or tie)
@@ -258,10 +260,3 @@ def pseudo_preference_filter(path: str, strategy: int, what: str = "spm.pseudo_p
         raise PreferenceDataError(f"{what}: {path} has no rows")
     return keep
 
-
-def _parses(text: str | None) -> bool:
-    try:
-        _csv_number(text)
-    except ValueError:
-        return False
-    return True

@@ -180,22 +180,22 @@ class LatentRewardModel(nn.Module):
         return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(self.device)
 
-    def encode_text(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-        """(hidden states, pooled embeddings for SDXL's added conditioning, text features) for the
-        prompts, with the empty prompt's rows appended under guidance; returns (hidden, pooled,
-        features of the prompts only, ``None``); ``pooled`` is ``None`` for the SD-1.5 family."""
+    def encode_text(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(hidden states, pooled embeddings for SDXL's added conditioning, text features): the
+        first two for the prompts with the empty prompt's rows appended under guidance, the
+        features for the prompts only; ``pooled`` is ``None`` for the SD-1.5 family."""
         texts = list(prompts) + ([""] * len(prompts) if self.guided else [])
         if self.family == "sd":
             out = self.text_encoder(self._ids(self.tokenizers[0], texts), return_dict=False)
             hidden, pooled = out[0], out[1]
             assert self.text_projection is not None
             features = self.text_projection(pooled[: len(prompts)].to(self.text_projection.weight.dtype))
-            return hidden, None, features, None
+            return hidden, None, features
         first = self.text_encoder(self._ids(self.tokenizers[0], texts), output_hidden_states=True)
         second = self.text_encoder_2(self._ids(self.tokenizers[1], texts), output_hidden_states=True)
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         pooled = second[0]  # text_embeds: the projected pooled output of the second encoder
-        return hidden, pooled, pooled[: len(prompts)], None
+        return hidden, pooled, pooled[: len(prompts)]
 
     def time_ids(self, rows: int, dtype: torch.dtype, side: int | None = None) -> Tensor:
         """SDXL's size conditioning (H, W, 0, 0, H, W) at ``side`` (default ``resolution``)."""
@@ -236,7 +236,7 @@ class LatentRewardModel(nn.Module):
         """Normalised (image, text) features, one row per latent; ``prompts`` has one prompt per latent."""
         if len(prompts) != latents.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {latents.shape[0]} latents")
-        hidden, pooled, text, _ = self.encode_text(prompts)
+        hidden, pooled, text = self.encode_text(prompts)
         image = self.image_features(latents.to(self.device), timesteps, hidden, pooled)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
