@@ -47,8 +47,8 @@ def require_release() -> Path:
     return RELEASE
 
 
-# a namespace package without its ``__init__``, and mmengine's registry stand-in: the SPO oracle's
-from release_oracle import _package, _Registry  # noqa: E402  (tests/ is on sys.path: conftest.py)
+# a namespace package without its ``__init__``, and the builder stand-in with mmengine's registries: the SPO oracle's
+from release_oracle import _package, stub_builder  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 class _Transform:
@@ -123,12 +123,7 @@ def lpo_module(dotted: str) -> types.ModuleType:
     if dotted.startswith("preference_models"):
         _package(f"{PACKAGE}.preference_models", ROOT / "preference_models")
         _package(f"{PACKAGE}.preference_models.models", ROOT / "preference_models" / "models")
-        builder = f"{PACKAGE}.preference_models.builder"
-        if builder not in sys.modules:
-            stub = types.ModuleType(builder)
-            stub.COMPARE_FUNCS = _Registry("compare_funcs")  # type: ignore[attr-defined]
-            stub.PREFERENCE_MODEL_FUNC_BUILDERS = _Registry("preference_model_func_builders")  # type: ignore[attr-defined]
-            sys.modules[builder] = stub
+        stub_builder(f"{PACKAGE}.preference_models.builder")
         path = ROOT / Path(*dotted.split(".")).with_suffix(".py")
         if "torchvision" in path.read_text():
             with _torchvision_stand_in(path):

@@ -71,13 +71,18 @@ def release_module(dotted: str) -> types.ModuleType:
     _package(PACKAGE, root)
     if dotted.startswith("preference_models"):
         _package(f"{PACKAGE}.preference_models", root / "preference_models")
-        builder = f"{PACKAGE}.preference_models.builder"
-        if builder not in sys.modules:
-            stub = types.ModuleType(builder)
-            stub.COMPARE_FUNCS = _Registry("compare_funcs")  # type: ignore[attr-defined]
-            stub.PREFERENCE_MODEL_FUNC_BUILDERS = _Registry("preference_model_func_builders")  # type: ignore[attr-defined]
-            sys.modules[builder] = stub
+        stub_builder(f"{PACKAGE}.preference_models.builder")
     return importlib.import_module(f"{PACKAGE}.{dotted}")
+
+
+def stub_builder(name: str) -> None:
+    """Register a stand-in for a release's ``preference_models.builder`` module (mmengine's
+    registries, in which its compare functions and model builders register themselves)."""
+    if name not in sys.modules:
+        stub = types.ModuleType(name)
+        stub.COMPARE_FUNCS = _Registry("compare_funcs")  # type: ignore[attr-defined]
+        stub.PREFERENCE_MODEL_FUNC_BUILDERS = _Registry("preference_model_func_builders")  # type: ignore[attr-defined]
+        sys.modules[name] = stub
 
 
 def release_statements(script: str, first_target: str, last_target: str) -> tuple[str, int, int]:
