@@ -15,6 +15,7 @@ from fixed_scorers import brightness
 from spo.config import load_config
 from spo.training import SPOTrainer, WriteError, list_checkpoints
 from spo.training import checkpoint as checkpoint_module
+from spo.training.engines import engine_of
 
 
 def disk_full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
@@ -67,6 +68,7 @@ def main() -> None:
         trainer.accelerator.wait_for_everyone()
         (run / f"rank-{rank}.json").write_text(json.dumps({
             "rank": rank, "num_processes": trainer.accelerator.num_processes, "error": error,
+            "engine": engine_of(trainer.accelerator),
             "checkpoints": [p.name for p in list_checkpoints(run)],
             "hidden": sorted(p.name for p in (run / "checkpoints").glob(".*")) if (run / "checkpoints").exists() else [],
         }))

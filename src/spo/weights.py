@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -202,3 +202,20 @@ def read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
     if not tensors:
         raise ModelLoadError(f"{what}: {str(path)!r} holds no tensors (expected a state dict)")
     return tensors
+
+
+def save_model_state(module: Any, state: dict[str, Any], directory: str | Path) -> None:
+    """What diffusers' ``ModelMixin.save_pretrained`` writes (``config.json`` and
+    ``diffusion_pytorch_model.safetensors``, split at 10 GB with its index as diffusers does),
+    from ``state``: the model's whole weights, gathered from a sharded copy (an FSDP module holds
+    only its shard, which ``save_pretrained``, taking no state dict, would write)."""
+    from huggingface_hub import save_torch_state_dict
+
+    missing = sorted(set(module.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"the gathered weights lack {len(missing)} of the model's entries, e.g. {missing[:3]}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    module.save_config(directory)
+    save_torch_state_dict(state, directory, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="10GB", metadata={"format": "pt"})

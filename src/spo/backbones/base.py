@@ -612,14 +612,16 @@ class Backbone(ABC):
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
 
-    def lora_state_dict(self) -> dict[str, Tensor]:
-        """The adapter's weights with diffusers-format keys (as ``save_lora_weights`` takes them)."""
+    def lora_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The adapter's weights with diffusers-format keys (as ``save_lora_weights`` takes them);
+        ``state_dict``: the UNet's weights gathered whole (a sharded UNet holds only its shard)."""
         if self._adapter_name is None:
             raise RuntimeError("no LoRA adapter is attached")
-        return lora_state_dict(self.unet, self._adapter_name)
+        return lora_state_dict(self.unet, self._adapter_name, state_dict)
 
-    def save_lora(self, directory: str | Path) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``."""
+    def save_lora(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``
+        (``state_dict``: as for :meth:`lora_state_dict`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # rank, alpha and targets travel with the weights: alpha != rank reloads correctly; sets
@@ -629,7 +631,7 @@ class Backbone(ABC):
         type(self.pipeline).save_lora_weights(
             save_directory=str(directory),
             safe_serialization=True,
-            **{f"{self.lora_prefix}_lora_layers": self.lora_state_dict(),
+            **{f"{self.lora_prefix}_lora_layers": self.lora_state_dict(state_dict),
                f"{self.lora_prefix}_lora_adapter_metadata": metadata},
         )
         return directory / "pytorch_lora_weights.safetensors"

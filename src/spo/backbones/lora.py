@@ -45,13 +45,16 @@ def attach_lora(
     return params
 
 
-def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "spo") -> dict[str, Tensor]:
+def lora_state_dict(unet: torch.nn.Module, adapter_name: str = "spo",
+                    state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Adapter weights with peft keys (``...lora_A.weight``), as ``save_lora_weights(unet_lora_layers=...)``
     takes them and ``load_lora_weights`` reads them back. Not converted to the older
     ``lora.down``/``lora.up`` naming: that conversion renames attention layers only, and a file
     mixing both namings silently loses the attention adapters when targets include convolutions.
     Tensors come back contiguous (a UNet held channels-last has strided conv weights, which
-    safetensors refuses)."""
+    safetensors refuses). ``state_dict``: the UNet's weights (at least the adapter's) to read them
+    from instead of the module (gathered whole from a sharded UNet)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
+    state = get_peft_model_state_dict(unet, state_dict=state_dict, adapter_name=adapter_name)
+    return {k: v.contiguous() for k, v in state.items()}

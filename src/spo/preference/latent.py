@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import ModelLoadError
-from ..weights import parse_reference, resolve_reference
+from ..weights import parse_reference, resolve_reference, save_model_state
 
 if TYPE_CHECKING:
     from ..config import SPOConfig
@@ -262,22 +262,31 @@ class LatentRewardModel(nn.Module):
             parts.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizers[1])
         return parts
 
-    def head_state(self) -> dict[str, Tensor]:
-        """The LRM's own weights (projections, logit scale)."""
-        state = {"visual_projection.weight": self.visual_projection.weight, "logit_scale": self.logit_scale}
-        if self.text_projection is not None:
-            state["text_projection.weight"] = self.text_projection.weight
-        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    def head_state(self, state_dict: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The LRM's own weights (projections, logit scale); ``state_dict``: read from these
+        (the whole LRM's, gathered) instead of the module."""
+        names = ["visual_projection.weight", "logit_scale"] + (
+            ["text_projection.weight"] if self.text_projection is not None else [])
+        source = dict(self.named_parameters()) if state_dict is None else state_dict
+        return {k: source[k].detach().contiguous().cpu() for k in names}
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, state_dict: Mapping[str, Tensor] | None = None) -> Path:
         """Write the LRM as a directory that ``preference.pretrained=DIR`` (with
         ``preference.kind=latent``) loads: its components' folders, ``lrm.safetensors`` and
-        ``lrm_config.json``."""
+        ``lrm_config.json``. ``state_dict``: the weights gathered whole (a sharded LRM holds only
+        its shard)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, part in self.components().items():
-            part.save_pretrained(directory / name)
-        save_file(self.head_state(), str(directory / LRM_WEIGHTS))
+            if state_dict is None or not isinstance(part, nn.Module):  # tokenizers
+                part.save_pretrained(directory / name)
+                continue
+            own = {k.removeprefix(f"{name}."): v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+            if hasattr(part, "save_config"):  # a diffusers model: save_pretrained takes no state dict
+                save_model_state(part, own, directory / name)
+            else:
+                part.save_pretrained(directory / name, state_dict=own)
+        save_file(self.head_state(state_dict), str(directory / LRM_WEIGHTS))
         (directory / LRM_CONFIG).write_text(json.dumps(self.settings(), indent=2))
         return directory
 

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,6 +110,10 @@ class StepAwarePreferenceModel(CLIPScorer):
     """
 
     default_preprocessing: Preprocessing = "release"
+    #: the blocks FSDP shards one by one (accelerate's TRANSFORMER_BASED_WRAP reads this list): a
+    #: block's weights are gathered when its ``forward`` runs, and :meth:`pixel_embeddings` runs
+    #: the vision layers' parts itself, so the vision encoder layers stay with the whole model
+    _no_split_modules: ClassVar[list[str]] = ["CLIPTextTransformer", "CLIPVisionEmbeddings"]
 
     def __init__(
         self,
@@ -184,14 +188,16 @@ class StepAwarePreferenceModel(CLIPScorer):
             raise ModelLoadError(f"preference.checkpoint: shape mismatch for {wrong[:6]}")
         self.load_state_dict(state, strict=False)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write this SPM as a directory: CLIP config, tokenizer, ``spm.safetensors`` (release
-        key layout) and ``spm_config.json``; ``preference.pretrained=DIR`` loads it."""
+        key layout) and ``spm_config.json``; ``preference.pretrained=DIR`` loads it.
+        ``state_dict``: the weights gathered whole (a sharded SPM holds only its shard)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.endswith("position_ids")}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items() if not k.endswith("position_ids")}
         save_file(state, str(directory / SPM_WEIGHTS))
         meta = {"variant": self.variant, "frequencies": self.frequencies, "size": self.size,
                 "mean": list(self.mean), "std": list(self.std)}
@@ -203,15 +209,18 @@ class StepAwarePreferenceModel(CLIPScorer):
         vision = self.model.vision_model
         return [self.model.t_embedder, *(layer.adaLN_modulation for layer in vision.encoder.layers), vision.adaLN_modulation]
 
-    def save_clip(self, directory: str | Path) -> Path:
+    def save_clip(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the plain CLIP (without the time modules) as a CLIPModel directory with its
         tokenizer and image processor, the layout PickScore ships in: a clean reward model that
-        ``preference.pretrained=DIR`` turns into a fresh SPM (time modules at identity)."""
+        ``preference.pretrained=DIR`` turns into a fresh SPM (time modules at identity).
+        ``state_dict``: as for :meth:`save`."""
         directory = Path(directory)
         added = {id(p) for m in self.time_modules() for p in m.parameters()}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.named_parameters() if id(v) not in added}
-        state.update({k: v.detach().contiguous().cpu() for k, v in self.model.named_buffers()
-                      if not k.endswith("position_ids")})
+        kept = [k for k, v in self.model.named_parameters() if id(v) not in added]
+        kept += [k for k, _ in self.model.named_buffers() if not k.endswith("position_ids")]
+        source = self.model.state_dict() if state_dict is None else {
+            k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        state = {k: source[k].detach().contiguous().cpu() for k in kept}
         self.model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
         save_clip_image_config(directory, self.size, self.mean, self.std)

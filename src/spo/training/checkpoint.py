@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import SPOError
+from .engines import (full_optimizer_state, full_state, load_full_optimizer_state, load_full_state, set_local_grads,
+                      sharded)
 from .seeding import rng_state, set_rng_state
 
 _NAME = re.compile(r"^(round|step)-(\d{6,})$")
@@ -134,9 +137,15 @@ def save_checkpoint(
     keep: int = 2,
     kind: str = "round",
     grads: dict[str, torch.Tensor] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
     """Write the checkpoint after ``done`` rounds (or steps: ``kind="step"``) on every process
     (``accelerator``: :data:`ONE_PROCESS` for a loop without one; ``lr_scheduler`` may be None).
+
+    ``model``: the prepared module ``trainable`` belongs to. With it, the weights and the
+    optimiser state are gathered whole under any engine (:mod:`~spo.training.engines`: FSDP's
+    shards included; every process must call this) and the optimiser state is keyed by
+    parameter name; without it (single-process loops), they are written as they are.
 
     Each stage ends with :func:`~spo.training.distributed.write_everywhere`, so a failed write
     on any process (a full disk) stops every process with the same :class:`WriteError`, and the
@@ -145,6 +154,11 @@ def save_checkpoint(
     :func:`load_checkpoint`."""
     from .distributed import write_everywhere
 
+    if model is not None:  # collectives: every process, before any write (engines.full_state)
+        trainable = full_state(accelerator, model, list(trainable))
+        optimizer_state = full_optimizer_state(accelerator, model, optimizer)
+    else:
+        optimizer_state = optimizer.state_dict() if accelerator.is_main_process else {}
     root = checkpoint_dir(run_dir)
     final = root / f"{kind}-{done:06d}"
     tmp = root / f".tmp-{kind}-{done:06d}"
@@ -162,7 +176,7 @@ def save_checkpoint(
                       str(tmp / f"grads-{accelerator.process_index}.safetensors"))
         if accelerator.is_main_process:
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             if lr_scheduler is not None:
                 torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             if getattr(accelerator, "scaler", None) is not None:  # fp16 loss scale: resume exactly
@@ -172,7 +186,8 @@ def save_checkpoint(
         written = sorted(p for p in tmp.iterdir() if p.is_file())
         (tmp / MANIFEST).write_text(json.dumps({p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                                                 for p in written}, indent=2))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, f"{kind}s_done": done}, indent=2))
+        keys = {"optimizer_keys": "name"} if model is not None else {}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, **keys, f"{kind}s_done": done}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -197,29 +212,44 @@ def load_checkpoint(
     trainable: dict[str, torch.Tensor],
     optimizer: Any,
     lr_scheduler: Any,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Restore weights, optimiser, scheduler, this process's RNG and its accumulated gradients
-    (when the checkpoint holds them); returns the trainer state."""
+    (when the checkpoint holds them); returns the trainer state. ``model``: as for
+    :func:`save_checkpoint` (then a collective: every process calls it)."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
     state = json.loads(state_file.read_text())
-    saved = load_file(str(path / "trainable.safetensors"))
-    missing, unexpected = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+    with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    missing, unexpected = sorted(set(trainable) - names), sorted(names - set(trainable))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(saved[name].to(param.device, param.dtype))
+    reads = model is None or accelerator.is_main_process or not sharded(accelerator)
+    saved = load_file(str(path / "trainable.safetensors")) if reads else {}
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu") if reads else {}
+    by_name = state.get("optimizer_keys") == "name"  # else optimizer.state_dict()'s numbering
+    if model is not None and sharded(accelerator) and not by_name:
+        raise CheckpointError(f"checkpoint {path} numbers its optimizer state by position (written before "
+                              "checkpoints named parameters): resume it without FSDP")
+    if model is None:
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(saved[name].to(param.device, param.dtype))
+    else:
+        load_full_state(accelerator, model, saved)
+    if by_name:
+        load_full_optimizer_state(accelerator, model, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
+    del saved, optimizer_state
     grads_file = path / f"grads-{accelerator.process_index}.safetensors"
     if grads_file.exists():
-        grads = load_file(str(grads_file))
-        for name, param in trainable.items():
-            param.grad = grads[name].to(param.device, param.dtype) if name in grads else None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        set_local_grads(trainable, load_file(str(grads_file)))
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if getattr(accelerator, "scaler", None) is not None and (path / "scaler.pt").exists():

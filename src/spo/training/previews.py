@@ -35,6 +35,7 @@ from ..files import atomic_path
 from ..images import comparison_grid, to_pil
 from ..sampling import ddim_sample
 from .distributed import write_everywhere
+from .engines import sharded
 from .seeding import generator, rng_state, set_rng_state
 
 #: where the previews go, under the run directory (``spo report`` reads them there)
@@ -131,21 +132,43 @@ class Previews:
         """The previews due after ``rounds_done`` rounds (the policy's, and the reference's when its
         file is missing), drawn on the main process while the others wait; returns the seconds it
         took (``preview_seconds``), or ``None`` when none is due. A failure on the main process
-        raises the same :class:`~spo.training.distributed.WriteError` on every process."""
+        raises the same :class:`~spo.training.distributed.WriteError` on every process.
+
+        Under FSDP (:func:`~spo.training.engines.sharded`) every forward is a collective, so
+        every process draws the same images (same prompts, same noise) and the main process
+        writes them."""
         if not self.due(rounds_done):
             return None
         start = time.perf_counter()
-        write_everywhere(self.accelerator, f"drawing the previews after {rounds_done} rounds into {self.directory}",
-                         lambda: self._draw_missing(rounds_done))
+        what = f"drawing the previews after {rounds_done} rounds into {self.directory}"
+        if not sharded(self.accelerator):
+            write_everywhere(self.accelerator, what, lambda: self._write_all(self._draw(self._missing(rounds_done))))
+            return time.perf_counter() - start
+        from accelerate.utils import broadcast_object_list
+
+        missing = broadcast_object_list([self._missing(rounds_done)])[0]  # the main process's view
+        drawn = self._draw(missing)
+        write_everywhere(self.accelerator, what, lambda: self._write_all(drawn))
         return time.perf_counter() - start
 
-    def _draw_missing(self, rounds_done: int) -> None:
-        reference, policy = self.directory / REFERENCE_FILE, self.directory / preview_file(rounds_done)
-        if not reference.exists():
-            self._write(reference, self.grid(self.sample(reference=True), "reference"), REFERENCE_TAG, rounds_done)
+    def _missing(self, rounds_done: int) -> list[tuple[str, bool, str, str, int]]:
+        """The grids to draw: (file, by the reference, column label, tracker tag, step)."""
+        missing = []
+        if not (self.directory / REFERENCE_FILE).exists():
+            missing.append((str(self.directory / REFERENCE_FILE), True, "reference", REFERENCE_TAG, rounds_done))
+        policy = self.directory / preview_file(rounds_done)
         if not policy.exists():
             label = f"after {rounds_done} round" + ("" if rounds_done == 1 else "s")
-            self._write(policy, self.grid(self.sample(), label), POLICY_TAG, rounds_done)
+            missing.append((str(policy), False, label, POLICY_TAG, rounds_done))
+        return missing
+
+    def _draw(self, missing: list[tuple[str, bool, str, str, int]]) -> list[tuple[Path, Any, str, int]]:
+        return [(Path(path), self.grid(self.sample(reference=reference), label), tag, step)
+                for path, reference, label, tag, step in missing]
+
+    def _write_all(self, drawn: list[tuple[Path, Any, str, int]]) -> None:
+        for path, grid, tag, step in drawn:
+            self._write(path, grid, tag, step)
 
     def _write(self, path: Path, grid: Any, tag: str, step: int) -> None:
         with atomic_path(path) as tmp:
@@ -163,7 +186,7 @@ class Previews:
         model = backbone.reference_model() if reference else contextlib.nullcontext()
         try:
             unet.eval()  # no dropout: nothing drawn from the global generator
-            backbone.policy_forward = None  # the module itself, not a DDP wrapper (no collective)
+            backbone.policy_forward = None  # the module itself, not a DDP wrapper (no collective but FSDP's)
             with rng_untouched(), model, self.accelerator.autocast():
                 latents = ddim_sample(backbone, self.prompts, num_inference_steps=s.num_inference_steps, eta=s.eta,
                                       guidance_scale=s.guidance_scale,

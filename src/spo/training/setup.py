@@ -34,6 +34,7 @@ from ..builtin import resolve_references
 from ..config import SPOConfig, config_to_dict, load_config, save_config
 from .checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint
 from .distributed import process_count_problem, write_everywhere
+from .engines import adopt_cpu_fsdp, engine_problem
 from .metrics import MetricsLog
 from .output import output_problem, removed_on_failure
 
@@ -93,8 +94,10 @@ def trackers(config: SPOConfig) -> list[str]:
 def make_accelerator(config: SPOConfig, run_dir: Path, mixed_precision: str) -> Any:
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=mixed_precision, cpu=config.model.device == "cpu",
-                       log_with=trackers(config) or None, project_dir=str(run_dir / "logs"))
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=config.model.device == "cpu",
+                      log_with=trackers(config) or None, project_dir=str(run_dir / "logs"))
+    adopt_cpu_fsdp(acc)  # an FSDP launch on CPU processes trains FSDP, not DDP (spo.training.engines)
+    return acc
 
 
 @contextmanager
@@ -119,7 +122,8 @@ def start_run(config: SPOConfig, run_dir: str | Path, kind: RunKind, *, resume: 
     if config.model.device is not None and torch.device(config.model.device).type != acc.device.type:
         raise kind.error(f"model.device: {config.model.device!r} was asked for, but accelerate placed this "
                          f"process on {str(acc.device)!r}")
-    problem = process_count_problem(config.train.num_processes, acc.num_processes)
+    problem = process_count_problem(config.train.num_processes, acc.num_processes) or engine_problem(
+        acc, compile=config.model.compile and kind.checkpoint_prefix == "round")
     if problem:
         raise kind.error(problem)
     with removed_on_failure(run_dir, acc.is_main_process):

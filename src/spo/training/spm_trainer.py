@@ -60,6 +60,7 @@ from ..preference.loss import preference_pair_loss, release_accuracy
 from ..preference.spm import load_preference_model
 from ..weights import check_reference
 from .checkpoint import save_checkpoint
+from .engines import full_state, prepare_for_fsdp, sharded, trainable_parameters
 from .distributed import write_everywhere
 from .model_card import write_card_everywhere
 from .seeding import derive_seed, generator
@@ -210,14 +211,17 @@ class SPMTrainer:
             for module in self.spm.time_modules():
                 module.requires_grad_(False)
         self.resolution = self.spm.size if self.clean else self.backbone.resolution
-        self.params = [p for p in self.spm.parameters() if p.requires_grad]
-        self.trainable = {n: p for n, p in self.spm.named_parameters() if p.requires_grad}
         self.relabeler = (
             CLIPScorer.from_pretrained(cfg.relabel, config.preference.processor, device=acc.device, what="spm.relabel")
             if cfg.relabel else None
         )
         # the release: DeepSpeed's AdamW (torch_adam) over every SPM weight, one parameter group
-        self.policy, self.optimizer = run.optimizer(self.spm, self.params, cfg)
+        if sharded(acc):
+            prepare_for_fsdp(acc, self.spm)
+        self.policy, self.optimizer = run.optimizer(self.spm, [p for p in self.spm.parameters() if p.requires_grad], cfg)
+        # read after prepare: FSDP2 replaces every parameter object (spo.training.engines)
+        self.trainable = trainable_parameters(self.spm)
+        self.params = list(self.trainable.values())
         if cfg.lr_schedule == "warmup_decay":
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer.optimizer,
@@ -226,11 +230,15 @@ class SPMTrainer:
             from diffusers.optimization import get_scheduler
 
             self.lr_scheduler = get_scheduler("constant", self.optimizer.optimizer)
+        #: under FSDP every forward is a collective: validation scores without the text cache
+        #: (ranks with different prompts would run the text tower different numbers of times)
+        self.uncached = sharded(acc)
         self.metrics = run.metrics
         self.step, self.skipped_rows = 0, 0
         self.validation: dict[int, float] = {}
         self.validated_at: int | None = None  # the step of the last validation
-        state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                    model=self.spm)
         if state is not None:  # (the process count was checked against config.yaml by start_run)
             saved_rows = state.get("train_rows")
             if saved_rows is not None and int(saved_rows) != len(self.train_rows):
@@ -351,7 +359,7 @@ class SPMTrainer:
         prompts = [c for c in captions for _ in range(2)]
         ts = ts.to(x_t.device)
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
-            scores = self.policy(x_t, prompts, ts, grad=True) if grad else self.spm(x_t, prompts, ts)
+            scores = self.policy(x_t, prompts, ts, grad=True) if grad or self.uncached else self.spm(x_t, prompts, ts)
         scores = scores.float().view(-1, 2)
         return scores[:, 0], scores[:, 1]
 
@@ -373,7 +381,7 @@ class SPMTrainer:
         ts = timesteps.repeat_interleave(2).to(flat.device)
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
             # training goes through the (DDP-wrapped) policy so gradients are synchronised
-            scores = self.policy(flat, prompts, ts, grad=True) if grad else self.spm(flat, prompts, ts)
+            scores = self.policy(flat, prompts, ts, grad=True) if grad or self.uncached else self.spm(flat, prompts, ts)
         scores = scores.view(-1, 2)
         return scores[:, 0], scores[:, 1]
 
@@ -414,7 +422,8 @@ class SPMTrainer:
             bad_total += bad
             gen = generator(self.config.seed, "spm-step", self.step, micro, acc.process_index)
             last = micro == cfg.gradient_accumulation_steps - 1
-            sync = acc.no_sync(self.policy) if not last else contextlib.nullcontext()
+            # under FSDP every micro-batch reduce-scatters: no_sync would hold whole gradients
+            sync = acc.no_sync(self.policy) if not (last or sharded(acc)) else contextlib.nullcontext()
             # the release's criterion normalises the example weights over the batch gathered from
             # every process (all_gather with gradients): its gradient is that of the loss
             # sum_all(w ce) / sum_all(w); DDP averages over processes, so each contributes
@@ -436,9 +445,7 @@ class SPMTrainer:
                     used += len(pairs)
                 else:  # every row of this micro-batch was bad: a zero-weight pass through the DDP
                     # wrapper keeps this process's gradient all-reduce in step with the others
-                    blank = (torch.zeros(1, *self.backbone.latent_shape, device=acc.device) if self.latent
-                             else torch.zeros(1, 3, self.resolution, self.resolution, device=acc.device))
-                    loss = self.policy(blank, [""], torch.zeros(1, device=acc.device), grad=True).sum() * 0.0
+                    loss = self._blank_forward().sum() * 0.0
                 if not torch.isfinite(loss.detach()).all():
                     bad_flag = torch.ones(1, device=acc.device)
                 else:
@@ -467,6 +474,14 @@ class SPMTrainer:
         self.metrics.write(entry, self.step, "spm")
         return entry
 
+    def _blank_forward(self) -> torch.Tensor:
+        """One forward of the policy on a blank input (in step with the other processes'
+        collectives: DDP's all-reduce, FSDP's all-gathers)."""
+        acc = self.accelerator
+        blank = (torch.zeros(1, *self.backbone.latent_shape, device=acc.device) if self.latent
+                 else torch.zeros(1, 3, self.resolution, self.resolution, device=acc.device))
+        return self.policy(blank, [""], torch.zeros(1, device=acc.device), grad=True)
+
     @torch.no_grad()
     def validate(self) -> dict[int, float]:
         """Pair accuracy at each validation timestep, all processes together, as the release
@@ -482,11 +497,19 @@ class SPMTrainer:
         result: dict[int, float] = {}
         counts = torch.zeros(len(self.validation_timesteps), 3, dtype=torch.float64, device=acc.device)
         t_dtype = torch.long if self.clean else self.backbone.schedule(1).timesteps.dtype
-        for start in range(0, len(mine), cfg.batch_size):  # each batch loaded and relabelled once
+        # under FSDP every process runs as many forwards as the busiest one (a blank one when it has
+        # no pair left): its share of the rows rounded up, in batches
+        batches = -(-len(mine) // cfg.batch_size)
+        if sharded(acc):
+            batches = -(-(-(-len(rows) // acc.num_processes)) // cfg.batch_size)
+        for start in range(0, batches * cfg.batch_size, cfg.batch_size):  # each batch loaded and relabelled once
             pairs = [load_pair(self.val_data, r, self.resolution) for r in mine[start : start + cfg.batch_size]]
             keep = [p for p in pairs if p is not None]
             counts[:, 2] += len(pairs) - len(keep)
             if not keep:
+                if sharded(acc):
+                    for _ in self.validation_timesteps:
+                        self._blank_forward()
                 continue
             images = torch.stack([p["images"] for p in keep])
             captions = [p["caption"] for p in keep]
@@ -519,7 +542,7 @@ class SPMTrainer:
     def checkpoint(self) -> Path:
         return save_checkpoint(
             self.accelerator, self.run_dir, self.step, trainable=self.trainable, optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints, kind="step",
+            lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints, kind="step", model=self.spm,
             state={"skipped_rows": self.skipped_rows, "seed": self.config.seed,
                    "num_processes": self.accelerator.num_processes, "train_rows": len(self.train_rows)},
         )
@@ -548,9 +571,15 @@ class SPMTrainer:
         if self.step == cfg.steps:
             self.validate()
             noun = {"reward": "reward model", "lrm": "latent reward model", "spm": "SPM"}[model]
+            # the weights whole on the main process, gathered by every process (FSDP's shards)
+            state = full_state(acc, self.spm, [n for n, _ in self.spm.named_parameters()]) if sharded(acc) else None
+            if state is not None:
+                persistent = set(self.spm.state_dict())  # buffers are not sharded; saved ones only
+                state.update({n: b for n, b in self.spm.named_buffers() if n in persistent})
             spm_path = write_everywhere(
                 acc, f"writing the trained {noun} to {self.run_dir}",
-                lambda: self.spm.save_clip(self.run_dir / model) if self.clean else self.spm.save(self.run_dir / model))
+                lambda: (self.spm.save_clip(self.run_dir / model, state) if self.clean
+                         else self.spm.save(self.run_dir / model, state)))
             write_card_everywhere(acc, self.run_dir, self.run_dir / model, self.config)
         if acc.trackers:
             acc.end_training()

@@ -45,9 +45,10 @@ from ..preference.latent import load_latent_reward_model
 from ..preference.spm import load_preference_model
 from ..sampling import PoolScorer
 from ..sampling.records import Records
-from ..weights import check_reference
+from ..weights import check_reference, save_model_state
 from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
+from .engines import full_state, local_grads, shard_frozen, sharded, trainable_parameters
 from .previews import Previews
 from .model_card import write_card_everywhere
 from .seeding import PromptSchedule, derive_seed, generator
@@ -157,8 +158,6 @@ class SPOTrainer:
             self.backbone.to_channels_last()
         if config.model.compile:
             self.backbone.compile()
-        self.params = params
-        self.trainable = {n: p for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
         if scorer is None and method_type.needs_scorer:
             scorer = build_scorer(config, acc.device)
             if self.progress and acc.is_main_process:
@@ -173,6 +172,12 @@ class SPOTrainer:
         policy, self.optimizer = run.optimizer(self.backbone.unet, params, o)
         self.backbone.policy_forward = policy
         self.policy = policy
+        # read after prepare: FSDP2 replaces every parameter object (spo.training.engines)
+        self.trainable = trainable_parameters(self.backbone.unet)
+        self.params = list(self.trainable.values())
+        if sharded(acc) and self.backbone.reference_unet is not None:
+            # full fine-tuning: the frozen reference sharded like the policy, 1/N of a UNet per process
+            self.backbone.reference_unet = shard_frozen(acc, self.backbone.reference_unet)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -189,7 +194,8 @@ class SPOTrainer:
         #: micro-batches backpropagated since the last optimiser step (train.carry_accumulation),
         #: with their summed diagnostics and pairs
         self.pending = {"micro_batches": 0, "pairs": 0, "sums": dict.fromkeys(self.metric_names, 0.0)}
-        state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                    model=self.backbone.unet)
         if state is not None:
             self.rounds_done, self.step = int(state["rounds_done"]), int(state["step"])
             self.skipped_rounds = int(state.get("skipped_rounds", 0))
@@ -258,8 +264,11 @@ class SPOTrainer:
 
     def _backward(self, records: Records, rows: torch.Tensor, weight: float, sync: bool, round_index: int) -> dict[str, float]:
         """One micro-batch: the method's loss times ``weight``, backpropagated (gradients reduced
-        across processes only with ``sync``); a non-finite loss on any process stops all."""
+        across processes only with ``sync``, and always under FSDP: its shards then hold the
+        gradients, which an accumulation open at a checkpoint needs); a non-finite loss on any
+        process stops all."""
         acc = self.accelerator
+        sync = sync or sharded(acc)
         batch = records.index(rows)
         with (contextlib.nullcontext() if sync else acc.no_sync(self.policy)), acc.autocast():
             out = self.method.loss(self.backbone, self.schedule, batch)
@@ -374,8 +383,7 @@ class SPOTrainer:
             lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints,
             state={"step": self.step, "skipped_rounds": self.skipped_rounds, "seed": self.config.seed,
                    "method": self.method.state_dict(), "pending": self.pending},
-            grads=({n: p.grad for n, p in self.trainable.items() if p.grad is not None}
-                   if self.pending["micro_batches"] else None),
+            grads=local_grads(self.trainable) if self.pending["micro_batches"] else None, model=self.backbone.unet,
         )
 
     def train(self, stop_after: int | None = None) -> TrainResult:
@@ -413,10 +421,17 @@ class SPOTrainer:
         """The final weights: ``lora/pytorch_lora_weights.safetensors`` (diffusers format), or
         ``unet/`` under full fine-tuning; then their model card, ``README.md`` beside them (one
         that cannot be written is a warning: the weights are saved)."""
+        acc, unet = self.accelerator, self.backbone.unet
+        # the weights whole on the main process, gathered by every process (FSDP's shards)
+        state = full_state(acc, unet, list(self.trainable)) if sharded(acc) else None
+
         def save() -> Path:
             if self.config.model.finetune == "lora":
-                return self.backbone.save_lora(self.run_dir / "lora")
-            self.backbone.unet.save_pretrained(self.run_dir / "unet")
+                return self.backbone.save_lora(self.run_dir / "lora", state_dict=state)
+            if state is None:
+                unet.save_pretrained(self.run_dir / "unet")
+            else:
+                save_model_state(unet, state, self.run_dir / "unet")
             return self.run_dir / "unet"
 
         what = "writing the final " + ("LoRA" if self.config.model.finetune == "lora" else "UNet")
