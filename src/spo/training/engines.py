@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-#: the engines' names as run logs and errors give them
+#: the engines' names, as errors and the tests give them
 SINGLE, DDP, FSDP, DEEPSPEED = "single", "ddp", "fsdp", "deepspeed"
 
 
