@@ -29,46 +29,16 @@ import contextlib
 import json
 import os
 import traceback
-import zlib
 from pathlib import Path
 
 import torch
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# the same tiny LoRA UNet, micro-batches and loss as the FSDP probe beside this file
+from fsdp_accelerate_probe import load_unet as _load_unet, loss_of, micro_batches
 
 
-def load_unet(path: str):
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
-    unet.requires_grad_(False)
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"),
-                     adapter_name="spo")
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.requires_grad_(True)
-    with torch.no_grad():  # B != 0, so the adapter changes the output from the start
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
-    return unet
-
-
-def micro_batches(unet, rank: int, step: int = 0):
-    c = unet.config
-    g = torch.Generator().manual_seed(1000 + rank + 100 * step)
-    out = []
-    for _ in range(2):
-        out.append({"sample": torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),
-                    "timestep": torch.randint(0, 1000, (2,), generator=g),
-                    "encoder_hidden_states": torch.randn(2, 7, c.cross_attention_dim, generator=g)})
-    return out
-
-
-def loss_of(model, batch):
-    return model(**batch, return_dict=False)[0].pow(2).mean()
+def load_unet(path: str) -> torch.nn.Module:
+    return _load_unet(path, "lora")
 
 
 def main() -> None:
@@ -297,7 +267,7 @@ def main() -> None:
                 p_opt.step()
                 p_opt.zero_grad()
                 sd = dict(plain.named_parameters())
-                mine = torch.load(out / f"lora-step{step}.pt")
+                mine = torch.load(out / f"lora-step{step}.pt", weights_only=True)
                 report[f"max_abs_ds_minus_plain_step{step}"] = max(float((v - sd[k]).abs().max()) for k, v in mine.items())
         report["ok"] = True
     except Exception as err:  # noqa: BLE001 - the probe reports

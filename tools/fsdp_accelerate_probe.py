@@ -78,9 +78,9 @@ def load_unet(path: str, finetune: str) -> torch.nn.Module:
     return unet
 
 
-def micro_batches(unet: torch.nn.Module, rank: int) -> list[dict[str, torch.Tensor]]:
+def micro_batches(unet: torch.nn.Module, rank: int, step: int = 0) -> list[dict[str, torch.Tensor]]:
     c = unet.config
-    g = torch.Generator().manual_seed(1000 + rank)
+    g = torch.Generator().manual_seed(1000 + rank + 100 * step)
     out = []
     for _ in range(2):
         out.append({"sample": torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),
