@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/checkpoints/round-000012/`` (after 12 completed rounds):
 ``trainable.safetensors`` (the trainable weights: LoRA adapters, or the whole UNet),
 ``optimizer.pt``, ``lr_scheduler.pt``, ``rng-{rank}.pt`` (one per process), ``grads-{rank}.safetensors``
-(only while gradients are accumulating across rounds: each process's own, not yet reduced) and
+(only while gradients are accumulating across rounds: each process's own, not yet reduced; under
+DeepSpeed ``replay-{rank}.safetensors`` instead, the open accumulation's micro-batches) and
 ``trainer_state.json`` (counters), and ``manifest.json`` (each file's size and sha256, written
 after every other file but the state). Everything is written to a hidden temporary directory,
 then renamed; the ``.pt`` files hold only tensors and plain types and are read back with
@@ -27,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import SPOError
-from .engines import (full_optimizer_state, full_state, load_full_optimizer_state, load_full_state, set_local_grads,
-                      sharded)
+from .engines import (DEEPSPEED, FSDP, engine_of, full_optimizer_state, full_state, load_full_optimizer_state,
+                      load_full_state, set_local_grads)
 from .seeding import rng_state, set_rng_state
 
 _NAME = re.compile(r"^(round|step)-(\d{6,})$")
@@ -138,6 +139,7 @@ def save_checkpoint(
     kind: str = "round",
     grads: dict[str, torch.Tensor] | None = None,
     model: torch.nn.Module | None = None,
+    replay: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint after ``done`` rounds (or steps: ``kind="step"``) on every process
     (``accelerator``: :data:`ONE_PROCESS` for a loop without one; ``lr_scheduler`` may be None).
@@ -151,7 +153,10 @@ def save_checkpoint(
     on any process (a full disk) stops every process with the same :class:`WriteError`, and the
     previous checkpoint stays the latest. ``grads``: this process's accumulated gradients, when an
     optimiser step is still open (``train.carry_accumulation``), restored by
-    :func:`load_checkpoint`."""
+    :func:`load_checkpoint`. ``replay``: instead of them (DeepSpeed), this process's micro-batches
+    of the open accumulation as tensors, ``replay-{rank}.safetensors``, handed back by
+    :func:`load_checkpoint` as the state's ``replay_tensors`` for the trainer to backpropagate
+    again."""
     from .distributed import write_everywhere
 
     if model is not None:  # collectives: every process, before any write (engines.full_state)
@@ -174,6 +179,9 @@ def save_checkpoint(
         if grads:
             save_file({k: v.detach().contiguous().cpu() for k, v in grads.items()},
                       str(tmp / f"grads-{accelerator.process_index}.safetensors"))
+        if replay:
+            save_file({k: v.detach().contiguous().cpu() for k, v in replay.items()},
+                      str(tmp / f"replay-{accelerator.process_index}.safetensors"))
         if accelerator.is_main_process:
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -229,13 +237,14 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    reads = model is None or accelerator.is_main_process or not sharded(accelerator)
+    engine = engine_of(accelerator) if model is not None else None
+    reads = engine != FSDP or accelerator.is_main_process  # FSDP: the main process's copy is broadcast
     saved = load_file(str(path / "trainable.safetensors")) if reads else {}
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu") if reads else {}
     by_name = state.get("optimizer_keys") == "name"  # else optimizer.state_dict()'s numbering
-    if model is not None and sharded(accelerator) and not by_name:
+    if engine in (FSDP, DEEPSPEED) and not by_name:
         raise CheckpointError(f"checkpoint {path} numbers its optimizer state by position (written before "
-                              "checkpoints named parameters): resume it without FSDP")
+                              "checkpoints named parameters): resume it without FSDP or DeepSpeed")
     if model is None:
         with torch.no_grad():
             for name, param in trainable.items():
@@ -250,6 +259,9 @@ def load_checkpoint(
     grads_file = path / f"grads-{accelerator.process_index}.safetensors"
     if grads_file.exists():
         set_local_grads(trainable, load_file(str(grads_file)))
+    replay_file = path / f"replay-{accelerator.process_index}.safetensors"
+    if replay_file.exists():
+        state["replay_tensors"] = load_file(str(replay_file))
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     if getattr(accelerator, "scaler", None) is not None and (path / "scaler.pt").exists():

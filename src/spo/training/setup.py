@@ -34,7 +34,7 @@ from ..builtin import resolve_references
 from ..config import SPOConfig, config_to_dict, load_config, save_config
 from .checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint
 from .distributed import process_count_problem, write_everywhere
-from .engines import adopt_cpu_fsdp, engine_problem
+from .engines import accelerator_options, adopt_cpu_fsdp, configure_deepspeed, deepspeed_install_problem, engine_problem
 from .metrics import MetricsLog
 from .output import output_problem, removed_on_failure
 
@@ -47,6 +47,8 @@ class RunKind:
     checkpoint_prefix: str  #: checkpoints are ``checkpoints/PREFIX-NNNNNN``
     error: type[Exception]  #: what a refused start raises, in the trainer's name
     mixed_precision: str  #: the config key of the autocast, e.g. ``"train.mixed_precision"``
+    batch_size: str  #: the config key of the micro-batch size (DeepSpeed's ``train_micro_batch_size_per_gpu``)
+    max_grad_norm: str  #: the config key of the clipping norm (DeepSpeed's ``gradient_clipping``)
 
 
 @dataclass
@@ -94,8 +96,8 @@ def trackers(config: SPOConfig) -> list[str]:
 def make_accelerator(config: SPOConfig, run_dir: Path, mixed_precision: str) -> Any:
     from accelerate import Accelerator
 
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=config.model.device == "cpu",
-                      log_with=trackers(config) or None, project_dir=str(run_dir / "logs"))
+    acc = Accelerator(mixed_precision=mixed_precision, log_with=trackers(config) or None,
+                      project_dir=str(run_dir / "logs"), **accelerator_options(config.model.device))
     adopt_cpu_fsdp(acc)  # an FSDP launch on CPU processes trains FSDP, not DDP (spo.training.engines)
     return acc
 
@@ -118,12 +120,17 @@ def start_run(config: SPOConfig, run_dir: str | Path, kind: RunKind, *, resume: 
     section, key = kind.mixed_precision.split(".")
     mixed_precision = getattr(getattr(config, section), key)
     check_device_request(config.model.device, config.model.dtype, mixed_precision, kind.mixed_precision)
+    problem = None if accelerator is not None else deepspeed_install_problem()
+    if problem:
+        raise kind.error(problem)
     acc = accelerator or make_accelerator(config, run_dir, mixed_precision)
     if config.model.device is not None and torch.device(config.model.device).type != acc.device.type:
         raise kind.error(f"model.device: {config.model.device!r} was asked for, but accelerate placed this "
                          f"process on {str(acc.device)!r}")
     problem = process_count_problem(config.train.num_processes, acc.num_processes) or engine_problem(
-        acc, compile=config.model.compile and kind.checkpoint_prefix == "round")
+        acc, compile=config.model.compile and kind.checkpoint_prefix == "round") or configure_deepspeed(
+        acc, batch_size=_setting(config, kind.batch_size), max_grad_norm=_setting(config, kind.max_grad_norm),
+        names=(kind.batch_size, kind.max_grad_norm))
     if problem:
         raise kind.error(problem)
     with removed_on_failure(run_dir, acc.is_main_process):
@@ -133,6 +140,11 @@ def start_run(config: SPOConfig, run_dir: str | Path, kind: RunKind, *, resume: 
         resolved = dataclasses.replace(resolved, train=config.train)
         write_everywhere(acc, f"writing {run_dir / 'config.yaml'}", lambda: save_config(config, run_dir / "config.yaml"))
         yield Run(kind, acc, run_dir, config, resolved, resume_from, MetricsLog(acc, run_dir / "metrics.jsonl"))
+
+
+def _setting(config: SPOConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def _prepare_run_dir(acc: Any, run_dir: Path, kind: RunKind, resume: bool,

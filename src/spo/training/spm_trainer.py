@@ -60,7 +60,8 @@ from ..preference.loss import preference_pair_loss, release_accuracy
 from ..preference.spm import load_preference_model
 from ..weights import check_reference
 from .checkpoint import save_checkpoint
-from .engines import full_state, prepare_for_fsdp, sharded, trainable_parameters
+from .engines import (DEEPSPEED, FSDP, accumulation_boundary, base_optimizer, engine_of, full_state, gathers,
+                      hold_scalars, prepare_for_fsdp, sharded, trainable_parameters)
 from .distributed import write_everywhere
 from .model_card import write_card_everywhere
 from .seeding import derive_seed, generator
@@ -83,7 +84,8 @@ class SPMTrainResult:
 
 
 #: what SPM runs' start differs in (spo.training.setup)
-SPM_RUN = RunKind(name="spm", checkpoint_prefix="step", error=SPMTrainingError, mixed_precision="spm.mixed_precision")
+SPM_RUN = RunKind(name="spm", checkpoint_prefix="step", error=SPMTrainingError, mixed_precision="spm.mixed_precision",
+                  batch_size="spm.batch_size", max_grad_norm="spm.max_grad_norm")
 
 
 def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int, warmup_type: str = "log") -> float:
@@ -216,20 +218,22 @@ class SPMTrainer:
             if cfg.relabel else None
         )
         # the release: DeepSpeed's AdamW (torch_adam) over every SPM weight, one parameter group
-        if sharded(acc):
+        if engine_of(acc) == FSDP:
             prepare_for_fsdp(acc, self.spm)
+        elif engine_of(acc) == DEEPSPEED:
+            hold_scalars(self.spm)
         self.policy, self.optimizer = run.optimizer(self.spm, [p for p in self.spm.parameters() if p.requires_grad], cfg)
         # read after prepare: FSDP2 replaces every parameter object (spo.training.engines)
         self.trainable = trainable_parameters(self.spm)
         self.params = list(self.trainable.values())
         if cfg.lr_schedule == "warmup_decay":
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer.optimizer,
+                base_optimizer(self.optimizer),
                 lambda s: warmup_decay_factor(s, cfg.warmup_steps, cfg.steps, cfg.warmup_type))
         else:
             from diffusers.optimization import get_scheduler
 
-            self.lr_scheduler = get_scheduler("constant", self.optimizer.optimizer)
+            self.lr_scheduler = get_scheduler("constant", base_optimizer(self.optimizer))
         #: under FSDP every forward is a collective: validation scores without the text cache
         #: (ranks with different prompts would run the text tower different numbers of times)
         self.uncached = sharded(acc)
@@ -422,8 +426,10 @@ class SPMTrainer:
             bad_total += bad
             gen = generator(self.config.seed, "spm-step", self.step, micro, acc.process_index)
             last = micro == cfg.gradient_accumulation_steps - 1
-            # under FSDP every micro-batch reduce-scatters: no_sync would hold whole gradients
-            sync = acc.no_sync(self.policy) if not (last or sharded(acc)) else contextlib.nullcontext()
+            # under FSDP every micro-batch reduce-scatters: no_sync would hold whole gradients (and
+            # under DeepSpeed accumulation_boundary below says which backward ends the step)
+            plain = last or sharded(acc) or engine_of(acc) == DEEPSPEED
+            sync = acc.no_sync(self.policy) if not plain else contextlib.nullcontext()
             # the release's criterion normalises the example weights over the batch gathered from
             # every process (all_gather with gradients): its gradient is that of the loss
             # sum_all(w ce) / sum_all(w); DDP averages over processes, so each contributes
@@ -454,7 +460,8 @@ class SPMTrainer:
                     raise SPMTrainingError(
                         f"non-finite SPM loss at step {self.step + 1}; the last checkpoint is intact: lower spm.lr, then --resume"
                     )
-                acc.backward(loss / cfg.gradient_accumulation_steps)
+                with accumulation_boundary(acc, last):
+                    acc.backward(loss / cfg.gradient_accumulation_steps)
         if cfg.max_grad_norm is not None:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step runs at
@@ -572,7 +579,7 @@ class SPMTrainer:
             self.validate()
             noun = {"reward": "reward model", "lrm": "latent reward model", "spm": "SPM"}[model]
             # the weights whole on the main process, gathered by every process (FSDP's shards)
-            state = full_state(acc, self.spm, [n for n, _ in self.spm.named_parameters()]) if sharded(acc) else None
+            state = full_state(acc, self.spm, [n for n, _ in self.spm.named_parameters()]) if gathers(acc) else None
             if state is not None:
                 persistent = set(self.spm.state_dict())  # buffers are not sharded; saved ones only
                 state.update({n: b for n, b in self.spm.named_buffers() if n in persistent})

@@ -48,10 +48,11 @@ from ..sampling.records import Records
 from ..weights import check_reference, save_model_state
 from .checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from .distributed import gather_counts, gather_records, reduce_log, write_everywhere
-from .engines import full_state, local_grads, shard_frozen, sharded, trainable_parameters
+from .engines import (DEEPSPEED, accumulation_boundary, base_optimizer, engine_of, full_state, gathers, local_grads,
+                      shard_frozen, sharded, trainable_parameters)
 from .previews import Previews
 from .model_card import write_card_everywhere
-from .seeding import PromptSchedule, derive_seed, generator
+from .seeding import PromptSchedule, derive_seed, generator, rng_state, set_rng_state
 from .setup import Run, RunKind, start_run
 
 #: config keys that may change between an interrupted run and its resumption
@@ -63,7 +64,8 @@ class TrainingError(SPOError, RuntimeError):
 
 
 #: what SPO runs' start differs in (spo.training.setup)
-SPO_RUN = RunKind(name="spo", checkpoint_prefix="round", error=TrainingError, mixed_precision="train.mixed_precision")
+SPO_RUN = RunKind(name="spo", checkpoint_prefix="round", error=TrainingError, mixed_precision="train.mixed_precision",
+                  batch_size="train.batch_size", max_grad_norm="optimizer.max_grad_norm")
 
 
 @dataclass
@@ -175,13 +177,14 @@ class SPOTrainer:
         # read after prepare: FSDP2 replaces every parameter object (spo.training.engines)
         self.trainable = trainable_parameters(self.backbone.unet)
         self.params = list(self.trainable.values())
-        if sharded(acc) and self.backbone.reference_unet is not None:
+        if gathers(acc) and self.backbone.reference_unet is not None:
             # full fine-tuning: the frozen reference sharded like the policy, 1/N of a UNet per process
+            # (FSDP2, ZeRO-3; under ZeRO-2 it stays whole, as the policy's weights do, in the policy's dtype)
             self.backbone.reference_unet = shard_frozen(acc, self.backbone.reference_unet)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
-            o.lr_scheduler, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            o.lr_scheduler, base_optimizer(self.optimizer),
             num_warmup_steps=o.warmup_rounds, num_training_steps=config.train.rounds,
         )
         self.metrics = run.metrics
@@ -194,6 +197,9 @@ class SPOTrainer:
         #: micro-batches backpropagated since the last optimiser step (train.carry_accumulation),
         #: with their summed diagnostics and pairs
         self.pending = {"micro_batches": 0, "pairs": 0, "sums": dict.fromkeys(self.metric_names, 0.0)}
+        #: under DeepSpeed, this process's micro-batches of the open accumulation (ZeRO keeps their
+        #: gradients in buffers no checkpoint can hold: a resumed run backpropagates them again)
+        self.replay: list[Records] = []
         state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                     model=self.backbone.unet)
         if state is not None:
@@ -202,6 +208,8 @@ class SPOTrainer:
             self.pending = state.get("pending", self.pending)
             self.method.load_state_dict(state.get("method", {}))
             self.metrics.truncate_after(self.rounds_done)
+            if state.get("replay"):
+                self._replay(state["replay"], state.get("replay_tensors", {}))
         run.start_trackers()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -268,7 +276,8 @@ class SPOTrainer:
         gradients, which an accumulation open at a checkpoint needs); a non-finite loss on any
         process stops all."""
         acc = self.accelerator
-        sync = sync or sharded(acc)
+        last = sync  # this micro-batch ends an optimiser step (DeepSpeed's engine steps in its backward)
+        sync = sync or sharded(acc) or engine_of(acc) == DEEPSPEED
         batch = records.index(rows)
         with (contextlib.nullcontext() if sync else acc.no_sync(self.policy)), acc.autocast():
             out = self.method.loss(self.backbone, self.schedule, batch)
@@ -280,7 +289,8 @@ class SPOTrainer:
                 f"non-finite {self.config.objective.name} loss in round {round_index} (step {self.step}); nothing was saved after "
                 f"{latest.name if latest else 'the start'}: lower optimizer.lr or check the scorer, then --resume"
             )
-        acc.backward(loss)
+        with accumulation_boundary(acc, last):
+            acc.backward(loss)
         return {k: float(out.metrics[k]) for k in self.metric_names}
 
     def _optimizer_step(self, records: Records, group: list[torch.Tensor], round_index: int) -> dict[str, float]:
@@ -301,6 +311,8 @@ class SPOTrainer:
         pending = self.pending
         completes = pending["micro_batches"] + 1 == steps
         metrics = self._backward(records, rows, 1.0 / steps, completes, round_index)
+        if engine_of(self.accelerator) == DEEPSPEED:
+            self.replay = [] if completes else [*self.replay, records.index(rows).to("cpu")]
         pending["micro_batches"] += 1
         pending["pairs"] += len(rows)
         for k in self.metric_names:
@@ -317,7 +329,9 @@ class SPOTrainer:
         acc = self.accelerator
         grad_norm = float("nan")
         if self.config.optimizer.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm))
+            # (under DeepSpeed the engine clipped inside the last backward; this reads its norm)
+            norm = acc.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else float("nan")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -378,13 +392,42 @@ class SPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def checkpoint(self) -> Path:
+        """Write the checkpoint after ``rounds_done`` rounds. An accumulation left open
+        (``train.carry_accumulation``) is saved as each process's gradients, or under DeepSpeed
+        (whose ZeRO buffers hold them) as the micro-batches themselves, which a resumed run
+        backpropagates again (:meth:`_replay`): same weights, same inputs, same order."""
+        open_accumulation = self.pending["micro_batches"] > 0
+        replay = replay_state = None
+        if open_accumulation and engine_of(self.accelerator) == DEEPSPEED:
+            replay, replay_state = _pack_replay(self.replay)
         return save_checkpoint(
             self.accelerator, self.run_dir, self.rounds_done, trainable=self.trainable, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, keep=self.config.logging.keep_checkpoints,
             state={"step": self.step, "skipped_rounds": self.skipped_rounds, "seed": self.config.seed,
-                   "method": self.method.state_dict(), "pending": self.pending},
-            grads=local_grads(self.trainable) if self.pending["micro_batches"] else None, model=self.backbone.unet,
+                   "method": self.method.state_dict(), "pending": self.pending,
+                   **({"replay": replay_state} if replay_state else {})},
+            grads=local_grads(self.trainable) if open_accumulation and replay is None else None,
+            model=self.backbone.unet, replay=replay,
         )
+
+    def _replay(self, saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Backpropagate the open accumulation's micro-batches of the checkpoint again
+        (DeepSpeed), each with its saved weight, without ending the optimiser step; the RNG is
+        left as the checkpoint restored it."""
+        if engine_of(self.accelerator) != DEEPSPEED:
+            raise CheckpointError("this checkpoint holds an open accumulation as micro-batches to replay, written "
+                                  "under DeepSpeed: resume it under DeepSpeed")
+        self.replay = _unpack_replay(saved, tensors)
+        if len(self.replay) != self.pending["micro_batches"]:
+            raise CheckpointError(f"the checkpoint's open accumulation has {self.pending['micro_batches']} micro-batches "
+                                  f"but {len(self.replay)} to replay")
+        state = rng_state()
+        self.policy.train()
+        steps = self.config.train.gradient_accumulation_steps
+        for records in self.replay:
+            self._backward(records.to(self.accelerator.device), torch.arange(len(records)), 1.0 / steps, False,
+                           self.rounds_done)
+        set_rng_state(state)
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run the remaining rounds (``stop_after``: stop early after that many rounds in total,
@@ -423,7 +466,7 @@ class SPOTrainer:
         that cannot be written is a warning: the weights are saved)."""
         acc, unet = self.accelerator, self.backbone.unet
         # the weights whole on the main process, gathered by every process (FSDP's shards)
-        state = full_state(acc, unet, list(self.trainable)) if sharded(acc) else None
+        state = full_state(acc, unet, list(self.trainable)) if gathers(acc) else None
 
         def save() -> Path:
             if self.config.model.finetune == "lora":
@@ -439,6 +482,37 @@ class SPOTrainer:
         folder = self.run_dir / ("lora" if self.config.model.finetune == "lora" else "unet")
         write_card_everywhere(self.accelerator, self.run_dir, folder, self.config)
         return path
+
+
+def _pack_replay(batches: list[Records]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Micro-batches of records as one flat tensor dict (``"J.field"``) and what rebuilds them
+    (their class, the fields that are None)."""
+    tensors: dict[str, torch.Tensor] = {}
+    empty: list[str] = []
+    for j, batch in enumerate(batches):
+        for name, value in batch.tensors().items():
+            if value is None:
+                if j == 0:
+                    empty.append(name)
+            else:
+                tensors[f"{j}.{name}"] = value
+    kind = type(batches[0]) if batches else Records
+    return tensors, {"records": f"{kind.__module__}:{kind.__qualname__}", "micro_batches": len(batches), "none": empty}
+
+
+def _unpack_replay(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Records]:
+    import importlib
+
+    module, _, name = str(saved["records"]).partition(":")
+    kind = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(kind, type) and issubclass(kind, Records)):
+        raise CheckpointError(f"the checkpoint's open accumulation names {saved['records']!r}, which is not a records class")
+    batches = []
+    for j in range(int(saved["micro_batches"])):
+        fields: dict[str, torch.Tensor | None] = {n: None for n in saved["none"]}
+        fields.update({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(j)})
+        batches.append(kind.from_tensors(fields))
+    return batches
 
 
 def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
