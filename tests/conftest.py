@@ -109,3 +109,13 @@ def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def engine_runs(tiny_sd15_path: Path, pickapic_path: Path, tiny_clip_path: Path,
+                tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``engine_runs("fsdp")`` -> the directory of tests/multiprocess_fsdp.py's scenarios under
+    that engine (engine_launch.py), launched once per session."""
+    from engine_launch import EngineRuns
+
+    return EngineRuns(tmp_path_factory.mktemp("engines"), tiny_sd15_path, pickapic_path, tiny_clip_path)

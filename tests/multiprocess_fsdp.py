@@ -12,6 +12,8 @@ Scenarios (each trains into OUT/SCENARIO):
 * ``lora-resume``: the same, stopped after 2 rounds (as an interruption would) and resumed by a
   new trainer from the checkpoint;
 * ``full`` / ``full-resume``: the same with ``model.finetune=full`` (2 rounds; stopped after 1);
+* ``full-bf16``: 1 round of full fine-tuning with ``train.mixed_precision=bf16`` (the engine's
+  dtype for the policy, and the reference held alike);
 * ``methods``: Diffusion-DPO, D3PO and DDPO, 1 round each (OUT/methods/METHOD);
 * ``spm`` / ``spm-resume``: ``spo train-spm`` of a step-aware preference model from the tiny
   CLIP (4 steps, validated every 2 on an uneven split of the validation pairs; stopped after 3
@@ -49,10 +51,18 @@ def settings(model: str, prompts: str, rounds: int, extra: list[str]) -> list[st
     ]
 
 
+def local_numel(p: torch.nn.Parameter) -> int:
+    """How many of ``p``'s elements this process holds: an FSDP2 DTensor's local shard, a ZeRO-3
+    parameter's partition (``ds_tensor``; the parameter itself is empty between forwards)."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    return (p.to_local() if hasattr(p, "to_local") else p).numel()
+
+
 def local_fraction(module: torch.nn.Module) -> float:
     """The share of the module's weights this process holds (1/N when sharded N ways)."""
-    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
-    return local / sum(p.numel() for p in module.parameters())
+    local = sum(local_numel(p) for p in module.parameters())
+    return local / sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def report(trainer: SPOTrainer, run: Path, **extra: object) -> None:
@@ -61,13 +71,15 @@ def report(trainer: SPOTrainer, run: Path, **extra: object) -> None:
     rank = trainer.accelerator.process_index
     (run / f"rank-{rank}.json").write_text(json.dumps({
         "rank": rank, "num_processes": trainer.accelerator.num_processes, "engine": engine_of(trainer.accelerator),
-        "sharded_params": sum(type(p).__name__ == "DTensor" for p in unet.parameters()),
+        "sharded_params": sum(type(p).__name__ == "DTensor" or hasattr(p, "ds_tensor") for p in unet.parameters()),
         "params": sum(1 for _ in unet.parameters()),
-        "sharded_reference": None if reference is None else sum(type(p).__name__ == "DTensor"
+        "sharded_reference": None if reference is None else sum(type(p).__name__ == "DTensor" or hasattr(p, "ds_tensor")
                                                                 for p in reference.parameters()),
         "local_fraction": local_fraction(unet),
         "reference_local_fraction": None if reference is None else local_fraction(reference),
-        "trainable": len(trainer.trainable), "steps": trainer.step, "rounds": trainer.rounds_done, **extra,
+        "trainable": len(trainer.trainable), "steps": trainer.step, "rounds": trainer.rounds_done,
+        "dtype": str(next(unet.parameters()).dtype),
+        "reference_dtype": None if reference is None else str(next(reference.parameters()).dtype), **extra,
     }))
 
 
@@ -82,8 +94,11 @@ def main() -> None:
             run_spm(model, run, scenario)
             continue
         full = scenario.startswith("full")
-        rounds = 2 if full else 3
-        config = load_config("sd15", settings(model, prompts, rounds, ["model.finetune=full"] if full else []))
+        rounds = 1 if scenario == "full-bf16" else 2 if full else 3
+        extra = ["model.finetune=full"] if full else []
+        if scenario == "full-bf16":
+            extra.append("train.mixed_precision=bf16")
+        config = load_config("sd15", settings(model, prompts, rounds, extra))
         trainer = SPOTrainer(config, run, scorer=brightness, progress=False)
         pending_at_stop = None
         if scenario.endswith("-resume"):

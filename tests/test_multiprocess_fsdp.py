@@ -16,57 +16,18 @@ from safetensors.torch import load_file
 
 from spo.training import read_metrics
 from spo.training.engines import DDP, FSDP, SINGLE, engine_of, engine_problem
-from test_multiprocess import _free_port
+from engine_launch import LORA, PROMPTS, ROOT, UNET, launch, max_diff, ranks
+from engine_launch import free_port as _free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).with_name("multiprocess_fsdp.py")
 FAULTS_SCRIPT = Path(__file__).with_name("multiprocess_faults.py")
 TRAIN_SCRIPT = Path(__file__).with_name("multiprocess_train.py")
-PROMPTS = "a red circle\na blue square\ntwo green stars\na yellow cat\n"
-
-
-def launch(engine: str, script: Path, *args: str, timeout: int = 600,
-           extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """``accelerate launch`` of two CPU processes: under ``configs/accelerate/fsdp.yaml``
-    (``engine="fsdp"``) or plain DDP."""
-    how = (["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")] if engine == "fsdp" else
-           ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", *extra,
-           "--main_process_port", str(_free_port()), str(script), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=script.parent)
-
-
-def ranks(run: Path) -> list[dict]:
-    found = [json.loads((run / f"rank-{r}.json").read_text()) for r in range(2)]
-    assert [r["rank"] for r in found] == [0, 1] and all(r["num_processes"] == 2 for r in found)
-    return found
-
-
-def max_diff(a: Path, b: Path, skip: str | None = None) -> float:
-    """The largest difference between two weight files (``skip``: leave out keys ending so)."""
-    first, second = load_file(str(a)), load_file(str(b))
-    assert first.keys() == second.keys()
-    return max(float((first[k].double() - second[k].double()).abs().max()) for k in first
-               if skip is None or not k.endswith(skip))
-
-
-LORA = Path("lora") / "pytorch_lora_weights.safetensors"
-UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def fsdp_and_ddp_runs(tiny_sd15_path: Path, pickapic_path: Path, tiny_clip_path: Path,
-                      tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("engines")
-    prompts = out / "prompts.txt"
-    prompts.write_text(PROMPTS)
-    for engine, scenarios in (("fsdp", "lora,lora-resume,full,full-resume,methods,spm,spm-resume,lrm"),
-                              ("ddp", "lora,full,spm,lrm")):
-        proc = launch(engine, SCRIPT, str(tiny_sd15_path), str(prompts), str(out / engine), scenarios,
-                      str(pickapic_path), str(tiny_clip_path))
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+def fsdp_and_ddp_runs(engine_runs) -> Path:  # noqa: ANN001
+    """The scenarios of multiprocess_fsdp.py under FSDP (``/ "fsdp"``) and DDP (``/ "ddp"``)."""
+    engine_runs("fsdp")
+    return engine_runs("ddp").parent
 
 
 def test_fsdp_shards_the_policy_and_the_full_fine_tuning_reference(fsdp_and_ddp_runs: Path) -> None:
