@@ -94,10 +94,12 @@ def test_fsdp_final_weights_load_in_plain_diffusers(fsdp_and_ddp_runs: Path, tin
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, pipe.unet.config.in_channels, 4, 4, generator=gen)
     hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=gen)
-    before = pipe.unet(x, 500, encoder_hidden_states=hidden).sample
+    with torch.no_grad():
+        before = pipe.unet(x, 500, encoder_hidden_states=hidden).sample
     pipe.load_lora_weights(str(fsdp / "lora" / "lora"))
     assert pipe.unet.active_adapters()  # every key was taken as a LoRA of the UNet
-    after = pipe.unet(x, 500, encoder_hidden_states=hidden).sample
+    with torch.no_grad():
+        after = pipe.unet(x, 500, encoder_hidden_states=hidden).sample
     assert float((after - before).abs().max()) > 1e-4
 
 
