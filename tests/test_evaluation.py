@@ -240,6 +240,36 @@ def test_cli_eval_with_a_scorer_and_skipped_metrics(tiny_run: Path, tiny_clip_pa
     assert code == 2 and "another evaluation" in err
 
 
+def test_cli_eval_scorer_dtype(tiny_run: Path, tiny_clip_path: Path, prompts_file: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--scorer-dtype bfloat16`` scores the same images under the metric ``pickscore@bfloat16``,
+    kept apart from the float32 scores stored beside it, within the tiny models' tolerance
+    (tests/test_scorer_dtype.py); the toy world refuses it before anything is written."""
+    from spo.cli import main
+
+    out = tmp_path / "eval"
+    common = ["eval", str(tiny_run), "--prompts", str(prompts_file), "--seeds", "1", "--output", str(out),
+              "--scorer", f"pickscore={tiny_clip_path}", "--steps", "3"]
+    assert main(common) == 0
+    exact = json.loads((out / "eval.json").read_text())
+    exact_rows = (out / "scores.csv").read_text().splitlines()
+    assert main([*common, "--scorer-dtype", "bfloat16"]) == 0  # the images are reused, the scores are new
+    low = json.loads((out / "eval.json").read_text())
+    low_rows = (out / "scores.csv").read_text().splitlines()
+    assert list(exact["metrics"]) == ["pickscore"] and list(low["metrics"]) == ["pickscore@bfloat16"]
+    assert "bfloat16" in low["metrics"]["pickscore@bfloat16"]["label"]
+    assert exact_rows[0].endswith(",pickscore") and low_rows[0].endswith(",pickscore@bfloat16")
+    assert len(exact_rows) == len(low_rows) > 1
+    for a, b in zip(exact_rows[1:], low_rows[1:]):  # the same images, row by row
+        assert a.rsplit(",", 1)[0] == b.rsplit(",", 1)[0]
+        assert abs(float(a.rsplit(",", 1)[1]) - float(b.rsplit(",", 1)[1])) <= 0.25, (a, b)
+    capsys.readouterr()
+    toy_out = tmp_path / "toy"
+    assert main(["eval", "toy", "--scorer-dtype", "float16", "--output", str(toy_out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --scorer-dtype float16") and not toy_out.exists()
+
+
 def test_prompt_sets_from_pickapic_data(pickapic_path: Path, tmp_path: Path) -> None:
     import datasets
 

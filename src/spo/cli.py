@@ -234,6 +234,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise EvaluationError(f"--output {str(output)!r} is a file")
     is_toy = config.model.backbone == "toy"
+    scorer_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.scorer_dtype]
+    if is_toy and scorer_dtype != torch.float32:
+        raise EvaluationError(f"--scorer-dtype {args.scorer_dtype}: the toy world's scorers and oracles run in float32")
     guidance = args.guidance if args.guidance is not None else (
         config.eval.guidance_scale if config.eval.guidance_scale is not None else config.sampling.guidance_scale)
     steps = args.steps or config.sampling.num_inference_steps
@@ -274,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         scorers = []
     scorers += load_scorers(specs, wanted=() if is_toy else PAPER_SCORERS, device=device,
-                            dtype=torch.float32, log=skipped.append)
+                            dtype=scorer_dtype, log=skipped.append)
     for line in skipped:
         print(line)
     protocol = Protocol(prompts, str(source), seeds=seeds, seed=args.seed, num_inference_steps=steps, eta=eta,
@@ -524,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scorer", action="append", default=[], metavar="NAME=WEIGHTS[,OPTION=VALUE...]",
                     help="a metric: pickscore, hpsv2, hpsv21, image_reward, aesthetic (weights: local path or hub id; "
                     "see the README); repeatable. Metrics without weights are skipped, named")
+    ev.add_argument("--scorer-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="the scorers' networks in this dtype (embeddings normalised and scores in float32); below "
+                    "float32 each metric is named NAME@DTYPE (e.g. pickscore@bfloat16) and kept apart from the float32 "
+                    "scores (default float32)")
     ev.add_argument("--batch-size", type=_positive_int, default=8)
     ev.add_argument("--geneval", metavar="METADATA.jsonl",
                     help="write images in GenEval's layout for its evaluation_metadata.jsonl instead of scoring")

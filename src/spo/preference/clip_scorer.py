@@ -70,6 +70,13 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
     return model, tokenizer, settings
 
 
+def normalized(emb: Tensor) -> Tensor:
+    """Unit-length rows, computed in fp32 whatever the tower's dtype (a 16-bit sum of squares of a
+    1024-wide embedding can overflow or lose the cosine's precision)."""
+    emb = emb.float()
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
 class CLIPScorer(nn.Module):
     """Scores (images, prompts, timesteps) -> exp(logit_scale) * cosine; ignores the timesteps.
 
@@ -129,8 +136,7 @@ class CLIPScorer(nn.Module):
             max_length=max_length if max_length < 10_000 else 77, return_tensors="pt",
         ).to(self.device)
         emb = self.model.get_text_features(**tokens)
-        emb = getattr(emb, "pooler_output", emb)
-        return emb / emb.norm(dim=-1, keepdim=True)
+        return normalized(getattr(emb, "pooler_output", emb))
 
     def text_embeddings(self, prompts: Sequence[str], cache: bool = True) -> Tensor:
         """Normalised text embeddings, one row per prompt. With ``cache`` (sampling) each distinct
@@ -155,8 +161,7 @@ class CLIPScorer(nn.Module):
     def image_embeddings(self, images: Tensor, timesteps: Tensor | None = None) -> Tensor:
         pixels = self.preprocess(images)
         emb = self.model.get_image_features(pixel_values=pixels.to(self.model.dtype))
-        emb = getattr(emb, "pooler_output", emb)
-        return emb / emb.norm(dim=-1, keepdim=True)
+        return normalized(getattr(emb, "pooler_output", emb))
 
     def score(self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None, *, cache: bool = False) -> Tensor:
         """exp(logit_scale) * cos(image, text) with gradients (for training)."""
@@ -164,7 +169,7 @@ class CLIPScorer(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         img = self.image_embeddings(images, timesteps)
         txt = self.text_embeddings(prompts, cache=cache).to(img.dtype)
-        return (self.model.logit_scale.exp() * (img * txt).sum(dim=-1)).float()
+        return self.model.logit_scale.float().exp() * (img * txt).sum(dim=-1)
 
     def forward(
         self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None, *, grad: bool = False

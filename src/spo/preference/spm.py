@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelLoadError
 from ..weights import parse_reference, read_state_dict, resolve_reference
-from .clip_scorer import CLIPScorer, Preprocessing, load_clip_parts
+from .clip_scorer import CLIPScorer, Preprocessing, load_clip_parts, normalized
 from .preprocess import save_clip_image_config
 
 if TYPE_CHECKING:
@@ -269,8 +269,7 @@ class StepAwarePreferenceModel(CLIPScorer):
             h = h + gate2 * layer.mlp(x)
         pooled = vision.post_layernorm(h[:, 0])
         shift, scale = vision.adaLN_modulation(c).chunk(2, dim=-1)
-        emb = clip.visual_projection(pooled * (1 + scale) + shift)
-        return emb / emb.norm(dim=-1, keepdim=True)
+        return normalized(clip.visual_projection(pooled * (1 + scale) + shift))
 
 
 def _hub_spm(repo_id: str) -> bool:

@@ -98,10 +98,19 @@ class ScorerSpec:
         return spec
 
     def load(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Scorer:
+        """The scorer, its networks in ``dtype`` (embeddings normalised, heads and scores in
+        fp32). Below fp32 its metric is named ``NAME@DTYPE`` (``pickscore@bfloat16``), so that
+        its scores are never mixed with, or taken for, the fp32 ones (stored scores are reused
+        by metric name)."""
         klass = scorer_class(self.name)
         options = {k: d for k, (d, _) in klass.options.items() if d is not None}
         options.update(self.options)
-        return klass.load(self.weights, device=device, dtype=dtype, **options)
+        scorer = klass.load(self.weights, device=device, dtype=dtype, **options)
+        if dtype != torch.float32:
+            precision = str(dtype).removeprefix("torch.")
+            scorer.name = f"{klass.name}@{precision}"  # type: ignore[misc]  (an instance's own metric key)
+            scorer.label = f"{klass.label} ({precision})"  # type: ignore[misc]
+        return scorer
 
 
 def available_scorers() -> list[str]:
