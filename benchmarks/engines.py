@@ -94,7 +94,8 @@ def worker(args: argparse.Namespace) -> None:
     from spo.training import SPOTrainer, read_metrics
     from spo.training.engines import engine_of, zero_stage
 
-    SPOTrainer.save_final = lambda self: None  # not part of a round
+    SPOTrainer.save_final = lambda self: None  # not part of a round, and neither are checkpoints
+    SPOTrainer.checkpoint = lambda self: None  # (an SDXL full fine-tuning one is ~31 GB)
     cuda = torch.cuda.is_available() and not args.tiny
     config = load_config(args.model, args.set)
     run_dir = Path(args.run_dir)
@@ -248,6 +249,7 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         entry.update(status="timeout", note=f"over {timeout} s")
                     entry["launch_seconds"] = round(time.perf_counter() - start, 1)
+                    shutil.rmtree(root / "runs" / name.replace("/", "-"), ignore_errors=True)
                     result["runs"][name] = entry
                     print(f"{name}: " + json.dumps({k: entry.get(k) for k in ("status", "error", "peak_gib",
                                                                              "round_seconds", "launch_seconds")}), flush=True)

@@ -31,7 +31,7 @@ OPTIONS = {
 }
 OPTIONS["zero2-bf16"] = OPTIONS["zero2"]
 #: engine -> the scenarios of multiprocess_fsdp.py each session runs
-SCENARIOS = {"ddp": "lora,full,spm,lrm", "fsdp": ALL, "zero2": ALL,
+SCENARIOS = {"ddp": "lora,full,spm,lrm", "fsdp": ALL, "zero2": ALL + ",lora-dropout,lora-dropout-resume",
              "zero3": "lora,lora-resume,full,full-resume,spm,spm-resume,lrm", "zero3-yaml": "methods",
              "zero2-bf16": "full-bf16"}
 

@@ -12,6 +12,8 @@ Scenarios (each trains into OUT/SCENARIO):
 * ``lora-resume``: the same, stopped after 2 rounds (as an interruption would) and resumed by a
   new trainer from the checkpoint;
 * ``full`` / ``full-resume``: the same with ``model.finetune=full`` (2 rounds; stopped after 1);
+* ``lora-dropout`` / ``lora-dropout-resume``: ``lora`` / ``lora-resume`` with ``lora.dropout=0.5``
+  (a forward that draws random numbers: a replayed micro-batch must draw the same);
 * ``full-bf16``: 1 round of full fine-tuning with ``train.mixed_precision=bf16`` (the engine's
   dtype for the policy, and the reference held alike);
 * ``methods``: Diffusion-DPO, D3PO and DDPO, 1 round each (OUT/methods/METHOD);
@@ -96,6 +98,8 @@ def main() -> None:
         full = scenario.startswith("full")
         rounds = 1 if scenario == "full-bf16" else 2 if full else 3
         extra = ["model.finetune=full"] if full else []
+        if scenario.startswith("lora-dropout"):
+            extra.append("lora.dropout=0.5")
         if scenario == "full-bf16":
             extra.append("train.mixed_precision=bf16")
         config = load_config("sd15", settings(model, prompts, rounds, extra))

@@ -34,9 +34,9 @@ def zero_runs(engine_runs) -> Path:  # noqa: ANN001
 
 
 def test_zero_stages_shard_what_they_should(zero_runs: Path) -> None:
-    """ZeRO-2 keeps the weights whole on every process (it shards gradients and AdamW's state);
-    ZeRO-3 gives each process half of the UNet, and under full fine-tuning half of the frozen
-    reference too (an inference engine of its own)."""
+    """ZeRO-2 keeps the weights whole on every process (its sharding of gradients and AdamW's
+    state is not observed here); ZeRO-3 gives each process half of the UNet, and under full
+    fine-tuning half of the frozen reference too (an inference engine of its own)."""
     for scenario in ("lora", "full"):
         for r in ranks(zero_runs / "zero2" / scenario):
             assert r["engine"] == DEEPSPEED and r["local_fraction"] == 1.0, r
@@ -102,6 +102,18 @@ def test_zero2_bf16_full_fine_tuning_starts_at_log_2(zero_runs: Path) -> None:
     assert first["ratio_win"] == first["ratio_lose"] == 1.0
 
 
+def test_zero_replay_draws_what_the_original_micro_batches_drew(zero_runs: Path) -> None:
+    """With LoRA dropout the forward draws random numbers: each replayed micro-batch runs under
+    the RNG state its original ran under, so the resumed run still ends bit for bit where the
+    uninterrupted one ends (and dropout did change the weights)."""
+    zero = zero_runs / "zero2"
+    assert all(r["pending_at_stop"] > 0 for r in ranks(zero / "lora-dropout-resume"))
+    assert max_diff(zero / "lora-dropout" / LORA, zero / "lora-dropout-resume" / LORA) == 0.0
+    assert max_diff(zero / "lora-dropout" / LORA, zero / "lora" / LORA) > 1e-6
+    checkpoint = sorted((zero / "lora-dropout-resume" / "checkpoints").iterdir())[0]
+    assert any(k.endswith("rng.cpu") for k in load_file(str(checkpoint / "replay-0.safetensors")))
+
+
 def test_zero_checkpoints_have_ddps_format(zero_runs: Path) -> None:
     """A ZeRO checkpoint holds what a DDP checkpoint of the same run holds: the same weight and
     optimiser-state names, shapes and hyperparameters, and values equal to rounding."""
@@ -113,7 +125,9 @@ def test_zero_checkpoints_have_ddps_format(zero_runs: Path) -> None:
         for name, entry in theirs["state"].items():
             assert mine["state"][name].keys() == entry.keys()
             for key, value in entry.items():
-                assert torch.allclose(mine["state"][name][key], value, atol=1e-5), (stage, name, key)
+                scale = float(value.abs().max())
+                assert key == "step" or scale > 0, (name, key)  # a moment of zeros would compare trivially
+                assert float((mine["state"][name][key] - value).abs().max()) <= 1e-3 * scale + 1e-12, (stage, name, key)
         strip = [{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in theirs["param_groups"]]
         assert [{k: g[k] for k in strip[0]} for g in mine["param_groups"]] == strip
         assert max_diff(zero / "trainable.safetensors", ddp / "trainable.safetensors") < 1e-5
@@ -255,3 +269,25 @@ def test_a_deepspeed_launch_without_deepspeed_says_how_to_install(monkeypatch: p
     assert "pip install -c constraints/cpu.txt deepspeed" in deepspeed_install_problem()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     assert deepspeed_install_problem() is None
+
+
+def test_deepspeed_fp16_loss_scale_survives_a_checkpoint(tmp_path: Path) -> None:
+    """Under DeepSpeed the fp16 loss scale lives in the ZeRO optimiser's dynamic scaler, not in
+    accelerate's: its state is saved (scaler.pt, plain numbers) and restored, so a resumed run
+    skips exactly the steps the uninterrupted one skips."""
+    from spo.training.engines import load_loss_scale_state, loss_scale_state
+
+    def zero(**scale: float) -> SimpleNamespace:
+        scaler = SimpleNamespace(dynamic=True, **scale)
+        return SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler, _link_all_hp_params=None))
+
+    acc = _plugin()
+    trained = zero(cur_scale=1024.0, cur_iter=17, last_overflow_iter=9, cur_hysteresis=1)
+    state = loss_scale_state(acc, trained)
+    torch.save(state, tmp_path / "scaler.pt")
+    fresh = zero(cur_scale=65536.0, cur_iter=0, last_overflow_iter=-1, cur_hysteresis=2)
+    load_loss_scale_state(acc, fresh, torch.load(tmp_path / "scaler.pt", weights_only=True))
+    assert vars(fresh.optimizer.loss_scaler) == vars(trained.optimizer.loss_scaler)
+    static = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=SimpleNamespace(dynamic=False, cur_scale=1.0),
+                                                       _link_all_hp_params=None))
+    assert loss_scale_state(acc, static) is None  # fp32 / bf16: nothing to keep

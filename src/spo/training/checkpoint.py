@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import SPOError
 from .engines import (DEEPSPEED, FSDP, engine_of, full_optimizer_state, full_state, load_full_optimizer_state,
-                      load_full_state, set_local_grads)
+                      load_full_state, load_loss_scale_state, loss_scale_state, set_local_grads)
 from .seeding import rng_state, set_rng_state
 
 _NAME = re.compile(r"^(round|step)-(\d{6,})$")
@@ -164,6 +164,7 @@ def save_checkpoint(
         optimizer_state = full_optimizer_state(accelerator, model, optimizer)
     else:
         optimizer_state = optimizer.state_dict() if accelerator.is_main_process else {}
+    scale = loss_scale_state(accelerator, optimizer) if accelerator.is_main_process else None
     root = checkpoint_dir(run_dir)
     final = root / f"{kind}-{done:06d}"
     tmp = root / f".tmp-{kind}-{done:06d}"
@@ -187,8 +188,8 @@ def save_checkpoint(
             torch.save(optimizer_state, tmp / "optimizer.pt")
             if lr_scheduler is not None:
                 torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            if getattr(accelerator, "scaler", None) is not None:  # fp16 loss scale: resume exactly
-                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            if scale is not None:  # fp16 loss scale: resume exactly
+                torch.save(scale, tmp / "scaler.pt")
 
     def finish() -> None:
         written = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -257,6 +258,10 @@ def load_checkpoint(
         optimizer.load_state_dict(optimizer_state)
     del saved, optimizer_state
     grads_file = path / f"grads-{accelerator.process_index}.safetensors"
+    if grads_file.exists() and engine == DEEPSPEED:  # (ZeRO's buffers take no .grad)
+        raise CheckpointError(f"checkpoint {path} was written inside an open gradient accumulation by another engine "
+                              "(it holds gradients, not the micro-batches DeepSpeed replays): resume it under the "
+                              "engine that wrote it")
     if grads_file.exists():
         set_local_grads(trainable, load_file(str(grads_file)))
     replay_file = path / f"replay-{accelerator.process_index}.safetensors"
@@ -264,8 +269,8 @@ def load_checkpoint(
         state["replay_tensors"] = load_file(str(replay_file))
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-    if getattr(accelerator, "scaler", None) is not None and (path / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    if (path / "scaler.pt").exists():
+        load_loss_scale_state(accelerator, optimizer, torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if not rng_file.exists():
         raise CheckpointError(f"checkpoint {path} has no RNG state for process {accelerator.process_index}")

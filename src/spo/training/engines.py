@@ -1,5 +1,6 @@
 """The distributed engine a run trains under, as accelerate chose it from the launch: one
-process, DDP, or PyTorch FSDP2 (``accelerate launch --config_file configs/accelerate/fsdp.yaml``).
+process, DDP, PyTorch FSDP2 (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) or
+DeepSpeed ZeRO-2 / ZeRO-3 (``zero2.yaml``, ``zero3.yaml``).
 
 Under DDP every process holds the whole model, so a checkpoint is written from the main
 process's parameters and read back into every process's. Under FSDP2 every parameter is a
@@ -12,6 +13,11 @@ and scatters through ``torch.distributed.checkpoint.state_dict``:
   parameter name (``...to_q.lora_A.spo.weight``), so a checkpoint does not depend on the engine.
 * :func:`load_full_state` / :func:`load_full_optimizer_state`: the reverse (the main process's
   copy broadcast and sliced into each process's shards under FSDP).
+
+Under DeepSpeed the same functions go through DeepSpeed's tensor-fragment API over the ZeRO
+optimiser's fp32 partitions (the checkpoint format is DDP's); :func:`configure_deepspeed` fills
+the DeepSpeed config from the run, :func:`accumulation_boundary` tells the engine which backward
+ends a step, and an open accumulation is replayed rather than saved (``SPOTrainer.checkpoint``).
 * :func:`local_grads` / :func:`set_local_grads`: each process's own gradients (its shard under
   FSDP), for a checkpoint inside an open accumulation (``train.carry_accumulation``).
 
@@ -98,7 +104,8 @@ def configure_deepspeed(accelerator: Any, *, batch_size: int, max_grad_norm: flo
     config keys of the batch size and of the clipping, for the messages); a different number in
     the accelerate config is refused, not overridden. ``train_micro_batch_size_per_gpu`` (and
     ``train_batch_size``), which accelerate takes from a DataLoader the trainers do not have,
-    become the micro-batch size."""
+    become the micro-batch size when the config leaves them ``auto`` (a number given there is
+    kept: it is DeepSpeed's bookkeeping, SPO's micro-batches are the run's)."""
     if engine_of(accelerator) != DEEPSPEED:
         return None
     plugin = accelerator.state.deepspeed_plugin
@@ -477,7 +484,7 @@ def _zero3_partition(p: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor
     import torch.distributed as dist
 
     size = p.ds_tensor.numel()
-    rank = dist.get_rank()
+    rank = dist.get_rank(group=getattr(p, "ds_process_group", None))  # its rank among the partitions
     flat = value.flatten()
     part = torch.zeros(size, dtype=flat.dtype, device=flat.device)
     piece = flat[rank * size : (rank + 1) * size]
@@ -491,6 +498,48 @@ def _zero_optimizer(module_optimizer: Any) -> Any:
     while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "_link_all_hp_params"):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _zero2_internals(zero: Any) -> Any:
+    """``zero`` (DeepSpeed's ZeRO-1/2 optimiser), after checking that it has the private members
+    the checkpoint code relies on (DeepSpeed 0.19; failing loudly rather than restoring half)."""
+    missing = [a for a in ("_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state",
+                           "single_partition_of_fp32_groups") if not hasattr(zero, a)]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__}'s ZeRO-2 optimiser lacks {missing}: SPO's checkpoints "
+                           "were written for DeepSpeed 0.19")
+    return zero
+
+
+def loss_scale_state(accelerator: Any, optimizer: Any) -> dict[str, Any] | None:
+    """The fp16 loss scaler's state, for an exact resume: accelerate's ``GradScaler``, or under
+    DeepSpeed its ZeRO optimiser's dynamic scaler (which accelerate does not hold); None when
+    there is none (fp32, bf16)."""
+    if engine_of(accelerator) == DEEPSPEED:
+        scaler = getattr(_zero_optimizer(optimizer), "loss_scaler", None)
+        if scaler is None or not getattr(scaler, "dynamic", False):
+            return None
+        return {"deepspeed": {k: getattr(scaler, k) for k in _DEEPSPEED_SCALER if hasattr(scaler, k)}}
+    scaler = getattr(accelerator, "scaler", None)
+    return None if scaler is None else scaler.state_dict()
+
+
+#: what DeepSpeed's DynamicLossScaler changes as it trains
+_DEEPSPEED_SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def load_loss_scale_state(accelerator: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Restore :func:`loss_scale_state`."""
+    if "deepspeed" in state:
+        scaler = getattr(_zero_optimizer(optimizer), "loss_scaler", None)
+        if scaler is None:
+            raise ValueError("the checkpoint holds DeepSpeed's fp16 loss scale, but this run has no loss scaler")
+        for key, value in state["deepspeed"].items():
+            setattr(scaler, key, value)
+    elif getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(state)
 
 
 def _deepspeed_optimizer_state(accelerator: Any, module: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
@@ -510,8 +559,8 @@ def _deepspeed_optimizer_state(accelerator: Any, module: torch.nn.Module, optimi
         return {"state": {}, "param_groups": [{**group, "params": names}]}
     keys = sorted(k for k, v in entries[0].items() if k != "step" and torch.is_tensor(v) and v.ndim > 0)
     zero = _zero_optimizer(optimizer)
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links the moments on first use
-        zero._lazy_init_hp_params_optimizer_state()
+    if zero_stage(accelerator) == 2:  # ZeRO-2 links the moments to the parameters on first use
+        _zero2_internals(zero)._lazy_init_hp_params_optimizer_state()
     step = entries[0]["step"]
     state: dict[str, Any] = {}
     for name, p in module.named_parameters():
@@ -543,6 +592,7 @@ def _deepspeed_load_optimizer_state(module: torch.nn.Module, optimizer: Any, sav
     first = next(iter(state.values()))
     keys = [k for k in first if k != "step"]
     zero = _zero_optimizer(optimizer)
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
     # the fp32 partitions AdamW steps (ZeRO-3 hands them to it one sub-group at a time)
     flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
     for flat in flats:
@@ -551,11 +601,11 @@ def _deepspeed_load_optimizer_state(module: torch.nn.Module, optimizer: Any, sav
         for key in keys:
             if key not in entry:
                 entry[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-    if hasattr(zero, "_hp_optimizer_states_linked"):  # ZeRO-2: (re)link the moments just made
-        zero._hp_optimizer_states_linked = False
+    if not stage3:  # ZeRO-2: (re)link the moments just made
+        _zero2_internals(zero)._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
     for name, p in module.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and name in state:  # (a weight that never had a gradient has no moments: zero)
             for key in keys:
                 value = state[name][key].to(p.device, torch.float32)
                 if hasattr(p, "ds_id"):

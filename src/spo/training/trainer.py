@@ -197,9 +197,10 @@ class SPOTrainer:
         #: micro-batches backpropagated since the last optimiser step (train.carry_accumulation),
         #: with their summed diagnostics and pairs
         self.pending = {"micro_batches": 0, "pairs": 0, "sums": dict.fromkeys(self.metric_names, 0.0)}
-        #: under DeepSpeed, this process's micro-batches of the open accumulation (ZeRO keeps their
-        #: gradients in buffers no checkpoint can hold: a resumed run backpropagates them again)
-        self.replay: list[Records] = []
+        #: under DeepSpeed, this process's micro-batches of the open accumulation with the torch RNG
+        #: states they ran under (ZeRO keeps their gradients in buffers no checkpoint can hold: a
+        #: resumed run backpropagates them again)
+        self.replay: list[tuple[Records, dict[str, torch.Tensor]]] = []
         state = run.load_checkpoint(trainable=self.trainable, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                     model=self.backbone.unet)
         if state is not None:
@@ -310,9 +311,11 @@ class SPOTrainer:
         steps = self.config.train.gradient_accumulation_steps
         pending = self.pending
         completes = pending["micro_batches"] + 1 == steps
+        replaying = engine_of(self.accelerator) == DEEPSPEED and not completes
+        rng = _torch_rng() if replaying else {}  # what LoRA dropout draws from in this backward
         metrics = self._backward(records, rows, 1.0 / steps, completes, round_index)
         if engine_of(self.accelerator) == DEEPSPEED:
-            self.replay = [] if completes else [*self.replay, records.index(rows).to("cpu")]
+            self.replay = [*self.replay, (records.index(rows).to("cpu"), rng)] if replaying else []
         pending["micro_batches"] += 1
         pending["pairs"] += len(rows)
         for k in self.metric_names:
@@ -399,6 +402,9 @@ class SPOTrainer:
         open_accumulation = self.pending["micro_batches"] > 0
         replay = replay_state = None
         if open_accumulation and engine_of(self.accelerator) == DEEPSPEED:
+            if len(self.replay) != self.pending["micro_batches"]:  # (a resumption that lost them is refused)
+                raise TrainingError(f"{self.pending['micro_batches']} micro-batches are accumulating but "
+                                    f"{len(self.replay)} are held for the checkpoint")
             replay, replay_state = _pack_replay(self.replay)
         return save_checkpoint(
             self.accelerator, self.run_dir, self.rounds_done, trainable=self.trainable, optimizer=self.optimizer,
@@ -417,14 +423,15 @@ class SPOTrainer:
         if engine_of(self.accelerator) != DEEPSPEED:
             raise CheckpointError("this checkpoint holds an open accumulation as micro-batches to replay, written "
                                   "under DeepSpeed: resume it under DeepSpeed")
-        self.replay = _unpack_replay(saved, tensors)
+        self.replay = _unpack_replay(saved, tensors, type(self.method).__module__)
         if len(self.replay) != self.pending["micro_batches"]:
             raise CheckpointError(f"the checkpoint's open accumulation has {self.pending['micro_batches']} micro-batches "
                                   f"but {len(self.replay)} to replay")
         state = rng_state()
         self.policy.train()
         steps = self.config.train.gradient_accumulation_steps
-        for records in self.replay:
+        for records, rng in self.replay:
+            _set_torch_rng(rng)  # the draws the original backward made (LoRA dropout)
             self._backward(records.to(self.accelerator.device), torch.arange(len(records)), 1.0 / steps, False,
                            self.rounds_done)
         set_rng_state(state)
@@ -484,34 +491,57 @@ class SPOTrainer:
         return path
 
 
-def _pack_replay(batches: list[Records]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Micro-batches of records as one flat tensor dict (``"J.field"``) and what rebuilds them
-    (their class, the fields that are None)."""
+def _torch_rng() -> dict[str, torch.Tensor]:
+    """torch's generator states (CPU, and each CUDA device's), as tensors."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _set_torch_rng(states: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in states:
+        torch.set_rng_state(states["rng.cpu"])
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in states.items() if k.startswith("rng.cuda."))
+    if cuda:
+        torch.cuda.set_rng_state_all([v for _, v in cuda])
+
+
+def _pack_replay(batches: list[tuple[Records, dict[str, torch.Tensor]]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Micro-batches of records, with their RNG states, as one flat tensor dict (``"J.field"``)
+    and what rebuilds them (their class, the fields that are None)."""
     tensors: dict[str, torch.Tensor] = {}
     empty: list[str] = []
-    for j, batch in enumerate(batches):
-        for name, value in batch.tensors().items():
+    for j, (batch, rng) in enumerate(batches):
+        for name, value in {**batch.tensors(), **rng}.items():
             if value is None:
                 if j == 0:
                     empty.append(name)
             else:
                 tensors[f"{j}.{name}"] = value
-    kind = type(batches[0]) if batches else Records
+    kind = type(batches[0][0]) if batches else Records
     return tensors, {"records": f"{kind.__module__}:{kind.__qualname__}", "micro_batches": len(batches), "none": empty}
 
 
-def _unpack_replay(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Records]:
+def _unpack_replay(saved: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   method_module: str) -> list[tuple[Records, dict[str, torch.Tensor]]]:
+    """:func:`_pack_replay`'s micro-batches back. The records class is looked up only in SPO's
+    own modules or the method's (a checkpoint names no other code to import)."""
     import importlib
 
     module, _, name = str(saved["records"]).partition(":")
-    kind = getattr(importlib.import_module(module), name, None)
+    kind = None
+    if module.split(".")[0] == "spo" or module == method_module:
+        kind = getattr(importlib.import_module(module), name, None)
     if not (isinstance(kind, type) and issubclass(kind, Records)):
-        raise CheckpointError(f"the checkpoint's open accumulation names {saved['records']!r}, which is not a records class")
+        raise CheckpointError(f"the checkpoint's open accumulation names {saved['records']!r}, which is not a "
+                              "records class of SPO or of this method")
     batches = []
     for j in range(int(saved["micro_batches"])):
+        mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(j)}
         fields: dict[str, torch.Tensor | None] = {n: None for n in saved["none"]}
-        fields.update({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(j)})
-        batches.append(kind.from_tensors(fields))
+        fields.update({k: v for k, v in mine.items() if not k.startswith("rng.")})
+        batches.append((kind.from_tensors(fields), {k: v for k, v in mine.items() if k.startswith("rng.")}))
     return batches
 
 
