@@ -23,6 +23,7 @@ model's release preset (``sd15``: 10 prompts x k 4, 512 px; ``sdxl``: 2 prompts 
     checkpointing  model.gradient_checkpointing=true
     tiny_decoder   preference.decoder = the AutoencoderTiny (x0-hat decoded for scoring only)
     channels_last  model.channels_last=true (not in the defaults)
+    pool_chunked   chunked + sampling.batch_size=10 (the denoiser on 10 images per call while sampling)
     all            chunked + checkpointing + tiny_decoder
 
 with ``pools.threshold=0`` so that every pool trains (SD-1.5: 160 pairs a round, SDXL: 32), as
@@ -77,8 +78,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all")
-DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all"],
+VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
+            "pool_chunked")
+DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all", "pool_chunked"],
                     "sdxl": ["baseline", "memory", "all"]}
 TINY_VARIANTS = ["baseline", "chunked", "checkpointing", "tiny_decoder", "all"]
 #: decode/score chunk of the ``chunked`` variant: SD-1.5 decodes 40 x0-hats a step (8: 20.5 -> 6.0
@@ -197,6 +199,8 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
         "tiny_decoder": {"preference.decoder": str(decoder)},
         "channels_last": {"model.channels_last": "true"},
         "compile": {"model.compile": "true"},
+        # the pool pass (SD-1.5: 10 prompts x k 4 = 40 images, 80 rows under CFG) in calls of 10 images
+        "pool_chunked": {"sampling.batch_size": "10", "sampling.decode_batch_size": str(chunk)},
     }
     if variant == "baseline":
         return {}
@@ -209,7 +213,7 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
 
 #: pinned to the baseline's state in every variant (a variant's switch then overrides it); dropped
 #: where the key does not exist, since that checkout then behaves this way already
-PINS = {"sampling.decode_batch_size": "null", "model.gradient_checkpointing": "false",
+PINS = {"sampling.decode_batch_size": "null", "sampling.batch_size": "null", "model.gradient_checkpointing": "false",
         "model.channels_last": "false", "model.compile": "false", "preference.decoder": "null"}
 
 

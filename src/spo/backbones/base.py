@@ -366,6 +366,8 @@ class Backbone(ABC):
     #: how many calls' text-encoder outputs are kept (the text encoders are frozen, so a prompt list
     #: always encodes the same); 0 turns the cache off
     prompt_cache_size: int = 256
+    #: images per denoiser call without gradients (``sampling.batch_size``; None: all at once)
+    sampling_batch_size: int | None = None
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Refuse prompts this model cannot be conditioned on (a closed vocabulary); raises a
@@ -435,6 +437,10 @@ class Backbone(ABC):
         t = t.expand(batch) if t.ndim == 0 else t
         if len(cond) != batch:
             raise ValueError(f"conditioning has {len(cond)} rows but x_t has {batch}")
+        size = self.sampling_batch_size
+        if size is not None and batch > size and not torch.is_grad_enabled():  # sampling: in chunks
+            return torch.cat([self.predict(x_t[i : i + size], t[i : i + size], cond.index(slice(i, i + size)),
+                                           guidance_scale, reference=reference) for i in range(0, batch, size)])
         guided = guidance_scale != 1.0
         if guided and not cond.has_negative:
             raise ValueError("guidance_scale != 1 needs a conditioning encoded with its negative prompt")

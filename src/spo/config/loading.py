@@ -454,6 +454,8 @@ def _value_problems(c: SPOConfig) -> list[str]:
          f"(the VAE downsampling factor), got {m.resolution!r}")
     rule(s.decode_batch_size is None or s.decode_batch_size >= 1,
          f"sampling.decode_batch_size must be null (all at once) or >= 1, got {s.decode_batch_size!r}")
+    rule(s.batch_size is None or s.batch_size >= 1,
+         f"sampling.batch_size must be null (all at once) or >= 1, got {s.batch_size!r}")
 
     rule(s.num_inference_steps >= 1,
          f"sampling.num_inference_steps must be >= 1, got {s.num_inference_steps!r}")

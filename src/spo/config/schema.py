@@ -163,6 +163,12 @@ class SamplingConfig:
             size in fp16 on an H200 it cut the sampling peak from 39.4 to
             11.4 GiB for about 2% more round time (``benchmarks/fullsize.py``,
             docs/benchmarks.md). Results do not depend on it.
+        batch_size: Run the denoiser on at most this many images at once while
+            sampling, without gradients (a step's pool of prompts x k candidates,
+            each two rows under CFG; ``None``: all at once). Lowers the sampling
+            peak of the UNet's activations; the training passes are set by
+            ``train.batch_size``. A smaller batch may round differently on some
+            kernels (tests/test_sampling_batch_size.py says what it changes here).
     """
 
     num_inference_steps: int = 20
@@ -171,6 +177,7 @@ class SamplingConfig:
     negative_prompt: str | None = None
     num_train_timesteps: int = 1000
     decode_batch_size: int | None = 8
+    batch_size: int | None = None
 
 
 @dataclass

@@ -148,6 +148,7 @@ class SPOTrainer:
             dataclasses.replace(config.model, device=str(acc.device)), config.sampling.negative_prompt
         )
         self.backbone.check_prompts(self.prompts)
+        self.backbone.sampling_batch_size = config.sampling.batch_size
         if scores:  # x0-hat decoded for the scorer only (pools, final-image rewards)
             self.backbone.load_score_decoder(config.preference.decoder)
         if config.model.finetune == "lora":
