@@ -347,6 +347,12 @@ class OptimizerConfig:
     """AdamW optimiser and learning-rate schedule.
 
     Attributes:
+        name: ``adamw`` (torch's), or ``adamw8bit``: bitsandbytes' 8-bit AdamW
+            (the release's ``use_8bit_adam``), its two moments held in 8 bits
+            (2 bytes per trained weight instead of 8; tensors under 4096
+            elements keep 32-bit moments, as bitsandbytes does). It changes
+            the training numbers; needs ``pip install bitsandbytes``; refused
+            under FSDP and DeepSpeed (not tested there).
         lr: Learning rate (6e-5 for SD-1.5, 1e-5 for SDXL).
         betas: AdamW ``(beta1, beta2)``.
         weight_decay: AdamW decoupled weight decay.
@@ -363,6 +369,7 @@ class OptimizerConfig:
             optimiser steps in a round depends on how many pairs were valid.
     """
 
+    name: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 6e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4

@@ -68,8 +68,13 @@ class Run:
     def optimizer(self, model: Any, params: Iterable[torch.nn.Parameter], settings: Any) -> tuple[Any, Any]:
         """AdamW over ``params`` with ``settings``' ``lr``, ``betas``, ``weight_decay`` and ``eps``
         (``config.optimizer`` or ``config.spm``), prepared with ``model``: (policy, optimizer)."""
-        adamw = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas),
-                                  weight_decay=settings.weight_decay, eps=settings.eps)
+        kind = torch.optim.AdamW
+        if getattr(settings, "name", "adamw") == "adamw8bit":  # (checked in start_run: installed, engine)
+            import bitsandbytes
+
+            kind = bitsandbytes.optim.AdamW8bit
+        adamw = kind(params, lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay,
+                     eps=settings.eps)
         return self.accelerator.prepare(model, adamw)
 
     def load_checkpoint(self, **parts: Any) -> dict[str, Any] | None:
@@ -130,7 +135,7 @@ def start_run(config: SPOConfig, run_dir: str | Path, kind: RunKind, *, resume: 
     problem = process_count_problem(config.train.num_processes, acc.num_processes) or engine_problem(
         acc, compile=config.model.compile and kind.checkpoint_prefix == "round") or configure_deepspeed(
         acc, batch_size=_setting(config, kind.batch_size), max_grad_norm=_setting(config, kind.max_grad_norm),
-        names=(kind.batch_size, kind.max_grad_norm))
+        names=(kind.batch_size, kind.max_grad_norm)) or _optimizer_problem(config, acc, kind)
     if problem:
         raise kind.error(problem)
     with removed_on_failure(run_dir, acc.is_main_process):
@@ -140,6 +145,22 @@ def start_run(config: SPOConfig, run_dir: str | Path, kind: RunKind, *, resume: 
         resolved = dataclasses.replace(resolved, train=config.train)
         write_everywhere(acc, f"writing {run_dir / 'config.yaml'}", lambda: save_config(config, run_dir / "config.yaml"))
         yield Run(kind, acc, run_dir, config, resolved, resume_from, MetricsLog(acc, run_dir / "metrics.jsonl"))
+
+
+def _optimizer_problem(config: SPOConfig, accelerator: Any, kind: RunKind) -> str | None:
+    """Why ``optimizer.name`` cannot be honoured here, or None."""
+    import importlib.util
+
+    from .engines import DEEPSPEED, FSDP, engine_of
+
+    if kind.checkpoint_prefix != "round" or config.optimizer.name != "adamw8bit":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "optimizer.name=adamw8bit needs bitsandbytes: pip install bitsandbytes (or optimizer.name=adamw)"
+    if engine_of(accelerator) in (FSDP, DEEPSPEED):
+        return (f"optimizer.name=adamw8bit is not supported under {engine_of(accelerator)} yet (not tested with its "
+                "sharded state): use optimizer.name=adamw")
+    return None
 
 
 def _setting(config: SPOConfig, key: str) -> Any:
