@@ -88,7 +88,8 @@ def available_presets() -> list[str]:
 
 def _presets_hint() -> str:
     presets = available_presets()
-    return "available presets: " + (", ".join(presets) if presets else "(none)")
+    return "available presets: " + (", ".join(presets) if presets else "(none)") + (
+        f" (each also as NAME{LOW_MEMORY_SUFFIX}: with the memory levers)" if presets else "")
 
 
 # --------------------------------------------------------------------------- schema introspection
@@ -325,10 +326,23 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+#: ``PRESET-lowmem``: any preset with every memory lever that leaves its numbers as they are or
+#: was measured (README "Memory and speed on a GPU"): x0-hats decoded one at a time, gradient
+#: checkpointing, text encoders in host memory between encodes
+LOW_MEMORY_SUFFIX = "-lowmem"
+LOW_MEMORY = {"model": {"gradient_checkpointing": True, "offload_text_encoders": True},
+              "sampling": {"decode_batch_size": 1}}
+
+
 def _load_layers(
     source: str | Path, base_dir: Path | None, seen: tuple[str, ...]
 ) -> list[tuple[str, dict[str, Any]]]:
     """Resolve ``source`` into ``(label, mapping)`` layers, outermost preset first."""
+    if (isinstance(source, str) and source.endswith(LOW_MEMORY_SUFFIX) and not _looks_like_path(source)
+            and source not in available_presets() and source[: -len(LOW_MEMORY_SUFFIX)] in available_presets()):
+        base = source[: -len(LOW_MEMORY_SUFFIX)]
+        levers = {section: dict(values) for section, values in LOW_MEMORY.items()}
+        return [*_load_layers(base, base_dir, seen), (f"the {LOW_MEMORY_SUFFIX} suffix", levers)]
     if isinstance(source, str) and not _looks_like_path(source) and source in available_presets():
         label = f"preset '{source}'"
         text = _preset_root().joinpath(f"{source}.yaml").read_text(encoding="utf-8")

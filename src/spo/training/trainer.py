@@ -157,6 +157,8 @@ class SPOTrainer:
             params = self.backbone.enable_full_finetuning()
         if config.model.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
+        if config.model.offload_text_encoders:
+            self.backbone.offload_text_encoders()
         if config.model.channels_last:
             self.backbone.to_channels_last()
         if config.model.compile:

@@ -1,0 +1,60 @@
+"""The memory levers that leave a run's numbers as they are: ``PRESET-lowmem`` (any preset with
+them) and ``model.offload_text_encoders`` (text encoders in host memory between encodes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixed_scorers import brightness
+from spo.config import available_presets, config_to_dict, load_config
+from spo.config.loading import LOW_MEMORY
+from spo.training import SPOTrainer
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_has_a_lowmem_form(preset: str) -> None:
+    """``NAME-lowmem`` is NAME with exactly the levers changed; overrides still win."""
+    base, low = config_to_dict(load_config(preset)), config_to_dict(load_config(f"{preset}-lowmem"))
+    for section, values in LOW_MEMORY.items():
+        for key, value in values.items():
+            assert low[section][key] == value, (section, key)
+            base[section][key] = value
+    assert low == base
+    assert load_config(f"{preset}-lowmem", ["sampling.decode_batch_size=4"]).sampling.decode_batch_size == 4
+
+
+def _config(tiny_sd15_path: Path, prompts_file: Path, offload: bool):  # noqa: ANN202
+    return load_config("sd15", [
+        f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
+        "train.mixed_precision=no", f"data.prompts={prompts_file}", "train.rounds=2", "train.prompts_per_round=2",
+        "sampling.num_inference_steps=6", "pools.divert_start_step=2", "pools.threshold=0.0",
+        "logging.tensorboard=false", f"model.offload_text_encoders={str(offload).lower()}"])
+
+
+def test_offloaded_text_encoders_move_only_to_encode_and_change_nothing(tiny_sd15_path: Path, prompts_file: Path,
+                                                                        tmp_path: Path) -> None:
+    plain = SPOTrainer(_config(tiny_sd15_path, prompts_file, False), tmp_path / "plain", scorer=brightness,
+                       progress=False)
+    plain.train()
+    low = SPOTrainer(_config(tiny_sd15_path, prompts_file, True), tmp_path / "low", scorer=brightness, progress=False)
+    (encoder,) = low.backbone.text_encoders()
+    moves: list[str] = []
+    to = encoder.to
+
+    def recorded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        moves.append(str(args[0] if args else kwargs.get("device")))
+        return to(*args, **kwargs)
+
+    encoder.to = recorded
+    low.train()
+    assert moves and len(moves) % 2 == 0  # in and out, around each uncached encode only
+    assert moves[0::2] == [str(low.backbone.device)] * (len(moves) // 2) and set(moves[1::2]) == {"cpu"}
+    calls = len(moves)
+    low.backbone.encode_prompts(["a red circle"])  # a new prompt list: encoded, moved in and out
+    low.backbone.encode_prompts(["a red circle"])  # cached: not moved
+    assert len(moves) == calls + 2
+    a, b = plain.backbone.unet.state_dict(), low.backbone.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same embeddings: the same training
