@@ -75,4 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from spo.cli import close_process_group
+
     main()
+    close_process_group()

@@ -167,4 +167,7 @@ def run_spm(model: str, run: Path, scenario: str) -> None:
 
 
 if __name__ == "__main__":
+    from spo.cli import close_process_group
+
     main()
+    close_process_group()
