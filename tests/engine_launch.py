@@ -88,3 +88,28 @@ def max_diff(a: Path, b: Path, skip: str | None = None) -> float:
     assert first.keys() == second.keys()
     return max(float((first[k].double() - second[k].double()).abs().max()) for k in first
                if skip is None or not k.endswith(skip))
+
+
+FAULTS_SCRIPT = Path(__file__).with_name("multiprocess_faults.py")
+
+
+def check_failed_writes(engine: str, model: Path, out: Path, expected_engine: str) -> None:
+    """Launch multiprocess_faults.py under ``engine`` into ``out``: a full disk at a checkpoint
+    (main process or the other) or at the final LoRA must end both ranks with the same error,
+    the earlier checkpoints kept and no half-written one left."""
+    prompts = out / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    proc = launch(engine, FAULTS_SCRIPT, str(model), str(prompts), str(out), timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {"checkpoint": ("writing checkpoint", "round-000002", "failed on the main process", ["round-000001"]),
+                "rng": ("writing checkpoint", "round-000001", "failed on process 1", []),
+                "final_lora": ("writing the final LoRA", "final_lora", "failed on the main process", ["round-000001"])}
+    for name, (what, where, who, checkpoints) in expected.items():
+        found = ranks(out / name)
+        assert found[0]["error"] == found[1]["error"] is not None, (name, found)
+        message = found[0]["error"]
+        assert message.startswith(what) and where in message and who in message, message
+        assert "OSError: [Errno 28] No space left on device" in message, message
+        assert found[0]["checkpoints"] == checkpoints and found[0]["hidden"] == [], (name, found[0])
+        assert found[0]["engine"] == expected_engine
+    assert not (out / "final_lora" / "lora").exists()

@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (it comes with the dev extra)")
 
-from engine_launch import LORA, OPTIONS, PROMPTS, UNET, free_port, launch, max_diff, ranks  # noqa: E402
+from engine_launch import LORA, OPTIONS, PROMPTS, UNET, check_failed_writes, free_port, max_diff, ranks  # noqa: E402
 from spo.training import read_metrics  # noqa: E402
 from spo.training.engines import DEEPSPEED, configure_deepspeed, deepspeed_install_problem, engine_of  # noqa: E402
 
-FAULTS_SCRIPT = Path(__file__).with_name("multiprocess_faults.py")
 
 
 @pytest.fixture(scope="module")
@@ -193,19 +192,7 @@ def test_spm_and_lrm_training_under_zero(zero_runs: Path, stage: str) -> None:
 def test_a_failed_write_under_zero3_stops_both_ranks(tiny_sd15_path: Path, tmp_path: Path) -> None:
     """The write guarantees hold under ZeRO-3: a full disk at a checkpoint (main process or the
     other) or at the final LoRA ends both ranks with the same error; earlier checkpoints stay."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(PROMPTS)
-    proc = launch("zero3", FAULTS_SCRIPT, str(tiny_sd15_path), str(prompts), str(tmp_path), timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = {"checkpoint": ("round-000002", "failed on the main process", ["round-000001"]),
-                "rng": ("round-000001", "failed on process 1", []),
-                "final_lora": ("final_lora", "failed on the main process", ["round-000001"])}
-    for name, (where, who, checkpoints) in expected.items():
-        found = ranks(tmp_path / name)
-        assert found[0]["error"] == found[1]["error"] is not None, (name, found)
-        assert where in found[0]["error"] and who in found[0]["error"] and "No space left" in found[0]["error"]
-        assert found[0]["checkpoints"] == checkpoints and found[0]["hidden"] == [], (name, found[0])
-        assert found[0]["engine"] == DEEPSPEED
+    check_failed_writes("zero3", tiny_sd15_path, tmp_path, DEEPSPEED)
 
 
 def test_a_zero_launch_spo_cannot_honour_is_refused_on_every_rank(tiny_sd15_path: Path, tmp_path: Path) -> None:

@@ -16,10 +16,9 @@ from safetensors.torch import load_file
 
 from spo.training import read_metrics
 from spo.training.engines import DDP, FSDP, SINGLE, engine_of, engine_problem
-from engine_launch import LORA, PROMPTS, ROOT, UNET, launch, max_diff, ranks
+from engine_launch import LORA, PROMPTS, ROOT, UNET, check_failed_writes, max_diff, ranks
 from engine_launch import free_port as _free_port
 
-FAULTS_SCRIPT = Path(__file__).with_name("multiprocess_faults.py")
 TRAIN_SCRIPT = Path(__file__).with_name("multiprocess_train.py")
 
 
@@ -144,19 +143,7 @@ def test_spm_and_lrm_training_under_fsdp(fsdp_and_ddp_runs: Path) -> None:
 def test_a_failed_write_under_fsdp_stops_both_ranks(tiny_sd15_path: Path, tmp_path: Path) -> None:
     """The write guarantees hold under FSDP: a full disk at a checkpoint (main process or the
     other) or at the final LoRA ends both ranks with the same error; earlier checkpoints stay."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(PROMPTS)
-    proc = launch("fsdp", FAULTS_SCRIPT, str(tiny_sd15_path), str(prompts), str(tmp_path), timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = {"checkpoint": ("round-000002", "failed on the main process", ["round-000001"]),
-                "rng": ("round-000001", "failed on process 1", []),
-                "final_lora": ("final_lora", "failed on the main process", ["round-000001"])}
-    for name, (where, who, checkpoints) in expected.items():
-        found = ranks(tmp_path / name)
-        assert found[0]["error"] == found[1]["error"] is not None, (name, found)
-        assert where in found[0]["error"] and who in found[0]["error"] and "No space left" in found[0]["error"]
-        assert found[0]["checkpoints"] == checkpoints and found[0]["hidden"] == [], (name, found[0])
-        assert found[0]["engine"] == FSDP
+    check_failed_writes("fsdp", tiny_sd15_path, tmp_path, FSDP)
 
 
 def test_fsdp_version_1_is_refused_on_every_rank(tiny_sd15_path: Path, tmp_path: Path) -> None:
