@@ -72,6 +72,9 @@ def test_lowmem_trains_what_the_preset_trains(tiny_sd15_path: Path, prompts_file
             "sampling.num_inference_steps=6", "pools.divert_start_step=2", "pools.threshold=0.0",
             "logging.tensorboard=false", "optimizer.lr=1e-3"])
         trainer = SPOTrainer(config, tmp_path / preset, scorer=brightness, progress=False)
+        low = preset.endswith("-lowmem")
+        assert trainer.backbone.unet.is_gradient_checkpointing == low  # the levers really are on
+        assert getattr(trainer.backbone, "_offload_text", False) == low
         trainer.train()
         weights[preset] = {n: p.detach().clone() for n, p in trainer.backbone.unet.named_parameters() if p.requires_grad}
     assert max(float(v.abs().max()) for k, v in weights["sd15"].items() if "lora_B" in k) > 1e-3  # it trained

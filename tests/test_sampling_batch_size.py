@@ -15,7 +15,8 @@ from spo.config import ConfigError, load_config
 from spo.training import SPOTrainer
 
 
-def _collect(tiny_sd15_path: Path, prompts_file: Path, run: Path, batch_size: int | None) -> tuple[dict, list[int]]:
+def _collect(tiny_sd15_path: Path, prompts_file: Path, run: Path,
+             batch_size: int | None) -> tuple[dict, list[int], list[int]]:
     config = load_config("sd15", [
         f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
         "train.mixed_precision=no", f"data.prompts={prompts_file}", "train.rounds=1", "train.prompts_per_round=2",
@@ -31,15 +32,23 @@ def _collect(tiny_sd15_path: Path, prompts_file: Path, run: Path, batch_size: in
         return forward(net, x, *args)
 
     trainer.backbone._forward = counted
-    return trainer.sample_round(0).records.tensors(), rows
+    records = trainer.sample_round(0).records
+    sampled = list(rows)
+    rows.clear()
+    trainer.train_on(records, 0)  # the training passes: the reference's runs without gradients too
+    return records.tensors(), sampled, rows
 
 
 def test_sampling_in_smaller_batches_draws_the_same_pairs(tiny_sd15_path: Path, prompts_file: Path,
                                                             tmp_path: Path) -> None:
-    whole, whole_rows = _collect(tiny_sd15_path, prompts_file, tmp_path / "whole", None)
+    whole, whole_rows, whole_training = _collect(tiny_sd15_path, prompts_file, tmp_path / "whole", None)
     assert max(whole_rows) > 2 * 3  # the pool pass: 2 prompts x k 4 candidates x 2 (CFG) rows
+    assert whole_training and max(whole_training) > 2  # the reference pass is one call per micro-batch
     for size in (1, 3):
-        chunked, rows = _collect(tiny_sd15_path, prompts_file, tmp_path / f"b{size}", size)
+        chunked, rows, training = _collect(tiny_sd15_path, prompts_file, tmp_path / f"b{size}", size)
+        # training is never chunked: under FSDP / ZeRO-3 every call is a collective, and the
+        # reference's batch can differ between processes (MSPO)
+        assert training == whole_training
         assert max(rows) == 2 * size and sum(rows) == sum(whole_rows)  # the same rows, in calls of <= size images
         assert chunked.keys() == whole.keys()
         for name, value in whole.items():

@@ -468,7 +468,10 @@ class Backbone(ABC):
         if len(cond) != batch:
             raise ValueError(f"conditioning has {len(cond)} rows but x_t has {batch}")
         size = self.sampling_batch_size
-        if size is not None and batch > size and not torch.is_grad_enabled():  # sampling: in chunks
+        use_reference = reference or self._reference_active
+        # sampling (the policy, no gradients) in chunks; never the training passes (the reference's
+        # has no gradients either, and its batch may differ between processes: one call each)
+        if size is not None and batch > size and not torch.is_grad_enabled() and not use_reference:
             return torch.cat([self.predict(x_t[i : i + size], t[i : i + size], cond.index(slice(i, i + size)),
                                            guidance_scale, reference=reference) for i in range(0, batch, size)])
         guided = guidance_scale != 1.0
@@ -483,7 +486,6 @@ class Backbone(ABC):
         else:
             x_in, t_in, hidden = x_t, t, cond.prompt_embeds
             added = self._added_cond_kwargs(cond, False)
-        use_reference = reference or self._reference_active
         if use_reference and self.reference_unet is not None:
             unet = self.reference_unet
         elif use_reference:

@@ -334,6 +334,12 @@ LOW_MEMORY = {"model": {"gradient_checkpointing": True, "offload_text_encoders":
               "sampling": {"decode_batch_size": 1}}
 
 
+def _is_preset(name: str) -> bool:
+    """A bundled preset, or one with the ``-lowmem`` suffix."""
+    presets = available_presets()
+    return name in presets or (name.endswith(LOW_MEMORY_SUFFIX) and name[: -len(LOW_MEMORY_SUFFIX)] in presets)
+
+
 def _load_layers(
     source: str | Path, base_dir: Path | None, seen: tuple[str, ...]
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -372,7 +378,7 @@ def _load_layers(
         if not isinstance(base, str) or not base:
             raise ConfigError(f"'preset' in {label} must be a preset name or a YAML path, got "
                               f"{_show(base)}; {_presets_hint()}")
-        if not _looks_like_path(base) and base not in available_presets():
+        if not _looks_like_path(base) and not _is_preset(base):
             raise ConfigError(f"unknown preset '{base}' named in {label}; {_presets_hint()}")
         layers.extend(_load_layers(base, base_dir, seen + (identity,)))
     layers.append((label, data))

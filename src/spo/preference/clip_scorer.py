@@ -71,8 +71,8 @@ def load_clip_parts(pretrained: str, processor: str | None = None, *, what: str 
 
 
 def normalized(emb: Tensor) -> Tensor:
-    """Unit-length rows, computed in fp32 whatever the tower's dtype (a 16-bit sum of squares of a
-    1024-wide embedding can overflow or lose the cosine's precision)."""
+    """Unit-length rows, computed in fp32 whatever the tower's dtype: a 16-bit norm overflows
+    past 65504, and the cosine keeps fp32's precision."""
     emb = emb.float()
     return emb / emb.norm(dim=-1, keepdim=True)
 
@@ -168,8 +168,28 @@ class CLIPScorer(nn.Module):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         img = self.image_embeddings(images, timesteps)
-        txt = self.text_embeddings(prompts, cache=cache).to(img.dtype)
-        return self.model.logit_scale.float().exp() * (img * txt).sum(dim=-1)
+        txt = self.text_embeddings(prompts, cache=cache)
+        return self._logit_scale().exp() * (img * txt).sum(dim=-1)
+
+    def _logit_scale(self) -> Tensor:
+        """CLIP's logit scale in fp32. Cast to 16 bits it rounds (bfloat16: exp(ln 100) gives
+        98.9, 1.1% off every score), so scoring without gradients uses the fp32 value it had
+        before the cast, while the model still holds that cast value (training uses the held one)."""
+        held = self.model.logit_scale
+        exact = getattr(self, "_exact_logit_scale", None)
+        if (exact is not None and held.dtype != torch.float32 and not torch.is_grad_enabled()
+                and exact[1].shape == held.shape and torch.equal(held.detach(), exact[1].to(held.device))):
+            return exact[0].to(held.device)
+        return held.float()
+
+    def to(self, *args: Any, **kwargs: Any) -> "CLIPScorer":  # type: ignore[override]
+        """``nn.Module.to``, remembering the fp32 logit scale when it casts the model below fp32."""
+        before = self.model.logit_scale.detach()
+        moved = super().to(*args, **kwargs)
+        after = moved.model.logit_scale.detach()
+        if before.dtype == torch.float32 and after.dtype != torch.float32:
+            moved._exact_logit_scale = (before.to(after.device).clone(), after.clone())
+        return moved
 
     def forward(
         self, images: Tensor, prompts: Sequence[str], timesteps: Tensor | None = None, *, grad: bool = False

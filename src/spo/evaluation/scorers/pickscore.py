@@ -54,7 +54,8 @@ class PickScoreScorer(Scorer):
         return cls(CLIPScorer(model, tokenizer, **settings).to(device=device, dtype=dtype))
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        return self.clip.score(images, prompts, cache=True).cpu()
+        with torch.no_grad():  # (a metric: no gradients; a 16-bit model then scores with its fp32 logit scale)
+            return self.clip.score(images, prompts, cache=True).cpu()
 
 
 SCORER = PickScoreScorer
