@@ -113,3 +113,20 @@ def check_failed_writes(engine: str, model: Path, out: Path, expected_engine: st
         assert found[0]["checkpoints"] == checkpoints and found[0]["hidden"] == [], (name, found[0])
         assert found[0]["engine"] == expected_engine
     assert not (out / "final_lora" / "lora").exists()
+
+
+def check_spm_and_lrm_against_ddp(runs: Path, ddp: Path) -> None:
+    """The ``spm``, ``spm-resume`` and ``lrm`` scenarios under an engine (``runs``) against DDP's:
+    the SPM's weights within 1e-5, CLIP's key biases aside (their true gradient is exactly 0:
+    softmax ignores a shift shared by a query's logits, so AdamW steps on rounding noise, 3.5e-4
+    under FSDP); a resumed SPM run bit for bit the uninterrupted one; CLIP's scalar logit scale
+    saved as the scalar (engines hold it as a 1-element vector); the LRM's head and text encoder
+    within 1e-5 and its whole UNet within 2e-4 (AdamW amplifies tiny gradient differences, as
+    under full fine-tuning)."""
+    spm = Path("spm") / "spm.safetensors"
+    assert max_diff(runs / "spm" / spm, ddp / "spm" / spm, skip="k_proj.bias") < 1e-5
+    assert max_diff(runs / "spm" / spm, runs / "spm-resume" / spm) == 0.0
+    assert load_file(str(runs / "spm" / spm))["model.logit_scale"].shape == ()
+    for part, tolerance in (("lrm.safetensors", 1e-5), ("unet/diffusion_pytorch_model.safetensors", 2e-4),
+                            ("text_encoder/model.safetensors", 1e-5)):
+        assert max_diff(runs / "lrm" / "lrm" / part, ddp / "lrm" / "lrm" / part, skip="k_proj.bias") < tolerance, part
