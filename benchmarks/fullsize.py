@@ -25,6 +25,13 @@ model's release preset (``sd15``: 10 prompts x k 4, 512 px; ``sdxl``: 2 prompts 
     channels_last  model.channels_last=true (not in the defaults)
     pool_chunked   chunked + sampling.batch_size=10 (the denoiser on 10 images per call while sampling)
     all            chunked + checkpointing + tiny_decoder
+    spm_fp16       preference.dtype=float16 (the SPM's weights in fp16; scores and normalisation in fp32)
+    adamw8bit      optimizer.name=adamw8bit (bitsandbytes)
+    lowmem         the PRESET-lowmem switch: decode one x0-hat at a time, checkpointing, text
+                   encoders and the SPM in host memory outside their phase (the one switch)
+    lowmem_pool    lowmem + sampling.batch_size=8 (the pool pass in calls of 8 images)
+    lowmem_spm16   lowmem + preference.dtype=float16
+    lowmem_all     lowmem + sampling.batch_size=8 + preference.dtype=float16
 
 with ``pools.threshold=0`` so that every pool trains (SD-1.5: 160 pairs a round, SDXL: 32), as
 the measurements in shared/design/environment-notes.md. Per round: sampling and training seconds
@@ -79,10 +86,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
-            "pool_chunked")
+            "pool_chunked", "spm_fp16", "adamw8bit", "lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
+#: variants run on the ``PRESET-lowmem`` form of the model's preset (its levers are not pinned off)
+LOWMEM_VARIANTS = ("lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
 DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all", "pool_chunked"],
                     "sdxl": ["baseline", "memory", "all"]}
-TINY_VARIANTS = ["baseline", "chunked", "checkpointing", "tiny_decoder", "all"]
+TINY_VARIANTS = ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all"]
 #: decode/score chunk of the ``chunked`` variant: SD-1.5 decodes 40 x0-hats a step (8: 20.5 -> 6.0
 #: GiB for +5%), SDXL 4 at 1024 px (one by one: 22.6 -> 11.4 GiB for +3%)
 CHUNK = {"sd15": 8, "sdxl": 1}
@@ -201,6 +210,12 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
         "compile": {"model.compile": "true"},
         # the pool pass (SD-1.5: 10 prompts x k 4 = 40 images, 80 rows under CFG) in calls of 10 images
         "pool_chunked": {"sampling.batch_size": "10", "sampling.decode_batch_size": str(chunk)},
+        "spm_fp16": {"preference.dtype": "float16"},
+        "adamw8bit": {"optimizer.name": "adamw8bit"},
+        "lowmem": {},
+        "lowmem_pool": {"sampling.batch_size": "8"},
+        "lowmem_spm16": {"preference.dtype": "float16"},
+        "lowmem_all": {"sampling.batch_size": "8", "preference.dtype": "float16"},
     }
     if variant == "baseline":
         return {}
@@ -212,9 +227,26 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
 
 
 #: pinned to the baseline's state in every variant (a variant's switch then overrides it); dropped
-#: where the key does not exist, since that checkout then behaves this way already
+#: where the key does not exist, since that checkout then behaves this way already; a ``lowmem``
+#: variant keeps the levers its preset suffix sets
 PINS = {"sampling.decode_batch_size": "null", "sampling.batch_size": "null", "model.gradient_checkpointing": "false",
-        "model.channels_last": "false", "model.compile": "false", "preference.decoder": "null"}
+        "model.channels_last": "false", "model.compile": "false", "preference.decoder": "null",
+        "model.offload_text_encoders": "false", "preference.offload": "false", "optimizer.name": "adamw"}
+
+
+def variant_preset(model: str, variant: str) -> str:
+    """The preset a variant loads: the model's, or its ``-lowmem`` form."""
+    return f"{model}-lowmem" if variant in LOWMEM_VARIANTS else model
+
+
+def variant_pins(pins: dict[str, str], variant: str) -> dict[str, str]:
+    """``pins`` without the keys the variant's preset suffix sets."""
+    if variant not in LOWMEM_VARIANTS:
+        return pins
+    from spo.config.loading import LOW_MEMORY
+
+    levers = {f"{section}.{key}" for section, values in LOW_MEMORY.items() for key in values}
+    return {k: v for k, v in pins.items() if k not in levers}
 
 
 def as_list(overrides: dict[str, str]) -> list[str]:
@@ -467,7 +499,11 @@ def run_variant(trainer: Any, run_dir: Path, profile: dict[str, Any] | None) -> 
     settings = {"decode_batch_size": getattr(cfg.sampling, "decode_batch_size", None),
                 "tiny_decoder": getattr(cfg.preference, "decoder", None) is not None,
                 "gradient_checkpointing": bool(cfg.model.gradient_checkpointing),
-                "channels_last": bool(getattr(cfg.model, "channels_last", False))}
+                "channels_last": bool(getattr(cfg.model, "channels_last", False)),
+                "sampling_batch_size": getattr(cfg.sampling, "batch_size", None),
+                "offload_text_encoders": bool(getattr(cfg.model, "offload_text_encoders", False)),
+                "preference_offload": bool(getattr(cfg.preference, "offload", False)),
+                "preference_dtype": cfg.preference.dtype, "optimizer": cfg.optimizer.name}
     lines = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["type"] == "round"]
     rounds = []
     for line, spied in zip(lines, spy.rounds):
@@ -537,6 +573,9 @@ def main() -> None:
                         help="do not start a profile or variant after this many seconds (default 330; tiny: none)")
     parser.add_argument("--no-profile", action="store_true", help="skip the component profile (no floors; the first variant then also pays the CUDA warm-up: its round time is not comparable)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    parser.add_argument("--preference-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="the SPM's dtype outside the spm_fp16 / lowmem_spm16 variants (default float32, the "
+                             "presets'; results before 2026-12 ran float16)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU (--tiny checks it on the CPU with tiny models)")
@@ -613,7 +652,7 @@ def main() -> None:
                            "sampling.num_inference_steps": "8"})
         else:
             common.update({"model.device": "cuda", "model.dtype": "float16", "train.mixed_precision": "fp16",
-                           "preference.dtype": "float16"})
+                           "preference.dtype": args.preference_dtype})
         pins = {k: v for k, v in PINS.items() if config_knows(k)}
         entry: dict[str, Any] = {"preset": model, "decode_chunk": chunks[model], "common_overrides": as_list(common),
                                  "pinned": as_list(pins), "profile": None, "variants": {}}
@@ -655,6 +694,11 @@ def main() -> None:
         for variant in plan[model]:
             switches = variant_overrides(variant, chunks[model], paths["tiny_decoder"])
             missing = [k for k in switches if not config_knows(k)]
+            if variant in LOWMEM_VARIANTS:
+                from spo.config import available_presets
+
+                if model not in available_presets() or not _has_lowmem(model):
+                    missing.append(f"preset {model}-lowmem")
             record: dict[str, Any] = {"overrides": as_list(switches)}
             if missing:
                 record.update(status="skipped", note=f"unknown config key(s) in this checkout: {', '.join(missing)}")
@@ -673,7 +717,8 @@ def main() -> None:
                             release(baseline_trainer)
                             baseline_trainer = None
                             free(device)
-                        cfg = load_config(model, as_list({**common, **pins, **switches}))
+                        cfg = load_config(variant_preset(model, variant),
+                                          as_list({**common, **variant_pins(pins, variant), **switches}))
                         trainer, run_dir, load_s = make_trainer(variant, cfg)
                         record["load_seconds"] = round(load_s, 1)
                     record.update(run_variant(trainer, run_dir, profile))
@@ -695,6 +740,16 @@ def main() -> None:
         free(device)
     write()
     print(f"wrote {args.output} ({result['wall_seconds']} s)", flush=True)
+
+
+def _has_lowmem(model: str) -> bool:
+    try:
+        from spo.config import load_config
+
+        load_config(f"{model}-lowmem")
+    except Exception:  # noqa: BLE001 - an older checkout without the suffix
+        return False
+    return True
 
 
 def _ratios_to_baseline(variants: dict[str, dict[str, Any]]) -> None:

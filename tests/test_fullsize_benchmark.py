@@ -12,10 +12,12 @@ from pathlib import Path
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
 MODELS = ("sd15", "sdxl")
-VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "all")
+VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all")
 SWITCH_KEYS = {"baseline": [], "chunked": ["sampling.decode_batch_size"], "checkpointing": ["model.gradient_checkpointing"],
                "tiny_decoder": ["preference.decoder"],
-               "all": ["sampling.decode_batch_size", "model.gradient_checkpointing", "preference.decoder"]}
+               "all": ["sampling.decode_batch_size", "model.gradient_checkpointing", "preference.decoder"],
+               "lowmem": [], "lowmem_all": ["sampling.batch_size", "preference.dtype"]}
+LOWMEM = ("lowmem", "lowmem_all")
 PROFILE = ("unet_plain_pass", "unet_pool_pass", "decode_full", "decode_chunked", "tiny_decode_full",
            "tiny_decode_chunked", "score_full", "score_chunked", "train_micro_batch", "train_micro_batch_checkpointing")
 
@@ -67,8 +69,14 @@ def test_fullsize_tiny(tmp_path: Path) -> None:
             assert work["unet_calls"] == base["rounds"][0]["work"]["unet_calls"]
             settings = record["settings"]
             assert settings["tiny_decoder"] == (variant in ("tiny_decoder", "all"))
-            assert settings["gradient_checkpointing"] == (variant in ("checkpointing", "all"))
-            if variant in ("chunked", "all"):
+            assert settings["gradient_checkpointing"] == (variant in ("checkpointing", "all", *LOWMEM))
+            # the one switch: its levers on, and only in its variants (pinned off elsewhere)
+            assert settings["offload_text_encoders"] == settings["preference_offload"] == (variant in LOWMEM)
+            assert settings["sampling_batch_size"] == (8 if variant == "lowmem_all" else None)
+            assert settings["preference_dtype"] == ("float16" if variant == "lowmem_all" else "float32")
+            if variant in LOWMEM:
+                assert settings["decode_batch_size"] == 1
+            elif variant in ("chunked", "all"):
                 assert settings["decode_batch_size"] == entry["decode_chunk"]
             elif _known("sampling.decode_batch_size"):
                 assert settings["decode_batch_size"] is None  # the baseline decodes a step at once

@@ -1,5 +1,6 @@
 """The memory levers that leave a run's numbers as they are: ``PRESET-lowmem`` (any preset with
-them) and ``model.offload_text_encoders`` (text encoders in host memory between encodes)."""
+them), ``model.offload_text_encoders`` (text encoders in host memory between encodes) and
+``preference.offload`` (the preference model in host memory outside the sampling phase)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,47 @@ def test_lowmem_trains_what_the_preset_trains(tiny_sd15_path: Path, prompts_file
         weights[preset] = {n: p.detach().clone() for n, p in trainer.backbone.unet.named_parameters() if p.requires_grad}
     assert max(float(v.abs().max()) for k, v in weights["sd15"].items() if "lora_B" in k) > 1e-3  # it trained
     assert all(torch.equal(weights["sd15"][k], weights["sd15-lowmem"][k]) for k in weights["sd15"])
+
+
+def test_offloaded_preference_model_is_on_the_device_only_while_sampling(tiny_sd15_path: Path, tiny_clip_path: Path,
+                                                                         prompts_file: Path, tmp_path: Path) -> None:
+    """Each round: moved in, the round's sampling (the only phase that scores), moved out, then
+    training; it is built in host memory; the run trains the same LoRA as without, bit for bit."""
+    weights = {}
+    for offload in (False, True):
+        config = load_config("sd15", [
+            f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
+            "train.mixed_precision=no", f"data.prompts={prompts_file}", "train.rounds=2", "train.prompts_per_round=2",
+            "sampling.num_inference_steps=6", "pools.divert_start_step=2", "pools.threshold=0.0",
+            "logging.tensorboard=false", "optimizer.lr=1e-3", f"preference.pretrained={tiny_clip_path}",
+            f"preference.processor={tiny_clip_path}", "preference.checkpoint=null",
+            "preference.variant=step_agnostic", f"preference.offload={str(offload).lower()}"])
+        trainer = SPOTrainer(config, tmp_path / f"offload-{offload}", progress=False)
+        events: list[str] = []
+        if offload:
+            scorer, to, sample_round, train_on = trainer.scorer, trainer.scorer.to, trainer.sample_round, trainer.train_on
+
+            def moved(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                events.append(f"to {args[0] if args else kwargs.get('device')}")
+                return to(*args, **kwargs)
+
+            def sampling(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                events.append("sampling starts")
+                out = sample_round(*args, **kwargs)
+                events.append("sampling ends")
+                return out
+
+            def training(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                events.append("training")
+                return train_on(*args, **kwargs)
+
+            scorer.to, trainer.sample_round, trainer.train_on = moved, sampling, training
+            assert trainer._scorer_home == trainer.accelerator.device
+        trainer.train()
+        if offload:
+            device = str(trainer.accelerator.device)
+            one_round = ["sampling starts", f"to {device}", "to cpu", "sampling ends", "training"]
+            assert events == one_round * 2
+        weights[offload] = {n: p.detach().clone() for n, p in trainer.backbone.unet.named_parameters() if p.requires_grad}
+    assert max(float(v.abs().max()) for k, v in weights[False].items() if "lora_B" in k) > 1e-3  # it trained
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])

@@ -328,10 +328,11 @@ def _looks_like_path(source: str) -> bool:
 
 #: ``PRESET-lowmem``: any preset with every memory lever that leaves its numbers as they are or
 #: was measured (README "Memory and speed on a GPU"): x0-hats decoded one at a time, gradient
-#: checkpointing, text encoders in host memory between encodes
+#: checkpointing, text encoders in host memory between encodes, the preference model in host
+#: memory outside the sampling phase
 LOW_MEMORY_SUFFIX = "-lowmem"
 LOW_MEMORY = {"model": {"gradient_checkpointing": True, "offload_text_encoders": True},
-              "sampling": {"decode_batch_size": 1}}
+              "sampling": {"decode_batch_size": 1}, "preference": {"offload": True}}
 
 
 def _is_preset(name: str) -> bool:

@@ -303,6 +303,10 @@ class PreferenceConfig:
             (the release: ``openai/clip-vit-large-patch14``, whose text tower is SD-1.5's text
             encoder); ``null``: a fresh normal(0, 0.02) initialisation. Not used for SDXL, whose
             LRM scores in the second text encoder's own projected space. ``kind=latent`` only.
+        offload: Keep the preference model in host memory outside the sampling phase: it is
+            moved to the device when a round's sampling starts and back when it ends, so the
+            training phase has its memory (PickScore-sized, ViT-H/14: about 3.7 GiB in fp32,
+            1.8 GiB in fp16) for two copies a round. The same device scores: the same numbers.
     """
 
     pretrained: str = "yuvalkirstain/PickScore_v1"
@@ -317,6 +321,7 @@ class PreferenceConfig:
     multi_scale: bool = True
     multi_scale_cfg: bool = False
     text_projection: str | None = None
+    offload: bool = False
 
 
 @dataclass

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,10 @@ class SPOTrainer:
             if self.progress and acc.is_main_process:
                 print(describe_preference(self.config.preference))
         self.scorer = scorer
+        #: preference.offload: the scorer lives in host memory outside the sampling phase
+        self._scorer_home = acc.device if config.preference.offload and isinstance(scorer, torch.nn.Module) else None
+        if self._scorer_home is not None:
+            scorer.to("cpu")
         self.method: Method = method_type(config, self.backbone, scorer)
         self.schedule = self.method.schedule()
         self.metric_names = self.method.metric_names
@@ -247,8 +251,20 @@ class SPOTrainer:
         acc = self.accelerator
         self.policy.eval()
         gen = generator(self.config.seed, "sample", round_index, acc.process_index)
-        with acc.autocast():
+        with self._scorer_on_device(), acc.autocast():
             return self.method.collect(self._round_prompts(round_index), gen)
+
+    @contextlib.contextmanager
+    def _scorer_on_device(self) -> Iterator[None]:
+        """``preference.offload``: the scorer on the device for the sampling phase only."""
+        if self._scorer_home is None:
+            yield
+            return
+        self.scorer.to(self._scorer_home)
+        try:
+            yield
+        finally:
+            self.scorer.to("cpu")
 
     def train_on(self, records: Records, round_index: int) -> list[dict[str, float]]:
         """Optimiser steps over this process's share of the round's records: micro-batches of
