@@ -8,7 +8,9 @@ HPSv2 open_clip ViT-H-14 state dict as torch pickles of plain tensors, HPS in fp
 "compressed" release; ImageReward's BLIP ViT-L/16 + BERT state dict under the authors' key
 names), then runs `spo eval` through the CLI (every scorer loaded by `--scorer NAME=PATH`) and
 times each scorer alone. Random weights: the numbers are costs, not quality. Then a rerun of the
-same command checks that a finished evaluation makes and scores nothing.
+same command checks that a finished evaluation makes and scores nothing. Last, each scorer in
+fp16 and bf16 (``spo eval --scorer-dtype``) on the same images as in fp32: throughput over fp32's,
+the largest score difference from fp32 and whether the ranking of the images is the same.
 
     python benchmarks/eval_cost.py --output benchmarks/results/eval-cost.json          # CUDA
     python benchmarks/eval_cost.py --smoke --output /tmp/eval-cost-smoke.json          # CPU, tiny
@@ -177,12 +179,17 @@ def make_run(root: Path, model: Path, overrides: list[str]) -> Path:
     return run
 
 
-def time_scorers(specs: dict[str, str], device: str, dtype: torch.dtype, n: int, size: int) -> dict[str, Any]:
+def time_scorers(specs: dict[str, str], device: str, dtype: torch.dtype, n: int, size: int,
+                 reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Each scorer alone in ``dtype`` on the same ``n`` random images (seeded): load time,
+    throughput, peak memory; with ``reference`` (the fp32 scores), the largest difference from it.
+    The scores are kept in ``_scores`` (dropped before writing)."""
     from spo.evaluation.scorers import ScorerSpec
 
-    images = torch.rand(n, 3, size, size, device=device) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(n, 3, size, size, generator=gen) * 2 - 1).to(device)
     prompts = (PROMPTS * n)[:n]
-    out = {}
+    out: dict[str, Any] = {}
     for name, text in specs.items():
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -201,6 +208,13 @@ def time_scorers(specs: dict[str, str], device: str, dtype: torch.dtype, n: int,
         out[name] = {"load_s": round(load_s, 2), "images": n, "seconds": round(seconds, 3),
                      "images_per_s": round(n / seconds, 1), "finite": bool(torch.isfinite(values).all()),
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+        values = values.detach().double().cpu()
+        if reference is not None and name in reference:
+            fp32 = reference[name]
+            out[name]["max_abs_diff_to_fp32"] = float((values - fp32).abs().max())
+            out[name]["fp32_score_range"] = float(fp32.max() - fp32.min())
+            out[name]["same_ranking_as_fp32"] = bool(torch.equal(values.argsort(), fp32.argsort()))
+        out.setdefault("_scores", {})[name] = values
         del scorer
     return out
 
@@ -211,6 +225,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--scorer-dtypes", default="float16,bfloat16",
+                        help="16-bit dtypes timed against fp32, each scorer alone (default float16,bfloat16)")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU (--smoke checks it on the CPU with tiny models)")
@@ -261,10 +277,18 @@ def main() -> None:
         "rerun": {"exit_code": again, "seconds": round(rerun_s, 1),
                   "same_results": resaved.get("results") == saved.get("results"),
                   "same_seconds": resaved.get("seconds") == saved.get("seconds")},
-        "scorers_fp32": time_scorers(specs, device, torch.float32, 8 if args.smoke else 64, 64 if args.smoke else 512),
     }
-    if not args.smoke:
-        result["scorers_fp16"] = time_scorers(specs, device, torch.float16, 64, 512)
+    n, size = (8, 64) if args.smoke else (64, 512)
+    fp32 = time_scorers(specs, device, torch.float32, n, size)
+    reference = fp32.pop("_scores")
+    result["scorers_fp32"] = fp32
+    for name in args.scorer_dtypes.split(","):  # spo eval --scorer-dtype: each scorer in 16 bits
+        dtype = getattr(torch, name)
+        timed = time_scorers(specs, device, dtype, n, size, reference)
+        timed.pop("_scores")
+        for scorer, entry in timed.items():
+            entry["speedup_over_fp32"] = round(entry["images_per_s"] / fp32[scorer]["images_per_s"], 3)
+        result[f"scorers_{'fp16' if name == 'float16' else 'bf16' if name == 'bfloat16' else name}"] = timed
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=2))
