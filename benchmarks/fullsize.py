@@ -19,6 +19,7 @@ model's release preset (``sd15``: 10 prompts x k 4, 512 px; ``sdxl``: 2 prompts 
 1024 px) in fp16 for each variant:
 
     baseline       decode + score a step's candidates at once (sampling.decode_batch_size=null)
+    default        the preset as a user runs it (nothing pinned: decode in chunks of 8, ...)
     chunked        sampling.decode_batch_size = 8 (SD-1.5) / 1 (SDXL)
     checkpointing  model.gradient_checkpointing=true
     tiny_decoder   preference.decoder = the AutoencoderTiny (x0-hat decoded for scoring only)
@@ -85,7 +86,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("baseline", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
+VARIANTS = ("baseline", "default", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
             "pool_chunked", "spm_fp16", "adamw8bit", "lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
 #: variants run on the ``PRESET-lowmem`` form of the model's preset (its levers are not pinned off)
 LOWMEM_VARIANTS = ("lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
@@ -217,7 +218,7 @@ def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]
         "lowmem_spm16": {"preference.dtype": "float16"},
         "lowmem_all": {"sampling.batch_size": "8", "preference.dtype": "float16"},
     }
-    if variant == "baseline":
+    if variant in ("baseline", "default"):
         return {}
     if variant == "memory":  # the memory switches without the tiny decoder (what a 16 GB card needs)
         return {**switches["chunked"], **switches["checkpointing"]}
@@ -240,7 +241,9 @@ def variant_preset(model: str, variant: str) -> str:
 
 
 def variant_pins(pins: dict[str, str], variant: str) -> dict[str, str]:
-    """``pins`` without the keys the variant's preset suffix sets."""
+    """``pins`` without the keys the variant's preset suffix sets (``default``: none at all)."""
+    if variant == "default":
+        return {}
     if variant not in LOWMEM_VARIANTS:
         return pins
     from spo.config.loading import LOW_MEMORY

@@ -15,7 +15,9 @@ replaced, and why:
   the one absolute import inside its package (``spo.utils``, which this project does not have)
   is pointed at its ``utils``;
 * ``ml_collections`` and ``mmengine`` are not installed here: small stand-ins give its config
-  dict (attribute access), ``Config`` and the ``Registry`` / ``build_from_cfg`` its builders use;
+  dict (attribute access), ``Config`` and the ``Registry`` / ``build_from_cfg`` its builders use
+  (and ``absl`` / ``wandb`` where missing: its flags are set directly, wandb serves only its
+  validation, which is off);
 * its step-aware preference model needs transformers 4.x (``time_conditioned_clip``): the
   builder the config names is registered as **this project's SPM at the same size, in fp32 as
   the release loads its own**, called the release's way (``preference_fn(img, extra_info)``),
@@ -218,6 +220,14 @@ def install_release(scorer_builder: Callable[[Any], Any]) -> None:
     with ``scorer_builder`` registered as its ``step_aware_preference_model_func``."""
     if not (TRAINING / "spo").is_dir():
         raise SystemExit(f"error: the authors' release is not at {RELEASE} (set SPO_RELEASE_DIR)")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:  # imported at its top, used only by its validation (off)
+        _module("wandb")
+    if importlib.util.find_spec("absl") is None:  # its flags: FLAGS is replaced before main() runs
+        absl = _module("absl")
+        absl.app = _module("absl.app", run=lambda main: main(None))  # type: ignore[attr-defined]
+        absl.flags = _module("absl.flags", FLAGS=types.SimpleNamespace())  # type: ignore[attr-defined]
     ml = _module("ml_collections", ConfigDict=AttrDict)
     ml.config_flags = _module("ml_collections.config_flags", DEFINE_config_file=lambda *a, **k: None)  # type: ignore[attr-defined]
     mm = _module("mmengine", Registry=Registry, build_from_cfg=build_from_cfg)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Issue 25's GPU measurements as one prepared run for a lent GPU (one device call: 15 minutes of
+# device time per session, at most 10 minutes a command). Prepare here first:
+#   bash tools/gpu_prepare.sh        # .whl/ (diffusers, pydantic, datasets, ...) and .release/
+# then, through the device tool, with carry [".whl", ".release"] and timeout_s 600:
+#   bash benchmarks/gpu_issue25.sh
+# It runs, in this order, each step only while time is left (BUDGET seconds in all, default 540),
+# every JSON written as it goes to $OUT (or /tmp/gpu-issue25):
+#   1. release-side-by-side-sd15.json  the release's train_spo.py against `spo train sd15`
+#      (defaults) and `sd15-lowmem`, 2 rounds each: round time and peak, ours / theirs
+#   2. fullsize-lowmem-sd15.json       sd15 default, lowmem, lowmem + pool pass in calls of 8,
+#      lowmem + that + SPM in fp16 (the 8 GiB target at <= 1.3x the default round)
+#   3. fullsize-lowmem-sdxl.json       the same for SDXL (the 12 GiB target at <= 1.5x)
+#   4. release-side-by-side-sdxl.json  the release's train_spo_sdxl.py against `spo train sdxl`
+#   5. eval-cost.json                  spo eval's scorers in fp16 / bf16 against fp32
+# Not here (a later run): compile / channels_last, sd3 at full size, benchmarks/engines.py.
+# TINY=1 runs every step with tiny models on the CPU (--tiny / --smoke): checks this script only.
+set -u
+OUT=${OUT:-/tmp/gpu-issue25}
+BUDGET=${BUDGET:-540}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+log() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/log.txt"; }
+
+if [ -d .whl ] && [ "${TINY:-0}" != 1 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { log "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+[ -d .release/spo-release ] && export SPO_RELEASE_DIR=$PWD/.release/spo-release
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+tiny=(); smoke=()
+if [ "${TINY:-0}" = 1 ]; then
+    tiny=(--tiny); smoke=(--smoke)
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
+fi
+python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
+    2>&1 | tee -a "$OUT/log.txt"
+
+step() {  # step NAME MIN_SECONDS COMMAND...: runs COMMAND if MIN_SECONDS are left, under a timeout
+    local name=$1 need=$2
+    shift 2
+    if [ "$(left)" -lt "$need" ]; then
+        log "$name: skipped ($(left) s left, needs about $need)"
+        return
+    fi
+    log "$name: start ($(left) s left)"
+    timeout "$(left)" "$@" >> "$OUT/log.txt" 2>&1
+    log "$name: exit $?"
+}
+
+step side-by-side-sd15 200 python3 benchmarks/release_side_by_side.py --models sd15 --sides release,ours,ours_lowmem \
+    --rounds 2 --budget-seconds $(( $(left) - 60 )) --output "$OUT/release-side-by-side-sd15.json" "${tiny[@]}"
+step fullsize-sd15 120 python3 benchmarks/fullsize.py --models sd15 --no-profile \
+    --variants default,lowmem,lowmem_pool,lowmem_all --budget-seconds $(( $(left) - 50 )) \
+    --output "$OUT/fullsize-lowmem-sd15.json" "${tiny[@]}"
+step fullsize-sdxl 150 python3 benchmarks/fullsize.py --models sdxl --no-profile \
+    --variants default,lowmem,lowmem_spm16 --budget-seconds $(( $(left) - 60 )) \
+    --output "$OUT/fullsize-lowmem-sdxl.json" "${tiny[@]}"
+step side-by-side-sdxl 200 python3 benchmarks/release_side_by_side.py --models sdxl --sides release,ours \
+    --rounds 2 --budget-seconds $(( $(left) - 80 )) --output "$OUT/release-side-by-side-sdxl.json" "${tiny[@]}"
+step eval-cost 90 python3 benchmarks/eval_cost.py --prompts 8 --seeds 1 --output "$OUT/eval-cost.json" "${smoke[@]}"
+log "done"
