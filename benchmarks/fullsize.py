@@ -86,17 +86,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-VARIANTS = ("baseline", "default", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
+VARIANTS = ("baseline", "default", "no_t5", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
             "pool_chunked", "spm_fp16", "adamw8bit", "lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
 #: variants run on the ``PRESET-lowmem`` form of the model's preset (its levers are not pinned off)
 LOWMEM_VARIANTS = ("lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
 DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all", "pool_chunked"],
-                    "sdxl": ["baseline", "memory", "all"]}
-TINY_VARIANTS = ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all"]
+                    "sdxl": ["baseline", "memory", "all"], "sd3": ["default", "no_t5", "lowmem"]}
+TINY_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all"],
+                 "sdxl": ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all"],
+                 "sd3": ["baseline", "default", "no_t5", "lowmem"]}
 #: decode/score chunk of the ``chunked`` variant: SD-1.5 decodes 40 x0-hats a step (8: 20.5 -> 6.0
 #: GiB for +5%), SDXL 4 at 1024 px (one by one: 22.6 -> 11.4 GiB for +3%)
-CHUNK = {"sd15": 8, "sdxl": 1}
-TINY_CHUNK = {"sd15": 2, "sdxl": 1}
+CHUNK = {"sd15": 8, "sdxl": 1, "sd3": 8}
+TINY_CHUNK = {"sd15": 2, "sdxl": 1, "sd3": 2}
 GIB = 2**30
 
 
@@ -144,6 +146,90 @@ def build_sdxl(directory: Path, dtype: torch.dtype = torch.float16) -> Path:
     return directory
 
 
+def build_t5_tokenizer(directory: Path) -> Any:
+    """An offline T5 tokenizer (transformers' Unigram ``T5Tokenizer`` from an in-memory vocabulary:
+    the benchmark prompts' words, then single characters as the fallback)."""
+    from transformers import T5Tokenizer
+
+    words = "a photo of thing detailed high quality".split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0 - i) for i, w in enumerate(words)]
+    pieces += [(c, -20.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.\u2581"]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def build_sd3(directory: Path, dtype: torch.dtype = torch.float16, tiny: bool = False) -> Path:
+    """A random Stable-Diffusion-3.5-medium-shaped pipeline with T5 (saved in ``dtype``): the MMDiT
+    (24 layers of 24 x 64 heads, dual attention in layers 0-12, RMS q/k norm, 2x2 patches of 16
+    latent channels, joint attention width 4096, pooled 2048), CLIP-L and OpenCLIP-bigG text
+    encoders with projections, T5-XXL (4096 wide, 24 layers, 64 heads, gated GELU, 32128 tokens)
+    and SD3's 16-channel VAE (scale 1.5305, shift 0.0609), with SD3's flow scheduler (shift 3.0).
+    With ``tiny``: the same architecture, every width and depth cut down (CPU checks).
+    Beside it, ``DIRECTORY-no-t5``: the same components linked, T5 left out (as diffusers allows)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from spo.backbones.tiny import build_tokenizer
+
+    def clip(tokenizer: Any, hidden: int, layers: int, heads: int, act: str) -> Any:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act=act,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_3 = build_t5_tokenizer(Path(tmp))
+    if tiny:
+        text_encoder, text_encoder_2 = clip(tokenizer, 32, 2, 2, "quick_gelu"), clip(tokenizer_2, 32, 2, 2, "gelu")
+        t5 = T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=128, num_layers=2, num_heads=2, d_kv=32,
+                      feed_forward_proj="gated-gelu")
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+        blocks = (16, 32)
+    else:
+        text_encoder = clip(tokenizer, 768, 12, 12, "quick_gelu")  # CLIP ViT-L/14
+        text_encoder_2 = clip(tokenizer_2, 1280, 32, 20, "gelu")  # OpenCLIP bigG
+        t5 = T5Config(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+                      feed_forward_proj="gated-gelu")  # T5 v1.1 XXL
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+        blocks = (128, 256, 512, 512)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks, layers_per_block=1 if tiny else 2,
+        latent_channels=16, norm_num_groups=16 if tiny else 32, sample_size=32 if tiny else 1024,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+    with torch.device("cpu"):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=T5EncoderModel(t5),
+        tokenizer_3=tokenizer_3)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    del pipe
+    # the same pipeline without T5: its components linked, model_index.json without text_encoder_3
+    bare = directory.parent / f"{directory.name}-no-t5"
+    bare.mkdir(exist_ok=True)
+    for entry in directory.iterdir():
+        if entry.name not in ("model_index.json", "text_encoder_3", "tokenizer_3"):
+            (bare / entry.name).symlink_to(entry.resolve())
+    index = json.loads((directory / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (bare / "model_index.json").write_text(json.dumps(index, indent=2))
+    shutil.copystat(directory / "model_index.json", bare / "model_index.json")
+    return directory
+
+
 def build_tiny_decoder(directory: Path, tiny: bool) -> Path:
     """A random AutoencoderTiny: diffusers' defaults (TAESD/TAESDXL's architecture, 8x) at full
     size; with ``tiny``, two 8-channel blocks (2x, as the tiny pipelines' VAE)."""
@@ -179,12 +265,15 @@ def build_all(models: list[str], root: Path, tiny: bool, device: str) -> tuple[d
 
             timed("pickscore", lambda: save_clip_image_config(save_tiny_clip(root / "pickscore"), 32).parent)
             for name in models:
-                timed(name, lambda name=name: save_tiny_pipeline(name, root / name))
+                if name == "sd3":  # the SD3.5 architecture (dual attention, q/k norm) with T5, cut down
+                    timed(name, lambda name=name: build_sd3(root / name, torch.float32, tiny=True))
+                else:
+                    timed(name, lambda name=name: save_tiny_pipeline(name, root / name))
         else:
             from real_size_methods import build_pickscore, build_sd15
 
             timed("pickscore", lambda: build_pickscore(root / "pickscore"))
-            builders = {"sd15": build_sd15, "sdxl": build_sdxl}
+            builders = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3}
             for name in models:
                 timed(name, lambda name=name: builders[name](root / name))
         timed("tiny_decoder", lambda: build_tiny_decoder(root / "tiny-decoder", tiny))
@@ -201,8 +290,10 @@ def config_knows(key: str) -> bool:
     return dataclasses.is_dataclass(part) and name in {f.name for f in dataclasses.fields(part)}
 
 
-def variant_overrides(variant: str, chunk: int, decoder: Path) -> dict[str, str]:
-    """The switches of a variant (dotted key -> value)."""
+def variant_overrides(variant: str, chunk: int, decoder: Path, model_dir: Path | None = None) -> dict[str, str]:
+    """The switches of a variant (dotted key -> value); ``no_t5`` loads ``MODEL_DIR-no-t5``."""
+    if variant == "no_t5":
+        return {"model.pretrained": f"{model_dir}-no-t5"}
     switches = {
         "chunked": {"sampling.decode_batch_size": str(chunk)},
         "checkpointing": {"model.gradient_checkpointing": "true"},
@@ -321,6 +412,7 @@ def profile_components(trainer: Any, chunk: int, decoder_dir: Path, repeats: int
             "unet": count_parameters(bb.unet), "vae": count_parameters(bb.vae),
             "text_encoder": count_parameters(getattr(bb.pipeline, "text_encoder", None)),
             "text_encoder_2": count_parameters(getattr(bb.pipeline, "text_encoder_2", None)),
+            "text_encoder_3": count_parameters(getattr(bb.pipeline, "text_encoder_3", None)),
             "spm": count_parameters(scorer), "lora": int(sum(p.numel() for p in trainer.params)),
         },
     }
@@ -338,10 +430,11 @@ def profile_components(trainer: Any, chunk: int, decoder_dir: Path, repeats: int
         out["decode_chunked"] = measure(lambda: [bb.decode(c) for c in x_k.split(chunk)], device, repeats,
                                         images=n, chunk=chunk)
         tiny = AutoencoderTiny.from_pretrained(str(decoder_dir), torch_dtype=bb.dtype).to(device).eval()
-        out["parameters"]["tiny_decoder"] = count_parameters(tiny)
-        out["tiny_decode_full"] = measure(lambda: _decode_tiny(tiny, x_k), device, repeats, images=n, chunk=n)
-        out["tiny_decode_chunked"] = measure(lambda: [_decode_tiny(tiny, c) for c in x_k.split(chunk)], device,
-                                             repeats, images=n, chunk=chunk)
+        if tiny.config.latent_channels == shape[0]:  # TAESD's 4 channels: not SD3's 16
+            out["parameters"]["tiny_decoder"] = count_parameters(tiny)
+            out["tiny_decode_full"] = measure(lambda: _decode_tiny(tiny, x_k), device, repeats, images=n, chunk=n)
+            out["tiny_decode_chunked"] = measure(lambda: [_decode_tiny(tiny, c) for c in x_k.split(chunk)], device,
+                                                 repeats, images=n, chunk=chunk)
         del tiny
         ts = torch.full((n,), 501, dtype=torch.long, device=device)
         if hasattr(scorer, "clear_cache"):
@@ -385,7 +478,7 @@ def profile_components(trainer: Any, chunk: int, decoder_dir: Path, repeats: int
     ratio = lambda a, b: round(out[a]["seconds"] / out[b]["seconds"], 3) if out[b]["seconds"] else None  # noqa: E731
     out["ratios"] = {
         "decode_chunked_to_full": ratio("decode_chunked", "decode_full"),
-        "tiny_decode_to_decode": ratio("tiny_decode_full", "decode_full"),
+        "tiny_decode_to_decode": ratio("tiny_decode_full", "decode_full") if "tiny_decode_full" in out else None,
         "checkpointing_to_plain": ratio("train_micro_batch_checkpointing", "train_micro_batch"),
     }
     return out
@@ -506,7 +599,8 @@ def run_variant(trainer: Any, run_dir: Path, profile: dict[str, Any] | None) -> 
                 "sampling_batch_size": getattr(cfg.sampling, "batch_size", None),
                 "offload_text_encoders": bool(getattr(cfg.model, "offload_text_encoders", False)),
                 "preference_offload": bool(getattr(cfg.preference, "offload", False)),
-                "preference_dtype": cfg.preference.dtype, "optimizer": cfg.optimizer.name}
+                "preference_dtype": cfg.preference.dtype, "optimizer": cfg.optimizer.name,
+                "text_encoders": len(trainer.backbone.text_encoders())}
     lines = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["type"] == "round"]
     rounds = []
     for line, spied in zip(lines, spy.rounds):
@@ -567,7 +661,8 @@ def release(trainer: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--models", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"])
+    parser.add_argument("--models", nargs="+", choices=["sd15", "sdxl", "sd3"], default=["sd15", "sdxl"],
+                        help="sd3: SD3.5-medium-sized with T5-XXL (variant no_t5 without it); not in the default")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default: per model, see above)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per variant (default 1: see the plan above)")
@@ -589,7 +684,7 @@ def main() -> None:
             raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         plan = {m: chosen for m in args.models}
     else:
-        plan = {m: TINY_VARIANTS if args.tiny else DEFAULT_VARIANTS[m] for m in args.models}
+        plan = {m: TINY_VARIANTS[m] if args.tiny else DEFAULT_VARIANTS[m] for m in args.models}
     if "baseline" not in sum(plan.values(), []):
         print("note: no baseline variant: ratios to the baseline are left out", flush=True)
     repeats = args.repeats or (2 if args.tiny else 3)
@@ -695,8 +790,10 @@ def main() -> None:
         profile = entry["profile"] if entry["profile"] and "train_micro_batch" in entry["profile"] else None
 
         for variant in plan[model]:
-            switches = variant_overrides(variant, chunks[model], paths["tiny_decoder"])
+            switches = variant_overrides(variant, chunks[model], paths["tiny_decoder"], paths[model])
             missing = [k for k in switches if not config_knows(k)]
+            if variant == "no_t5" and not Path(f"{paths[model]}-no-t5").is_dir():
+                missing.append(f"a pipeline without T5 beside {model}")
             if variant in LOWMEM_VARIANTS:
                 from spo.config import available_presets
 

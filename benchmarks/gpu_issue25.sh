@@ -13,7 +13,9 @@
 #   3. fullsize-lowmem-sdxl.json       the same for SDXL (the 12 GiB target at <= 1.5x)
 #   4. release-side-by-side-sdxl.json  the release's train_spo_sdxl.py against `spo train sdxl`
 #   5. eval-cost.json                  spo eval's scorers in fp16 / bf16 against fp32
-# Not here (a later run): compile / channels_last, sd3 at full size, benchmarks/engines.py.
+#   6. fullsize-sd3.json               the sd3 preset at SD3.5-medium size, with T5-XXL and without,
+#      and sd3-lowmem (likely a second run: what is left of the budget rarely reaches it)
+# Not here (a later run): compile / channels_last, benchmarks/engines.py.
 # TINY=1 runs every step with tiny models on the CPU (--tiny / --smoke): checks this script only.
 set -u
 OUT=${OUT:-/tmp/gpu-issue25}
@@ -65,4 +67,6 @@ step fullsize-sdxl 150 python3 benchmarks/fullsize.py --models sdxl --no-profile
 step side-by-side-sdxl 200 python3 benchmarks/release_side_by_side.py --models sdxl --sides release,ours \
     --rounds 2 --budget-seconds $(( $(left) - 80 )) --output "$OUT/release-side-by-side-sdxl.json" "${tiny[@]}"
 step eval-cost 90 python3 benchmarks/eval_cost.py --prompts 8 --seeds 1 --output "$OUT/eval-cost.json" "${smoke[@]}"
+step fullsize-sd3 200 python3 benchmarks/fullsize.py --models sd3 --budget-seconds $(( $(left) - 60 )) \
+    --output "$OUT/fullsize-sd3.json" "${tiny[@]}"
 log "done"

@@ -80,3 +80,24 @@ def test_fullsize_tiny(tmp_path: Path) -> None:
                 assert settings["decode_batch_size"] == entry["decode_chunk"]
             elif _known("sampling.decode_batch_size"):
                 assert settings["decode_batch_size"] is None  # the baseline decodes a step at once
+
+
+def test_fullsize_tiny_sd3_with_and_without_t5(tmp_path: Path) -> None:
+    """``--models sd3``: the SD3.5-medium architecture (dual attention, RMS q/k norm, 16 latent
+    channels) with a T5 encoder, cut down, through the trainer; ``no_t5`` loads the same
+    components without T5; ``lowmem`` runs the suffix's levers."""
+    out = tmp_path / "fullsize-sd3.json"
+    done = subprocess.run([sys.executable, "fullsize.py", "--tiny", "--models", "sd3", "--output", str(out)], cwd=BENCH,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entry = json.loads(out.read_text())["models"]["sd3"]
+    assert entry["profile"]["parameters"]["text_encoder_3"] > 0  # T5 is in the pipeline
+    assert "tiny_decode_full" not in entry["profile"]  # TAESD's 4 channels do not decode SD3's 16
+    variants = entry["variants"]
+    assert set(variants) == {"baseline", "default", "no_t5", "lowmem"}
+    for name, record in variants.items():
+        assert record["status"] == "ok", (name, record.get("error"), record.get("traceback"))
+        assert record["rounds"][0]["valid_records"] > 0
+    assert variants["default"]["settings"]["text_encoders"] == 3
+    assert variants["no_t5"]["settings"]["text_encoders"] == 2
+    assert variants["lowmem"]["settings"]["offload_text_encoders"] and variants["lowmem"]["settings"]["preference_offload"]
