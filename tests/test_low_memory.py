@@ -13,6 +13,7 @@ from fixed_scorers import brightness
 from spo.config import available_presets, config_to_dict, load_config
 from spo.config.loading import LOW_MEMORY
 from spo.training import SPOTrainer
+from spo.training.checkpoint import CheckpointError, latest_checkpoint
 
 
 @pytest.mark.parametrize("preset", available_presets())
@@ -124,3 +125,35 @@ def test_offloaded_preference_model_is_on_the_device_only_while_sampling(tiny_sd
         weights[offload] = {n: p.detach().clone() for n, p in trainer.backbone.unet.named_parameters() if p.requires_grad}
     assert max(float(v.abs().max()) for k, v in weights[False].items() if "lora_B" in k) > 1e-3  # it trained
     assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+
+
+def test_a_run_resumes_with_the_lowmem_levers(tiny_sd15_path: Path, prompts_file: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """After running out of memory, ``--resume`` may switch a run to ``PRESET-lowmem``: here it
+    ends with the LoRA of the uninterrupted run, bit for bit (on this CPU the levers round
+    alike), and says that the rounding may differ elsewhere; other changes are still refused."""
+    def config(preset: str, *extra: str):  # noqa: ANN202
+        return load_config(preset, [
+            f"model.pretrained={tiny_sd15_path}", "model.resolution=32", "model.device=cpu", "model.dtype=float32",
+            "train.mixed_precision=no", f"data.prompts={prompts_file}", "train.rounds=3", "train.prompts_per_round=2",
+            "sampling.num_inference_steps=6", "pools.divert_start_step=2", "pools.threshold=0.0",
+            "logging.tensorboard=false", "optimizer.lr=1e-3", "logging.checkpoint_every=1", *extra])
+
+    SPOTrainer(config("sd15"), tmp_path / "full", scorer=brightness, progress=False).train()
+    SPOTrainer(config("sd15"), tmp_path / "cut", scorer=brightness, progress=False).train(stop_after=1)
+    assert latest_checkpoint(tmp_path / "cut").name == "round-000001"
+    with pytest.raises(CheckpointError, match="pools.k"):  # not a memory lever
+        SPOTrainer(config("sd15-lowmem", "pools.k=3"), tmp_path / "cut", scorer=brightness, resume=True,
+                   progress=False)
+    capsys.readouterr()
+    resumed = SPOTrainer(config("sd15-lowmem"), tmp_path / "cut", scorer=brightness, resume=True, progress=False)
+    note = capsys.readouterr().out
+    assert "model.gradient_checkpointing" in note and "sampling.decode_batch_size" in note and "rounding" in note
+    assert "offload" not in note  # the offloads change nothing: no note for them
+    assert resumed.rounds_done == 1 and resumed.backbone.unet.is_gradient_checkpointing
+    resumed.train()
+    full = SPOTrainer(config("sd15"), tmp_path / "full", scorer=brightness, resume=True, progress=False)
+    a = {n: p for n, p in full.backbone.unet.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.backbone.unet.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_config(str(tmp_path / "cut" / "config.yaml")).model.gradient_checkpointing  # what it ran last

@@ -57,6 +57,12 @@ from .setup import Run, RunKind, start_run
 
 #: config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.rounds", "train.num_processes", "logging.")
+#: memory levers a resumed run may switch (e.g. to ``PRESET-lowmem`` after running out of memory):
+#: the first two leave every number as it is (the same device computes); the others recompute or
+#: split the same work, which can change results at float-rounding level only
+MEMORY_LEVERS = ("model.offload_text_encoders", "preference.offload", "model.gradient_checkpointing",
+                 "sampling.decode_batch_size", "sampling.batch_size")
+EXACT_MEMORY_LEVERS = MEMORY_LEVERS[:2]
 
 
 class TrainingError(SPOError, RuntimeError):
@@ -140,6 +146,8 @@ class SPOTrainer:
         """Everything after the run directory: models, method, optimiser, resume state."""
         acc, config = self.accelerator, run.resolved  # the loaders get the toy: references resolved
         self.config = run.config  # as the user wrote it (config.yaml), train.num_processes the launch's
+        if getattr(self, "_resume_note", None) and acc.is_main_process:
+            print(self._resume_note)
 
         if torch.cuda.is_available():  # the release: allow_tf32 = True
             torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
@@ -235,12 +243,18 @@ class SPOTrainer:
                 f"--resume with train.rounds changed would reshape the {self.config.optimizer.lr_scheduler} "
                 "learning-rate schedule; keep train.rounds, or use optimizer.lr_scheduler=constant"
             )
-        changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+        levers = [k for k in changed if k in MEMORY_LEVERS]
+        changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES) and k not in MEMORY_LEVERS]
         if changed:
             raise CheckpointError(
                 f"--resume with a different configuration: {', '.join(changed)} differ from "
-                f"{saved_path}; only train.rounds and logging.* may change"
+                f"{saved_path}; only train.rounds, logging.* and the memory levers ({', '.join(MEMORY_LEVERS)}) "
+                "may change"
             )
+        rounding = [k for k in levers if k not in EXACT_MEMORY_LEVERS]
+        if rounding:  # said once the accelerator exists (the main process only)
+            self._resume_note = (f"note: --resume with {', '.join(rounding)} changed: the run goes on with the same "
+                                 "work, but its numbers may differ from an uninterrupted run at float-rounding level")
 
     # ------------------------------------------------------------------ one round
     def _round_prompts(self, round_index: int) -> list[str]:
