@@ -33,6 +33,7 @@ model's release preset (``sd15``: 10 prompts x k 4, 512 px; ``sdxl``: 2 prompts 
     lowmem_pool    lowmem + sampling.batch_size=8 (the pool pass in calls of 8 images)
     lowmem_spm16   lowmem + preference.dtype=float16
     lowmem_all     lowmem + sampling.batch_size=8 + preference.dtype=float16
+    lowmem_tiled   lowmem + sampling.decode_tile (SD-1.5 256 px, SDXL 512 px tiles: changes the scores)
 
 with ``pools.threshold=0`` so that every pool trains (SD-1.5: 160 pairs a round, SDXL: 32), as
 the measurements in shared/design/environment-notes.md. Per round: sampling and training seconds
@@ -87,12 +88,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 VARIANTS = ("baseline", "default", "no_t5", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
-            "pool_chunked", "spm_fp16", "adamw8bit", "lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
+            "pool_chunked", "spm_fp16", "adamw8bit", "lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all",
+            "lowmem_tiled")
 #: variants run on the ``PRESET-lowmem`` form of the model's preset (its levers are not pinned off)
-LOWMEM_VARIANTS = ("lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all")
+LOWMEM_VARIANTS = ("lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all", "lowmem_tiled")
+#: tile side (pixels) of the ``lowmem_tiled`` variant: half the image side
+TILE = {"sd15": 256, "sdxl": 512, "sd3": 256}
+TINY_TILE = {"sd15": 16, "sdxl": 16, "sd3": 16}
 DEFAULT_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "memory", "all", "pool_chunked"],
                     "sdxl": ["baseline", "memory", "all"], "sd3": ["default", "no_t5", "lowmem"]}
-TINY_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all"],
+TINY_VARIANTS = {"sd15": ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all",
+                          "lowmem_tiled"],
                  "sdxl": ["baseline", "chunked", "checkpointing", "tiny_decoder", "all", "lowmem", "lowmem_all"],
                  "sd3": ["baseline", "default", "no_t5", "lowmem"]}
 #: decode/score chunk of the ``chunked`` variant: SD-1.5 decodes 40 x0-hats a step (8: 20.5 -> 6.0
@@ -290,7 +296,8 @@ def config_knows(key: str) -> bool:
     return dataclasses.is_dataclass(part) and name in {f.name for f in dataclasses.fields(part)}
 
 
-def variant_overrides(variant: str, chunk: int, decoder: Path, model_dir: Path | None = None) -> dict[str, str]:
+def variant_overrides(variant: str, chunk: int, decoder: Path, model_dir: Path | None = None,
+                      tile: int | None = None) -> dict[str, str]:
     """The switches of a variant (dotted key -> value); ``no_t5`` loads ``MODEL_DIR-no-t5``."""
     if variant == "no_t5":
         return {"model.pretrained": f"{model_dir}-no-t5"}
@@ -308,6 +315,7 @@ def variant_overrides(variant: str, chunk: int, decoder: Path, model_dir: Path |
         "lowmem_pool": {"sampling.batch_size": "8"},
         "lowmem_spm16": {"preference.dtype": "float16"},
         "lowmem_all": {"sampling.batch_size": "8", "preference.dtype": "float16"},
+        "lowmem_tiled": {"sampling.decode_tile": str(tile)},
     }
     if variant in ("baseline", "default"):
         return {}
@@ -321,7 +329,8 @@ def variant_overrides(variant: str, chunk: int, decoder: Path, model_dir: Path |
 #: pinned to the baseline's state in every variant (a variant's switch then overrides it); dropped
 #: where the key does not exist, since that checkout then behaves this way already; a ``lowmem``
 #: variant keeps the levers its preset suffix sets
-PINS = {"sampling.decode_batch_size": "null", "sampling.batch_size": "null", "model.gradient_checkpointing": "false",
+PINS = {"sampling.decode_batch_size": "null", "sampling.batch_size": "null", "sampling.decode_tile": "null",
+        "model.gradient_checkpointing": "false",
         "model.channels_last": "false", "model.compile": "false", "preference.decoder": "null",
         "model.offload_text_encoders": "false", "preference.offload": "false", "optimizer.name": "adamw"}
 
@@ -597,6 +606,7 @@ def run_variant(trainer: Any, run_dir: Path, profile: dict[str, Any] | None) -> 
                 "gradient_checkpointing": bool(cfg.model.gradient_checkpointing),
                 "channels_last": bool(getattr(cfg.model, "channels_last", False)),
                 "sampling_batch_size": getattr(cfg.sampling, "batch_size", None),
+                "decode_tile": getattr(cfg.sampling, "decode_tile", None),
                 "offload_text_encoders": bool(getattr(cfg.model, "offload_text_encoders", False)),
                 "preference_offload": bool(getattr(cfg.preference, "offload", False)),
                 "preference_dtype": cfg.preference.dtype, "optimizer": cfg.optimizer.name,
@@ -790,7 +800,8 @@ def main() -> None:
         profile = entry["profile"] if entry["profile"] and "train_micro_batch" in entry["profile"] else None
 
         for variant in plan[model]:
-            switches = variant_overrides(variant, chunks[model], paths["tiny_decoder"], paths[model])
+            switches = variant_overrides(variant, chunks[model], paths["tiny_decoder"], paths[model],
+                                         (TINY_TILE if args.tiny else TILE)[model])
             missing = [k for k in switches if not config_knows(k)]
             if variant == "no_t5" and not Path(f"{paths[model]}-no-t5").is_dir():
                 missing.append(f"a pipeline without T5 beside {model}")

@@ -10,7 +10,8 @@
 #      (defaults) and `sd15-lowmem`, 2 rounds each: round time and peak, ours / theirs
 #   2. fullsize-lowmem-sd15.json       sd15 default, lowmem, lowmem + pool pass in calls of 8,
 #      lowmem + that + SPM in fp16 (the 8 GiB target at <= 1.3x the default round)
-#   3. fullsize-lowmem-sdxl.json       the same for SDXL (the 12 GiB target at <= 1.5x)
+#   3. fullsize-lowmem-sdxl.json       SDXL default, lowmem, + SPM in fp16, + decode in 512 px tiles
+#      (the 12 GiB target at <= 1.5x)
 #   4. release-side-by-side-sdxl.json  the release's train_spo_sdxl.py against `spo train sdxl`
 #   5. eval-cost.json                  spo eval's scorers in fp16 / bf16 against fp32
 #   6. fullsize-sd3.json               the sd3 preset at SD3.5-medium size, with T5-XXL and without,
@@ -61,8 +62,8 @@ step side-by-side-sd15 200 python3 benchmarks/release_side_by_side.py --models s
 step fullsize-sd15 120 python3 benchmarks/fullsize.py --models sd15 --no-profile \
     --variants default,lowmem,lowmem_pool,lowmem_all --budget-seconds $(( $(left) - 50 )) \
     --output "$OUT/fullsize-lowmem-sd15.json" "${tiny[@]}"
-step fullsize-sdxl 150 python3 benchmarks/fullsize.py --models sdxl --no-profile \
-    --variants default,lowmem,lowmem_spm16 --budget-seconds $(( $(left) - 60 )) \
+step fullsize-sdxl 180 python3 benchmarks/fullsize.py --models sdxl --no-profile \
+    --variants default,lowmem,lowmem_spm16,lowmem_tiled --budget-seconds $(( $(left) - 60 )) \
     --output "$OUT/fullsize-lowmem-sdxl.json" "${tiny[@]}"
 step side-by-side-sdxl 200 python3 benchmarks/release_side_by_side.py --models sdxl --sides release,ours \
     --rounds 2 --budget-seconds $(( $(left) - 80 )) --output "$OUT/release-side-by-side-sdxl.json" "${tiny[@]}"

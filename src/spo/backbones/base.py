@@ -226,6 +226,8 @@ class Backbone(ABC):
     diffusers_format: ClassVar[bool] = True
     pipeline_kwargs: dict[str, Any] = {}
     score_decoder: Any = None
+    #: ``sampling.decode_tile``: pixel side of the tiles x0-hats are decoded in for scoring (None: whole)
+    score_decode_tile: int | None = None
 
     @classmethod
     def from_config(cls, model: ModelConfig, negative_prompt: str | None = None,
@@ -556,6 +558,37 @@ class Backbone(ABC):
         self.score_decoder = decoder
         return decoder
 
+    def tile_score_decodes(self, tile: int | None) -> None:
+        """Decode x0-hats for scoring in ``tile`` x ``tile`` pixel tiles (``sampling.decode_tile``):
+        the VAE's own tiling (diffusers' ``tiled_decode``: a quarter's overlap, blended), switched
+        on around :meth:`decode_for_scoring` only. ``None``: whole. Refused (``BackboneLoadError``)
+        where it would not tile: no VAE, a VAE without diffusers' tiling, a size that is not a
+        multiple of the VAE's factor or not smaller than the image."""
+        if tile is None:
+            self.score_decode_tile = None
+            return
+        what = f"sampling.decode_tile={tile}"
+        if self.vae is None or not hasattr(self.vae, "tiled_decode") or not hasattr(self.vae, "tile_latent_min_size"):
+            raise BackboneLoadError(f"{what}: the {self.kind} backbone has no VAE with diffusers' tiling; leave it unset")
+        if tile % self.vae_scale_factor or tile >= self.resolution:
+            raise BackboneLoadError(f"{what}: must be a multiple of the VAE's factor {self.vae_scale_factor} and "
+                                    f"smaller than the images ({self.resolution} px), or nothing would be tiled")
+        self.score_decode_tile = tile
+
+    @contextlib.contextmanager
+    def _tiled_vae(self) -> Iterator[None]:
+        tile = getattr(self, "score_decode_tile", None)
+        if tile is None:
+            yield
+            return
+        vae = self.vae
+        saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, tile, tile // self.vae_scale_factor
+        try:
+            yield
+        finally:
+            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+
     def decode_for_scoring(self, x0: Tensor, *, clamp: bool = True) -> Tensor:
         """Decode latents for the preference model only: with the tiny decoder when one is loaded
         (:meth:`load_score_decoder`), else exactly :meth:`decode`. Images in [-1, 1], (B, 3, H, W).
@@ -568,7 +601,8 @@ class Backbone(ABC):
         """
         decoder = self.score_decoder
         if decoder is None:
-            return self.decode(x0, clamp=clamp)
+            with self._tiled_vae():  # sampling.decode_tile, if set
+                return self.decode(x0, clamp=clamp)
         latents = x0.to(decoder.dtype) / decoder.config.scaling_factor
         images = decoder.decode(latents, return_dict=False)[0]
         return images.clamp(-1, 1) if clamp else images

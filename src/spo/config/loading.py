@@ -477,6 +477,10 @@ def _value_problems(c: SPOConfig) -> list[str]:
          f"sampling.decode_batch_size must be null (all at once) or >= 1, got {s.decode_batch_size!r}")
     rule(s.batch_size is None or s.batch_size >= 1,
          f"sampling.batch_size must be null (all at once) or >= 1, got {s.batch_size!r}")
+    rule(s.decode_tile is None or (s.decode_tile > 0 and s.decode_tile % 8 == 0),
+         f"sampling.decode_tile must be null (decode whole) or a positive multiple of 8 pixels, got {s.decode_tile!r}")
+    rule(s.decode_tile is None or c.preference.decoder is None,
+         "sampling.decode_tile tiles the VAE's decode, but preference.decoder replaces it for scoring: set one of them")
 
     rule(s.num_inference_steps >= 1,
          f"sampling.num_inference_steps must be >= 1, got {s.num_inference_steps!r}")

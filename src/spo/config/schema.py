@@ -175,6 +175,13 @@ class SamplingConfig:
             peak of the UNet's activations; the training passes are set by
             ``train.batch_size``. A smaller batch may round differently on some
             kernels (tests/test_sampling_batch_size.py says what it changes here).
+        decode_tile: Decode each x0-hat for scoring in tiles of this many pixels a
+            side instead of whole (diffusers' VAE tiling: tiles overlapping by a
+            quarter, blended), which lowers the decode's memory for large images
+            (SDXL's 1024 px). **Changes the scores**: the preference model sees the
+            blended image. Only the pools' decodes; the final images, previews and
+            ``spo eval`` decode whole. ``None``: whole. Must be a multiple of the
+            VAE's factor and smaller than the image; not with ``preference.decoder``.
     """
 
     num_inference_steps: int = 20
@@ -184,6 +191,7 @@ class SamplingConfig:
     num_train_timesteps: int = 1000
     decode_batch_size: int | None = 8
     batch_size: int | None = None
+    decode_tile: int | None = None
 
 
 @dataclass

@@ -159,6 +159,8 @@ class SPOTrainer:
         self.backbone.sampling_batch_size = config.sampling.batch_size
         if scores:  # x0-hat decoded for the scorer only (pools, final-image rewards)
             self.backbone.load_score_decoder(config.preference.decoder)
+        if method_type.needs_scorer:
+            self.backbone.tile_score_decodes(config.sampling.decode_tile)
         if config.model.finetune == "lora":
             params = self.backbone.attach_lora(config.lora)
         else:
