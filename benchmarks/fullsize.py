@@ -252,14 +252,22 @@ def build_tiny_decoder(directory: Path, tiny: bool) -> Path:
 
 
 def build_all(models: list[str], root: Path, tiny: bool, device: str) -> tuple[dict[str, Path], dict[str, float]]:
-    """Every directory the runs need: {sd15, sdxl, pickscore, tiny_decoder} -> path; build seconds."""
+    """Every directory the runs need: {sd15, sdxl, sd3, pickscore, tiny_decoder} -> path; build
+    seconds (0.0: reused from ``root``)."""
     paths: dict[str, Path] = {}
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Path]) -> None:
+        """Build ``name`` unless ``root`` holds it from an earlier run (``--build-dir``: its
+        ``.built-NAME`` marker, written after the build, names the directory)."""
+        marker = root / f".built-{name}{'-tiny' if tiny else ''}"
+        if marker.exists():
+            paths[name], seconds[name] = Path(marker.read_text()), 0.0
+            return
         start = time.perf_counter()
         paths[name] = fn()
         seconds[name] = round(time.perf_counter() - start, 1)
+        marker.write_text(str(paths[name]))
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -525,6 +533,7 @@ class RoundSpy:
                     if cuda:
                         torch.cuda.synchronize(self.device)
                         self.current.setdefault("peak_gib", {})[name] = gib(torch.cuda.max_memory_allocated(self.device))
+                        self.current.setdefault("reserved_gib", {})[name] = gib(torch.cuda.max_memory_reserved(self.device))
 
             return wrapped
 
@@ -620,6 +629,7 @@ def run_variant(trainer: Any, run_dir: Path, profile: dict[str, Any] | None) -> 
                  "valid_records": line["valid_records"], "optimizer_steps": line["optimizer_steps"],
                  "skipped": line.get("skipped", False),
                  "peak_gib": spied.get("peak_gib"), "resident_gib": spied.get("resident_gib"),
+                 "reserved_gib": spied.get("reserved_gib"),
                  "work": {**spied.get("work", {}),
                           "sampling_unet_calls_by_rows": _histogram(spied["unet_calls"]["sampling"]),
                           "training_policy_calls": len(spied["unet_calls"]["training_policy"]),
@@ -642,6 +652,8 @@ def run_variant(trainer: Any, run_dir: Path, profile: dict[str, Any] | None) -> 
         "sampling_seconds": mean("sampling_seconds"), "training_seconds": mean("training_seconds"),
         "round_seconds": mean("round_seconds"), **later,
         "peak_gib": {phase: max(p.get(phase, 0.0) for p in peaks) for phase in ("sampling", "training")} if peaks else None,
+        "reserved_gib": {phase: max((r["reserved_gib"] or {}).get(phase, 0.0) for r in rounds)
+                         for phase in ("sampling", "training")} if any(r["reserved_gib"] for r in rounds) else None,
         "ratio_to_floor": {p: round(statistics.fmean(r["ratio_to_floor"][p] for r in rounds), 3)
                            for p in ("sampling", "training", "round")
                            if rounds and all("ratio_to_floor" in r and r["ratio_to_floor"][p] for r in rounds)},
@@ -681,6 +693,9 @@ def main() -> None:
                         help="do not start a profile or variant after this many seconds (default 330; tiny: none)")
     parser.add_argument("--no-profile", action="store_true", help="skip the component profile (no floors; the first variant then also pays the CUDA warm-up: its round time is not comparable)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    parser.add_argument("--build-dir", type=Path, default=None,
+                        help="build the random models here and reuse what an earlier run built there (default: a "
+                             "temporary directory, removed at the end)")
     parser.add_argument("--preference-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="the SPM's dtype outside the spm_fp16 / lowmem_spm16 variants (default float32, the "
                              "presets'; results before 2026-12 ran float16)")
@@ -725,7 +740,9 @@ def main() -> None:
         "argv": sys.argv[1:], "rounds_per_variant": args.rounds, "plan": plan,
         "notes": ["random weights of the real shapes: costs, not quality",
                   "pools.threshold=0: every pool trains (SD-1.5 160 pairs a round, SDXL 32)",
-                  "peak_gib: torch.cuda.max_memory_allocated, reset when the phase starts (resident_gib: allocated then)",
+                  "peak_gib: torch.cuda.max_memory_allocated, reset when the phase starts (resident_gib: allocated "
+                  "then; reserved_gib: max_memory_reserved, what the caching allocator held: a card must fit this "
+                  "plus the CUDA context)",
                   "floor: counted UNet calls, decodes, scorings and micro-batches x the profile's single-pass "
                   "time of that shape, scaled by rows; ratio_to_floor = measured / floor",
                   "checkpoint and final-LoRA writes are patched out (not part of a round)"],
@@ -739,7 +756,9 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(args.output)
 
-    paths, build_seconds = build_all(args.models, root, args.tiny, device)
+    if args.build_dir:
+        args.build_dir.mkdir(parents=True, exist_ok=True)
+    paths, build_seconds = build_all(args.models, args.build_dir or root, args.tiny, device)
     result["build_seconds"] = build_seconds
     write()
     prompts_file = root / "prompts.txt"
@@ -864,7 +883,10 @@ def _has_lowmem(model: str) -> bool:
 
 
 def _ratios_to_baseline(variants: dict[str, dict[str, Any]]) -> None:
-    base = variants.get("baseline")
+    """``ratio_to_baseline`` of every variant, against ``baseline`` or, without it, ``default``
+    (named in ``ratio_base``)."""
+    name = "baseline" if variants.get("baseline", {}).get("status") == "ok" else "default"
+    base = variants.get(name)
     if not base or base.get("status") != "ok":
         return
     for record in variants.values():
@@ -879,6 +901,7 @@ def _ratios_to_baseline(variants: dict[str, dict[str, Any]]) -> None:
                 if base["peak_gib"].get(phase):
                     ratios[f"peak_{phase}"] = round(record["peak_gib"][phase] / base["peak_gib"][phase], 3)
         record["ratio_to_baseline"] = ratios
+        record["ratio_base"] = name
 
 
 if __name__ == "__main__":

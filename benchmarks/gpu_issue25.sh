@@ -2,14 +2,16 @@
 # Issue 25's GPU measurements as one prepared run for a lent GPU (one device call: 15 minutes of
 # device time per session, at most 10 minutes a command). Prepare here first:
 #   bash tools/gpu_prepare.sh        # .whl/ (diffusers, pydantic, datasets, ...) and .release/
-# then, through the device tool, with carry [".whl", ".release"] and timeout_s 600:
+# then, through the device tool, with carry [".whl", ".release"] and timeout_s 540 (leaving the
+# session's device time a second, shorter call):
 #   bash benchmarks/gpu_issue25.sh
-# It runs, in this order, each step only while time is left (BUDGET seconds in all, default 540),
+# It runs, in this order, each step only while time is left (BUDGET seconds in all, default 480),
 # every JSON written as it goes to $OUT (or /tmp/gpu-issue25):
 #   1. release-side-by-side-sd15.json  the release's train_spo.py against `spo train sd15`
 #      (defaults) and `sd15-lowmem`, 2 rounds each: round time and peak, ours / theirs
 #   2. fullsize-lowmem-sd15.json       sd15 default, lowmem, lowmem + pool pass in calls of 8,
-#      lowmem + that + SPM in fp16 (the 8 GiB target at <= 1.3x the default round)
+#      lowmem + that + SPM in fp16 (the 8 GiB target at <= 1.3x the default round); the component
+#      profile first, which also warms the GPU up, so the first variant's round is comparable
 #   3. fullsize-lowmem-sdxl.json       SDXL default, lowmem, + SPM in fp16, + decode in 512 px tiles
 #      (the 12 GiB target at <= 1.5x)
 #   4. release-side-by-side-sdxl.json  the release's train_spo_sdxl.py against `spo train sdxl`
@@ -20,7 +22,8 @@
 # TINY=1 runs every step with tiny models on the CPU (--tiny / --smoke): checks this script only.
 set -u
 OUT=${OUT:-/tmp/gpu-issue25}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-480}
+BUILD=${BUILD:-/tmp/gpu-issue25-models${TINY:+-tiny$TINY}}  # the random models, built once, shared by the steps
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -42,8 +45,10 @@ if [ "${TINY:-0}" = 1 ]; then
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log.txt"
 fi
-python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
-    2>&1 | tee -a "$OUT/log.txt"
+python3 -c "import torch, diffusers, transformers, peft, accelerate, pydantic, spo.training
+print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, accelerate.__version__)" \
+    >> "$OUT/log.txt" 2>&1 || { log "the imports failed (see above): nothing measured"; exit 1; }
+tail -1 "$OUT/log.txt"
 
 step() {  # step NAME MIN_SECONDS COMMAND...: runs COMMAND if MIN_SECONDS are left, under a timeout
     local name=$1 need=$2
@@ -58,16 +63,18 @@ step() {  # step NAME MIN_SECONDS COMMAND...: runs COMMAND if MIN_SECONDS are le
 }
 
 step side-by-side-sd15 200 python3 benchmarks/release_side_by_side.py --models sd15 --sides release,ours,ours_lowmem \
-    --rounds 2 --budget-seconds $(( $(left) - 60 )) --output "$OUT/release-side-by-side-sd15.json" "${tiny[@]}"
-step fullsize-sd15 120 python3 benchmarks/fullsize.py --models sd15 --no-profile \
+    --rounds 2 --side-timeout 200 --build-dir "$BUILD" --budget-seconds $(( $(left) - 60 )) \
+    --output "$OUT/release-side-by-side-sd15.json" "${tiny[@]}"
+step fullsize-sd15 120 python3 benchmarks/fullsize.py --models sd15 --build-dir "$BUILD" \
     --variants default,lowmem,lowmem_pool,lowmem_all --budget-seconds $(( $(left) - 50 )) \
     --output "$OUT/fullsize-lowmem-sd15.json" "${tiny[@]}"
-step fullsize-sdxl 180 python3 benchmarks/fullsize.py --models sdxl --no-profile \
+step fullsize-sdxl 180 python3 benchmarks/fullsize.py --models sdxl --build-dir "$BUILD" \
     --variants default,lowmem,lowmem_spm16,lowmem_tiled --budget-seconds $(( $(left) - 60 )) \
     --output "$OUT/fullsize-lowmem-sdxl.json" "${tiny[@]}"
 step side-by-side-sdxl 200 python3 benchmarks/release_side_by_side.py --models sdxl --sides release,ours \
-    --rounds 2 --budget-seconds $(( $(left) - 80 )) --output "$OUT/release-side-by-side-sdxl.json" "${tiny[@]}"
+    --rounds 2 --side-timeout 200 --build-dir "$BUILD" --budget-seconds $(( $(left) - 80 )) \
+    --output "$OUT/release-side-by-side-sdxl.json" "${tiny[@]}"
 step eval-cost 90 python3 benchmarks/eval_cost.py --prompts 8 --seeds 1 --output "$OUT/eval-cost.json" "${smoke[@]}"
-step fullsize-sd3 200 python3 benchmarks/fullsize.py --models sd3 --budget-seconds $(( $(left) - 60 )) \
+step fullsize-sd3 200 python3 benchmarks/fullsize.py --models sd3 --build-dir "$BUILD" --budget-seconds $(( $(left) - 60 )) \
     --output "$OUT/fullsize-sd3.json" "${tiny[@]}"
 log "done"

@@ -21,7 +21,7 @@ replaced, and why:
 * its step-aware preference model needs transformers 4.x (``time_conditioned_clip``): the
   builder the config names is registered as **this project's SPM at the same size, in fp32 as
   the release loads its own**, called the release's way (``preference_fn(img, extra_info)``),
-  its text embeddings recomputed every call as the release's are;
+  every row's text through the text tower on every call, as the release's;
 * config values that are paths or not part of a round: the local model directories (the SDXL
   VAE from the pipeline's ``vae`` folder, fp16 as the fp16-fix), the prompt file, one epoch,
   no checkpoint or validation at the epoch's end, no wandb, dataloader workers 0,
@@ -109,6 +109,9 @@ class Clock:
     def _peak(self) -> float | None:
         return round(self.torch.cuda.max_memory_allocated() / GIB, 2) if self.cuda else None
 
+    def _reserved(self) -> float | None:
+        return round(self.torch.cuda.max_memory_reserved() / GIB, 2) if self.cuda else None
+
     def _reset(self) -> None:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
@@ -122,7 +125,7 @@ class Clock:
     def sampled(self, records: int) -> None:
         now = self._now()
         current = self.rounds[-1]
-        current.update(sampled=now, records=records, peak_sampling=self._peak())
+        current.update(sampled=now, records=records, peak_sampling=self._peak(), reserved_sampling=self._reserved())
         self._reset()
 
     def trained(self, what: str) -> None:
@@ -131,18 +134,25 @@ class Clock:
         current = self.rounds[-1]
         current["end"] = self._now()
         current["peak_training"] = self._peak()
-        current[what] += 1
+        current["reserved_training"] = self._reserved()
+        if what:
+            current[what] += 1
 
     def summary(self) -> list[dict[str, Any]]:
+        """The completed rounds (a rollout that raised leaves a round without its end: left out)."""
         out = []
         for i, r in enumerate(self.rounds):
+            if "sampled" not in r:
+                continue
             sampling = r["sampled"] - r["start"]
             training = r.get("end", r["sampled"]) - r["sampled"]
             out.append({"round": i, "sampling_seconds": round(sampling, 3), "training_seconds": round(training, 3),
                         "round_seconds": round(sampling + training, 3), "records": r["records"],
                         "micro_batches": r["micro_batches"], "optimizer_steps": r["optimizer_steps"],
                         "resident_gib": r["resident_gib"],
-                        "peak_gib": {"sampling": r["peak_sampling"], "training": r.get("peak_training")}})
+                        "peak_gib": {"sampling": r["peak_sampling"], "training": r.get("peak_training")},
+                        "reserved_gib": {"sampling": r.get("reserved_sampling"),
+                                         "training": r.get("reserved_training")}})
         return out
 
 
@@ -318,9 +328,9 @@ def run_release(model: str, paths: dict[str, str], rounds: int, root: Path, tiny
 
         @torch.no_grad()
         def preference_fn(img: Any, extra_info: dict[str, Any]) -> Any:
-            spm.clear_cache()  # the release's SPM encodes the prompts on every call
             texts = [lookup[tuple(ids.tolist())] for ids in extra_info["input_ids"].cpu()]
-            return spm(img, texts, extra_info["timesteps"])
+            # cache=False: every row's text through the text tower, as the release's get_text_features
+            return spm.score(img, texts, extra_info["timesteps"], cache=False)
 
         return preference_fn
 
@@ -351,9 +361,11 @@ def run_release(model: str, paths: dict[str, str], rounds: int, root: Path, tiny
                 if isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer"):
                     step = obj.step
 
-                    def timed_step(*a: Any, _step: Callable[..., Any] = step, **k: Any) -> Any:
+                    def timed_step(*a: Any, _step: Callable[..., Any] = step, _obj: Any = obj, **k: Any) -> Any:
+                        # accelerate's optimizer steps only at the end of an accumulation
+                        stepping = getattr(getattr(_obj, "gradient_state", None), "sync_gradients", True)
                         out = _step(*a, **k)
-                        clock.trained("optimizer_steps")
+                        clock.trained("optimizer_steps" if stepping else "")
                         return out
 
                     obj.step = timed_step
@@ -428,7 +440,8 @@ def run_ours(model: str, paths: dict[str, str], rounds: int, root: Path, tiny: b
                    "training_seconds": r["training_seconds"], "round_seconds": r["round_seconds"],
                    "records": r["work"].get("records"), "optimizer_steps": r["optimizer_steps"],
                    "micro_batches": r["work"].get("training_policy_calls"),
-                   "resident_gib": (r.get("resident_gib") or {}).get("sampling"), "peak_gib": r["peak_gib"]}
+                   "resident_gib": (r.get("resident_gib") or {}).get("sampling"), "peak_gib": r["peak_gib"],
+                   "reserved_gib": r.get("reserved_gib")}
                   for r in result["rounds"]]
     return {"status": result["status"], "preset": preset, "overrides": overrides, "load_seconds": round(load, 1),
             "wall_seconds": result["wall_seconds"], "rounds": rounds_out, "pair_agreement": agreement,
@@ -446,6 +459,8 @@ def pair_agreement(trainer: Any, preset_threshold: float, rollouts: int) -> dict
     scores of images the tiny decoder made against those of the full VAE. Per pool: the same
     (win, lose) at threshold 0, and the same outcome (tie, or the same pair) at the preset's
     threshold. Untimed: each pool is decoded and scored twice."""
+    import torch
+
     from spo.sampling import RolloutStats, choose_pairs
 
     sampler, backbone = getattr(trainer.method, "sampler", None), trainer.backbone
@@ -463,18 +478,18 @@ def pair_agreement(trainer: Any, preset_threshold: float, rollouts: int) -> dict
             backbone.score_decoder = decoder
         tiny_scores, full_scores = scores.view(-1, sampler.k), full.view(-1, sampler.k)
         for threshold, key in ((0.0, "same_pair_threshold_0"), (preset_threshold, "same_outcome_preset_threshold")):
-            a = choose_pairs(tiny_scores, threshold, sampler.pair)
-            b = choose_pairs(full_scores, threshold, sampler.pair)
+            draws = torch.Generator().manual_seed(counts["pools"])  # the random rule: the same draws for both
+            a = choose_pairs(tiny_scores, threshold, sampler.pair, torch.Generator().set_state(draws.get_state()))
+            b = choose_pairs(full_scores, threshold, sampler.pair, draws)
             same = (a.valid == b.valid) & (~a.valid | ((a.win == b.win) & (a.lose == b.lose)))
             counts[key] += int(same.sum())
         counts["pools"] += tiny_scores.shape[0]
         return scores
 
     sampler._score = shadow
-    try:
-        batch = trainer.config.train.prompts_per_round
+    try:  # as a round samples (autocast, eval mode, the scorer on the device), past the timed rounds
         for i in range(rollouts):
-            sampler.rollout([trainer.prompts[(i * batch + j) % len(trainer.prompts)] for j in range(batch)])
+            trainer.sample_round(trainer.config.train.rounds + i)
     finally:
         sampler._score = original
     pools = counts["pools"]
@@ -493,7 +508,10 @@ def steady(side: dict[str, Any]) -> dict[str, Any] | None:
     later = rounds[1:] or rounds
     peaks = [max(v for v in r["peak_gib"].values() if v is not None) for r in rounds
              if r.get("peak_gib") and any(v is not None for v in r["peak_gib"].values())]
+    reserved = [max(v for v in r["reserved_gib"].values() if v is not None) for r in rounds
+                if r.get("reserved_gib") and any(v is not None for v in r["reserved_gib"].values())]
     return {"round_seconds": round(statistics.median(r["round_seconds"] for r in later), 3),
+            "reserved_gib": max(reserved) if reserved else None,
             "sampling_seconds": round(statistics.median(r["sampling_seconds"] for r in later), 3),
             "training_seconds": round(statistics.median(r["training_seconds"] for r in later), 3),
             "rounds_used": len(later), "records_per_round": [r["records"] for r in rounds],
@@ -538,6 +556,8 @@ def main() -> None:
                         help="do not start a side after this many seconds (default: none)")
     parser.add_argument("--side-timeout", type=float, default=None, help="seconds one side may run (default: none)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    parser.add_argument("--build-dir", type=Path, default=None,
+                        help="build the random models here and reuse what an earlier run built there")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -577,7 +597,9 @@ def main() -> None:
         "release": str(RELEASE), "argv": sys.argv[1:], "rounds_per_side": args.rounds,
         "notes": ["random weights of the real shapes: costs, not quality",
                   "release: its train_spo(_sdxl).py main() as written, its own config file; its SPM (transformers "
-                  "4.x) stood in for by ours at the same size in fp32, text re-encoded per call as the release does",
+                  "4.x) stood in for by ours at the same size in fp32, every row's text encoded per call as the release does",
+                  "the release runs on this environment's stack (torch, diffusers, transformers as listed here), "
+                  "not its pinned one (torch 2.3, transformers 4.40)",
                   "compare threshold 0 on both sides: every pool trains",
                   "ratios: median round after the first; peak: max_memory_allocated over the rounds",
                   "each side in its own process, one after the other, on the same device"],
@@ -591,7 +613,9 @@ def main() -> None:
         tmp.replace(args.output)
 
     try:
-        built, seconds = build_all(args.models, root, args.tiny, "cpu" if args.tiny else "cuda")
+        if args.build_dir:
+            args.build_dir.mkdir(parents=True, exist_ok=True)
+        built, seconds = build_all(args.models, args.build_dir or root, args.tiny, "cpu" if args.tiny else "cuda")
         paths = {k: str(v) for k, v in built.items()}
         result["build_seconds"] = seconds
         write()

@@ -200,3 +200,23 @@ def test_kappa_750_is_one_pool_fewer_than_the_releases_divert_step() -> None:
     assert timesteps[divert_index(timesteps, 4, None)] == 751 and len(timesteps) - divert_index(timesteps, 4, None) == 16
     assert timesteps[divert_index(timesteps, 4, 750)] == 701 and len(timesteps) - divert_index(timesteps, 4, 750) == 15
     assert divert_index(timesteps, 4, 751) == 4
+
+
+def test_the_preference_model_scores_outside_the_trainers_autocast(tiny_sd15_path: Path) -> None:
+    """The trainer samples under mixed precision (acc.autocast); the scorer runs with autocast off,
+    in its own dtype (an fp32 SPM in fp32, as the release's: with LoRA it uses no autocast), while
+    the policy's passes keep it."""
+    sampler, scorer, _ = _sampler("sd15", tiny_sd15_path)
+    seen: dict[str, list[bool]] = {"scorer": [], "unet": []}
+    plain = scorer.__call__
+
+    def spied(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+        seen["scorer"].append(torch.is_autocast_enabled("cpu"))
+        return plain(images, prompts, timesteps)
+
+    sampler.scorer = spied
+    sampler.backbone.unet.register_forward_hook(lambda m, a, o: seen["unet"].append(torch.is_autocast_enabled("cpu")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.rollout(PROMPTS[:2], torch.Generator().manual_seed(0))
+    assert seen["scorer"] and not any(seen["scorer"])
+    assert seen["unet"] and all(seen["unet"])

@@ -47,12 +47,17 @@ def test_release_script_runs_as_written_with_our_recipe(side_by_side: dict, mode
     # the same work a round: threshold 0, every pool makes a pair, and each pooled step is one
     # record per prompt (SD-1.5: one pool a step; SDXL MSPO: the j transitions of each segment)
     records = recipe["prompts"] * (STEPS - DIVERT)
+    micro = math.ceil(records / recipe["train_batch_size"])
     for side in (release, ours):
         assert len(side["rounds"]) == 2
         for r in side["rounds"]:
-            assert r["records"] == records
-            assert r["micro_batches"] == math.ceil(records / recipe["train_batch_size"])
+            assert r["records"] == records and r["micro_batches"] == micro
             assert r["sampling_seconds"] > 0 and r["training_seconds"] > 0
+    # optimiser steps: SD-1.5 one per micro-batch; SDXL accumulates 2 (accelerate's step is a
+    # no-op between): the release's counted steps are the ones that stepped, as ours
+    steps = [r["optimizer_steps"] for r in release["rounds"]]
+    assert steps == [r["optimizer_steps"] for r in ours["rounds"]]
+    assert sum(steps) == 2 * micro // recipe["gradient_accumulation_steps"]
     # ours against theirs: the median after the first round, as the ratios say
     ratio = ours["ratio_to_release"]["round"]
     assert ratio == pytest.approx(ours["steady"]["round_seconds"] / release["steady"]["round_seconds"], abs=1e-3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a lent GPU machine needs beside the working tree, prepared here for the device tool's
 # `carry` (both folders git-ignored through .git/info/exclude):
-#   .whl/      wheels its image lacks (it has torch, transformers, peft, accelerate, but not
+#   .whl/      wheels its image lacks (it has torch, transformers 5.17, peft, accelerate, but not
 #              diffusers, pydantic or datasets), at the versions the tests run with here;
 #   .release/  the authors' release's code (../shared/reference/spo-release: spo/, configs/,
 #              train_scripts/; MIT), which benchmarks/release_side_by_side.py runs; the
@@ -22,7 +22,10 @@ rm -rf .whl && mkdir .whl
 version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-for name in diffusers transformers pydantic pydantic_core annotated-types typing-inspection datasets dill multiprocess; do
+# not transformers: 5.25 needs huggingface-hub >= 2.4, the image has 1.33 with transformers 5.17,
+# which our code supports (>= 4.57); diffusers 0.42.1 needs hub >= 1.32
+for name in diffusers pydantic pydantic_core annotated-types typing-inspection typing_extensions datasets dill \
+            multiprocess; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl "$name==$(version "$name")"
 done

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..backbones import Backbone, Conditioning
 from ..config import ObjectiveConfig, SPOConfig
 from ..diffusion import Schedule
-from ..sampling import ddim_sample
+from ..sampling import ddim_sample, without_autocast
 from ..sampling.records import Records
 from .base import Collected, Curve, LossOutput, Method
 
@@ -194,7 +194,8 @@ class DDPOMethod(Method):
             self.scorer.clear_cache()
         final = traj.latents
         images = bb.decode_for_scoring(final)  # preference.decoder when set: these images are only scored
-        rewards = self.scorer(images, prompts, torch.zeros(len(prompts), dtype=torch.long, device=images.device))
+        with without_autocast(images.device):  # the reward model in its own dtype
+            rewards = self.scorer(images, prompts, torch.zeros(len(prompts), dtype=torch.long, device=images.device))
         rewards = rewards.float().to(final.device)
         b, n, device = final.shape[0], traj.timesteps.numel(), final.device
         rows = torch.arange(b, device=device).repeat_interleave(n)  # trajectory-major: a trajectory's steps consecutive

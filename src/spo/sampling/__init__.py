@@ -2,7 +2,8 @@
 
 from .pairs import PairChoice, choose_continuation, choose_pairs, softmax_gap
 from .plain import Trajectory, ddim_sample
-from .pools import PoolSampler, PoolScorer, Rollout, RolloutStats, branch_steps, divert_index, pool_segments
+from .pools import (PoolSampler, PoolScorer, Rollout, RolloutStats, branch_steps, divert_index, pool_segments,
+                    without_autocast)
 from .records import Records, TransitionRecords
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "ddim_sample",
     "divert_index",
     "softmax_gap",
+    "without_autocast",
 ]

@@ -45,6 +45,13 @@ N timesteps) -> N raw scores. Any such callable (not an evaluation :class:`spo.e
 One whose ``takes_latents`` attribute is true gets the candidates' latents (N, C, h, w) instead."""
 
 
+def without_autocast(device: torch.device) -> Any:
+    """A context with autocast off on ``device``: the trainer's mixed precision (``acc.autocast``)
+    is for the policy; the preference model scores in ``preference.dtype`` (an fp32 SPM in fp32,
+    as the release's, whose LoRA runs use no autocast at all)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 @dataclass
 class RolloutStats:
     """What happened in one rollout, for logging and benchmarks.
@@ -219,6 +226,10 @@ class PoolSampler:
         return randn_tensor(tuple(shape), generator=generator, device=self.backbone.device, dtype=dtype)
 
     def _score(self, x0: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
+        with without_autocast(x0.device):  # the preference model in its own dtype, as the release's
+            return self._score_decoded(x0, prompts, t, stats)
+
+    def _score_decoded(self, x0: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
         """Decode x0-hat in chunks of ``decode_batch_size`` (the VAE decoder's activations are the
         round's memory peak), then score all images in one call (chunked scoring saved no memory
         and tripled its time at full size: docs/benchmarks.md)."""

@@ -179,7 +179,10 @@ class SPOTrainer:
                 print(describe_preference(self.config.preference))
         self.scorer = scorer
         #: preference.offload: the scorer lives in host memory outside the sampling phase
-        self._scorer_home = acc.device if config.preference.offload and isinstance(scorer, torch.nn.Module) else None
+        self._scorer_home = None
+        if config.preference.offload and isinstance(scorer, torch.nn.Module):
+            # where it was put (a scorer passed in may sit on another device than the policy)
+            self._scorer_home = next(iter(scorer.parameters()), torch.empty(0, device=acc.device)).device
         if self._scorer_home is not None:
             scorer.to("cpu")
         self.method: Method = method_type(config, self.backbone, scorer)
