@@ -693,6 +693,10 @@ def main() -> None:
                         help="do not start a profile or variant after this many seconds (default 330; tiny: none)")
     parser.add_argument("--no-profile", action="store_true", help="skip the component profile (no floors; the first variant then also pays the CUDA warm-up: its round time is not comparable)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
+    parser.add_argument("--cap-gib", type=float, default=None,
+                        help="run the lowmem variants with the process's GPU memory capped at this many GiB "
+                             "(torch.cuda.set_per_process_memory_fraction): the card size they are to fit, made "
+                             "a hard limit (7.5 for an 8 GB card: its CUDA context takes the rest)")
     parser.add_argument("--build-dir", type=Path, default=None,
                         help="build the random models here and reuse what an earlier run built there (default: a "
                              "temporary directory, removed at the end)")
@@ -837,6 +841,11 @@ def main() -> None:
             else:
                 trainer = None
                 start = time.perf_counter()
+                capped = args.cap_gib is not None and variant in LOWMEM_VARIANTS and device == "cuda"
+                if capped:  # the card's size, made a hard limit: an out-of-memory error means it does not fit
+                    total = torch.cuda.get_device_properties(0).total_memory
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
+                    record["memory_cap_gib"] = args.cap_gib
                 try:
                     if variant == "baseline" and baseline_trainer is not None:
                         trainer, run_dir = baseline_trainer, baseline_dir
@@ -858,6 +867,8 @@ def main() -> None:
                 record["variant_wall_seconds"] = round(time.perf_counter() - start, 1)
                 release(trainer)
                 trainer = None
+                if capped:
+                    torch.cuda.set_per_process_memory_fraction(1.0)
                 free(device)
             entry["variants"][variant] = record
             _ratios_to_baseline(entry["variants"])

@@ -11,9 +11,11 @@
 #      (defaults) and `sd15-lowmem`, 2 rounds each: round time and peak, ours / theirs
 #   2. fullsize-lowmem-sd15.json       sd15 default, lowmem, lowmem + pool pass in calls of 8,
 #      lowmem + that + SPM in fp16 (the 8 GiB target at <= 1.3x the default round); the component
-#      profile first, which also warms the GPU up, so the first variant's round is comparable
+#      profile first, which also warms the GPU up, so the first variant's round is comparable; the
+#      lowmem variants run with the process capped at 7.5 GiB (an 8 GB card less its CUDA context):
+#      an out-of-memory error there means "does not fit"
 #   3. fullsize-lowmem-sdxl.json       SDXL default, lowmem, + SPM in fp16, + decode in 512 px tiles
-#      (the 12 GiB target at <= 1.5x)
+#      (the 12 GiB target at <= 1.5x; lowmem variants capped at 11.5 GiB)
 #   4. release-side-by-side-sdxl.json  the release's train_spo_sdxl.py against `spo train sdxl`
 #   5. eval-cost.json                  spo eval's scorers in fp16 / bf16 against fp32
 #   6. fullsize-sd3.json               the sd3 preset at SD3.5-medium size, with T5-XXL and without,
@@ -66,10 +68,10 @@ step side-by-side-sd15 200 python3 benchmarks/release_side_by_side.py --models s
     --rounds 2 --side-timeout 200 --build-dir "$BUILD" --budget-seconds $(( $(left) - 60 )) \
     --output "$OUT/release-side-by-side-sd15.json" "${tiny[@]}"
 step fullsize-sd15 120 python3 benchmarks/fullsize.py --models sd15 --build-dir "$BUILD" \
-    --variants default,lowmem,lowmem_pool,lowmem_all --budget-seconds $(( $(left) - 50 )) \
+    --variants default,lowmem,lowmem_pool,lowmem_all --cap-gib 7.5 --budget-seconds $(( $(left) - 50 )) \
     --output "$OUT/fullsize-lowmem-sd15.json" "${tiny[@]}"
 step fullsize-sdxl 180 python3 benchmarks/fullsize.py --models sdxl --build-dir "$BUILD" \
-    --variants default,lowmem,lowmem_spm16,lowmem_tiled --budget-seconds $(( $(left) - 60 )) \
+    --variants default,lowmem,lowmem_spm16,lowmem_tiled --cap-gib 11.5 --budget-seconds $(( $(left) - 60 )) \
     --output "$OUT/fullsize-lowmem-sdxl.json" "${tiny[@]}"
 step side-by-side-sdxl 200 python3 benchmarks/release_side_by_side.py --models sdxl --sides release,ours \
     --rounds 2 --side-timeout 200 --build-dir "$BUILD" --budget-seconds $(( $(left) - 80 )) \

@@ -104,3 +104,17 @@ def test_fullsize_tiny_sd3_with_and_without_t5(tmp_path: Path) -> None:
     assert variants["default"]["settings"]["text_encoders"] == 3
     assert variants["no_t5"]["settings"]["text_encoders"] == 2
     assert variants["lowmem"]["settings"]["offload_text_encoders"] and variants["lowmem"]["settings"]["preference_offload"]
+
+
+def test_tables_render_the_measured_json() -> None:
+    """benchmarks/tables.py on the committed H200 result: the device named, the docs' numbers."""
+    done = subprocess.run([sys.executable, "tables.py", "results/fullsize.json", "results/eval-cost.json"], cwd=BENCH,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on NVIDIA H200" in done.stdout
+    assert "| sd15 | baseline | 21.4 (16.3 + 5.1) | 1.00 (baseline) | 39.43 / 26.12 |" in done.stdout
+    assert "| sdxl | all | 25.3 (5.3 + 20.0) | 1.20 (baseline) | 11.08 / 15.70 |" in done.stdout
+    assert "| pickscore | fp16 |" in done.stdout
+    bad = subprocess.run([sys.executable, "tables.py", "nonexistent.json"], cwd=BENCH, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:")

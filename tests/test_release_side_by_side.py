@@ -74,3 +74,15 @@ def test_speed_side_measures_pair_agreement_on_the_same_pools(side_by_side: dict
     for key in ("share_changed_threshold_0", "share_changed_preset_threshold"):
         assert 0.0 <= agreement[key] <= 1.0
     assert agreement["preset_threshold"] == {"sd15": 0.3, "sdxl": 0.4}[model]
+
+
+def test_tables_render_the_comparison(side_by_side: dict, tmp_path: Path) -> None:
+    result = tmp_path / "side-by-side.json"
+    result.write_text(json.dumps(side_by_side))
+    done = subprocess.run([sys.executable, "tables.py", str(result)], cwd=BENCH, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for model in ("sd15", "sdxl"):
+        ratio = side_by_side["models"][model]["sides"]["ours"]["ratio_to_release"]["round"]
+        assert f"| {model} | release |" in done.stdout and f"| {model} | ours |" in done.stdout
+        assert f"| {ratio:.2f} |" in done.stdout

@@ -173,16 +173,18 @@ class SPOTrainer:
             self.backbone.to_channels_last()
         if config.model.compile:
             self.backbone.compile()
+        #: preference.offload: the scorer lives in host memory outside the sampling phase, and
+        #: this is the device it samples on (the accelerator's, or where a scorer passed in sits)
+        self._scorer_home: torch.device | None = None
         if scorer is None and method_type.needs_scorer:
-            scorer = build_scorer(config, acc.device)
+            offload = config.preference.offload
+            scorer = build_scorer(config, torch.device("cpu") if offload else acc.device)  # never whole on the GPU
+            self._scorer_home = acc.device if offload and isinstance(scorer, torch.nn.Module) else None
             if self.progress and acc.is_main_process:
                 print(describe_preference(self.config.preference))
-        self.scorer = scorer
-        #: preference.offload: the scorer lives in host memory outside the sampling phase
-        self._scorer_home = None
-        if config.preference.offload and isinstance(scorer, torch.nn.Module):
-            # where it was put (a scorer passed in may sit on another device than the policy)
+        elif config.preference.offload and isinstance(scorer, torch.nn.Module):
             self._scorer_home = next(iter(scorer.parameters()), torch.empty(0, device=acc.device)).device
+        self.scorer = scorer
         if self._scorer_home is not None:
             scorer.to("cpu")
         self.method: Method = method_type(config, self.backbone, scorer)
