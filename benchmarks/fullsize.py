@@ -521,6 +521,10 @@ class RoundSpy:
                     self.current = {"unet_calls": {"sampling": [], "training_policy": [], "training_reference": []}}
                     self.rounds.append(self.current)
                 cuda = self.device.type == "cuda"
+                scorer = getattr(trainer, "scorer", None)
+                if isinstance(scorer, torch.nn.Module):  # preference.offload: where the SPM sits as the phase starts
+                    place = next(iter(scorer.parameters()), None)
+                    self.current.setdefault("scorer_device", {})[name] = None if place is None else str(place.device)
                 if cuda:
                     torch.cuda.synchronize(self.device)
                     torch.cuda.reset_peak_memory_stats(self.device)
@@ -629,7 +633,7 @@ def run_variant(trainer: Any, run_dir: Path, profile: dict[str, Any] | None) -> 
                  "valid_records": line["valid_records"], "optimizer_steps": line["optimizer_steps"],
                  "skipped": line.get("skipped", False),
                  "peak_gib": spied.get("peak_gib"), "resident_gib": spied.get("resident_gib"),
-                 "reserved_gib": spied.get("reserved_gib"),
+                 "reserved_gib": spied.get("reserved_gib"), "scorer_device": spied.get("scorer_device"),
                  "work": {**spied.get("work", {}),
                           "sampling_unet_calls_by_rows": _histogram(spied["unet_calls"]["sampling"]),
                           "training_policy_calls": len(spied["unet_calls"]["training_policy"]),
