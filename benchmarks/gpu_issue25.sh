@@ -22,6 +22,8 @@
 #      and sd3-lowmem (likely a second run: what is left of the budget rarely reaches it)
 # Not here (a later run): compile / channels_last, benchmarks/engines.py.
 # TINY=1 runs every step with tiny models on the CPU (--tiny / --smoke): checks this script only.
+# STEPS="fullsize-sdxl side-by-side-sdxl" runs only the named steps (a second call on the warm
+# machine, for what the first call's budget left out: the log says which were skipped).
 set -u
 OUT=${OUT:-/tmp/gpu-issue25}
 BUDGET=${BUDGET:-480}
@@ -55,6 +57,10 @@ tail -1 "$OUT/log.txt"
 step() {  # step NAME MIN_SECONDS COMMAND...: runs COMMAND if MIN_SECONDS are left, under a timeout
     local name=$1 need=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        log "$name: not asked for (STEPS=$STEPS)"
+        return
+    fi
     if [ "$(left)" -lt "$need" ]; then
         log "$name: skipped ($(left) s left, needs about $need)"
         return
