@@ -558,6 +558,10 @@ class RoundSpy:
             rollout = sampler.rollout
 
             def spied_rollout(*args: Any, **kwargs: Any) -> Any:
+                scorer = getattr(trainer, "scorer", None)
+                if isinstance(scorer, torch.nn.Module):  # during the rollout: on the device, offloaded or not
+                    place = next(iter(scorer.parameters()), None)
+                    self.current.setdefault("scorer_device", {})["rollout"] = None if place is None else str(place.device)
                 result = rollout(*args, **kwargs)
                 s = result.stats
                 self.current["work"] = {

@@ -54,6 +54,11 @@ print(torch.__version__, diffusers.__version__, transformers.__version__, peft._
     >> "$OUT/log.txt" 2>&1 || { log "the imports failed (see above): nothing measured"; exit 1; }
 tail -1 "$OUT/log.txt"
 
+known="side-by-side-sd15 fullsize-sd15 fullsize-sdxl side-by-side-sdxl eval-cost fullsize-sd3"
+for name in ${STEPS:-}; do
+    [[ " $known " == *" $name "* ]] || { log "STEPS: unknown step '$name' (steps: $known)"; exit 2; }
+done
+
 step() {  # step NAME MIN_SECONDS COMMAND...: runs COMMAND if MIN_SECONDS are left, under a timeout
     local name=$1 need=$2
     shift 2

@@ -17,6 +17,11 @@ def _num(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _cell(text: Any, limit: int = 80) -> str:
+    """Free text for a table cell: one line, no column separators."""
+    return " ".join(str(text).split()).replace("|", "/")[:limit]
+
+
 def _peak(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "-"
@@ -35,13 +40,14 @@ def fullsize_table(result: dict[str, Any]) -> str:
             if r.get("status") != "ok":
                 note = r.get("error") or r.get("note") or ""
                 lines.append(f"| {model} | {name} | - | - | - | - | {_num(r.get('memory_cap_gib'))} | "
-                             f"{r.get('status')}: {note[:80]} |")
+                             f"{r.get('status')}: {_cell(note)} |")
                 continue
             ratio = r.get("ratio_to_baseline", {})
-            base = r.get("ratio_base", "baseline")
+            # results before ratio_base existed compared with the baseline only
+            base = f" ({r.get('ratio_base', 'baseline')})" if ratio else ""
             lines.append(
                 f"| {model} | {name} | {_num(r['round_seconds'], 1)} ({_num(r['sampling_seconds'], 1)} + "
-                f"{_num(r['training_seconds'], 1)}) | {_num(ratio.get('round'))} ({base}) | {_peak(r.get('peak_gib'))} | "
+                f"{_num(r['training_seconds'], 1)}) | {_num(ratio.get('round'))}{base} | {_peak(r.get('peak_gib'))} | "
                 f"{_peak(r.get('reserved_gib'))} | {_num(r.get('memory_cap_gib'))} | ok |")
     return "\n".join(lines)
 
@@ -56,7 +62,7 @@ def side_by_side_table(result: dict[str, Any]) -> str:
         for name, side in entry.get("sides", {}).items():
             steady = side.get("steady")
             if side.get("status") != "ok" or not steady:
-                lines.append(f"| {model} | {name} | {side.get('status')}: {(side.get('error') or side.get('note') or '')[:80]} "
+                lines.append(f"| {model} | {name} | {side.get('status')}: {_cell(side.get('error') or side.get('note') or '')} "
                              "| - | - | - | - | - |")
                 continue
             ratio = side.get("ratio_to_release", {})

@@ -45,14 +45,42 @@ def test_tiled_score_decode_is_diffusers_tiling_and_leaves_the_vae_as_it_was(tin
         assert torch.equal(bb.decode_for_scoring(x0), whole)
 
 
+def test_diffusers_tiles_meet_only_at_multiples_of_four_latents() -> None:
+    """Why tiles must be a multiple of 4 x the VAE's factor: diffusers' ``tiled_decode`` steps by
+    int(0.75 T) latents but keeps S - int(S / 4) pixels of each tile; with a factor-8 VAE (as
+    SD-1.5's) a 264 px tile on 64 latents decodes a 524 px image, 256 px the right 512."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                        sample_size=512).eval()
+    z = torch.randn(1, 4, 64, 64)
+    sizes = {}
+    with torch.no_grad():
+        for tile in (256, 264):
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
+            sizes[tile] = vae.decode(z).sample.shape[-1]
+    assert sizes == {256: 512, 264: 524}
+
+
 def test_settings_that_would_not_tile_are_refused(tiny_sd15_path: Path) -> None:
     bb = _backbone(tiny_sd15_path)
     with pytest.raises(BackboneLoadError, match="smaller than the images"):
         bb.tile_score_decodes(32)  # the whole image: diffusers would not tile
+    bb.vae_scale_factor, bb.resolution = 8, 512  # as SD-1.5: tiles of 32 px steps
+    with pytest.raises(BackboneLoadError, match="multiple of 32"):
+        bb.tile_score_decodes(264)
+    bb.tile_score_decodes(256)
     with pytest.raises(ConfigError, match="multiple of 8"):
         load_config("sd15", ["sampling.decode_tile=20"])
     with pytest.raises(ConfigError, match="preference.decoder"):
         load_config("sd15", ["sampling.decode_tile=512", "preference.decoder=madebyollin/taesd"])
+    with pytest.raises(ConfigError, match="scores nothing"):  # Diffusion-DPO decodes nothing for scoring
+        load_config("sd15-diffusion-dpo", ["sampling.decode_tile=256"])
+    with pytest.raises(ConfigError, match="latent reward model"):  # LPO scores latents
+        load_config("sd15-lpo", ["sampling.decode_tile=256"])
     toy = load_backbone(load_config("toy", ["model.device=cpu"]).model)
     with pytest.raises(BackboneLoadError, match="no VAE"):
         toy.tile_score_decodes(16)
@@ -85,3 +113,25 @@ def test_spo_train_scores_tiled_decodes(tiny_sd15_path: Path, tiny_clip_path: Pa
     assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert main(args[:-1] + ["sampling.decode_tile=32", "--output", str(tmp_path / "refused")]) == 2
     assert not (tmp_path / "refused").exists()
+
+
+def test_train_spm_decodes_tiled_as_spo_train_scores(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``spo train-spm`` decodes its x0 estimates in the same tiles, so the SPM learns on what
+    ``spo train`` will score."""
+    from diffusers import AutoencoderKL
+
+    calls = {"tiled": 0}
+    tiled_decode = AutoencoderKL.tiled_decode
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["tiled"] += 1
+        return tiled_decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", counted)
+    args = ["train-spm", "sd15", "--output", str(tmp_path / "spm"), f"model.pretrained={tiny_sd15_path}",
+            "model.resolution=32", "model.dtype=float32", "model.device=cpu", f"preference.pretrained={tiny_clip_path}",
+            f"spm.data={pickapic_path}", "spm.steps=1", "spm.batch_size=2", "spm.validation_pairs=4",
+            "spm.validation_timesteps=[501]", "logging.tensorboard=false", f"sampling.decode_tile={TILE}"]
+    assert main(args) == 0
+    assert calls["tiled"] > 0

@@ -104,8 +104,8 @@ def test_fullsize_tiny_sd3_with_and_without_t5(tmp_path: Path) -> None:
     assert variants["default"]["settings"]["text_encoders"] == 3
     assert variants["no_t5"]["settings"]["text_encoders"] == 2
     assert variants["lowmem"]["settings"]["offload_text_encoders"] and variants["lowmem"]["settings"]["preference_offload"]
-    # the SPM in host memory as each phase starts (moved to the device inside sampling only)
-    assert variants["lowmem"]["rounds"][0]["scorer_device"] == {"sampling": "cpu", "training": "cpu"}
+    # where the SPM sits as each phase starts and during the rollout (on a GPU: cpu, cuda:0, cpu)
+    assert variants["lowmem"]["rounds"][0]["scorer_device"] == {"sampling": "cpu", "rollout": "cpu", "training": "cpu"}
 
 
 def test_tables_render_the_measured_json() -> None:

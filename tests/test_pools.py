@@ -202,19 +202,24 @@ def test_kappa_750_is_one_pool_fewer_than_the_releases_divert_step() -> None:
     assert divert_index(timesteps, 4, 751) == 4
 
 
-def test_the_preference_model_scores_outside_the_trainers_autocast(tiny_sd15_path: Path) -> None:
+@pytest.mark.parametrize("latents", [False, True])
+def test_the_preference_model_scores_outside_the_trainers_autocast(tiny_sd15_path: Path, latents: bool) -> None:
     """The trainer samples under mixed precision (acc.autocast); the scorer runs with autocast off,
-    in its own dtype (an fp32 SPM in fp32, as the release's: with LoRA it uses no autocast), while
-    the policy's passes keep it."""
+    in its own dtype (an fp32 SPM in fp32, as the release's: with LoRA it uses no autocast; LPO's
+    latent reward model likewise), while the policy's passes keep it."""
     sampler, scorer, _ = _sampler("sd15", tiny_sd15_path)
     seen: dict[str, list[bool]] = {"scorer": [], "unet": []}
     plain = scorer.__call__
 
-    def spied(images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
-        seen["scorer"].append(torch.is_autocast_enabled("cpu"))
-        return plain(images, prompts, timesteps)
+    class Spied:
+        takes_latents = latents
 
-    sampler.scorer = spied
+        def __call__(self, images: torch.Tensor, prompts: list[str], timesteps: torch.Tensor) -> torch.Tensor:
+            seen["scorer"].append(torch.is_autocast_enabled("cpu"))
+            return plain(images, prompts, timesteps)
+
+    sampler.scorer = Spied()
+    sampler.scores_latents = latents
     sampler.backbone.unet.register_forward_hook(lambda m, a, o: seen["unet"].append(torch.is_autocast_enabled("cpu")))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sampler.rollout(PROMPTS[:2], torch.Generator().manual_seed(0))

@@ -570,9 +570,14 @@ class Backbone(ABC):
         what = f"sampling.decode_tile={tile}"
         if self.vae is None or not hasattr(self.vae, "tiled_decode") or not hasattr(self.vae, "tile_latent_min_size"):
             raise BackboneLoadError(f"{what}: the {self.kind} backbone has no VAE with diffusers' tiling; leave it unset")
-        if tile % self.vae_scale_factor or tile >= self.resolution:
-            raise BackboneLoadError(f"{what}: must be a multiple of the VAE's factor {self.vae_scale_factor} and "
-                                    f"smaller than the images ({self.resolution} px), or nothing would be tiled")
+        # diffusers steps through the latents by int(0.75 T) and keeps S - int(S / 4) pixels of each
+        # tile (T, S: the tile in latents, in pixels): the two agree only when T is a multiple of 4,
+        # else the decoded image comes out larger than the latents' (a 264 px tile on 512 px: 524 px)
+        step = 4 * self.vae_scale_factor
+        if tile % step or tile >= self.resolution:
+            raise BackboneLoadError(f"{what}: must be a multiple of {step} (4 x the VAE's factor "
+                                    f"{self.vae_scale_factor}: diffusers' tiles then meet exactly) and smaller than the "
+                                    f"images ({self.resolution} px), or nothing would be tiled")
         self.score_decode_tile = tile
 
     @contextlib.contextmanager
@@ -602,7 +607,13 @@ class Backbone(ABC):
         decoder = self.score_decoder
         if decoder is None:
             with self._tiled_vae():  # sampling.decode_tile, if set
-                return self.decode(x0, clamp=clamp)
+                images = self.decode(x0, clamp=clamp)
+            expected = (x0.shape[-2] * self.vae_scale_factor, x0.shape[-1] * self.vae_scale_factor)
+            if tuple(images.shape[-2:]) != expected:
+                raise RuntimeError(f"decoded {tuple(images.shape[-2:])} px images from latents of "
+                                   f"{tuple(x0.shape[-2:])}: expected {expected} (sampling.decode_tile="
+                                   f"{self.score_decode_tile})")
+            return images
         latents = x0.to(decoder.dtype) / decoder.config.scaling_factor
         images = decoder.decode(latents, return_dict=False)[0]
         return images.clamp(-1, 1) if clamp else images

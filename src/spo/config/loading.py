@@ -452,7 +452,11 @@ def _method_problems(c: SPOConfig) -> list[str]:
     if type(c.objective) is not settings:
         return [f"objective must be a {settings.__name__} (the settings of objective.name {name!r}), "
                 f"got a {type(c.objective).__name__}"]
-    return c.objective.problems(c)
+    problems = list(c.objective.problems(c))
+    if c.sampling.decode_tile is not None and not getattr(METHODS.get(name), "needs_scorer", True):
+        problems.append(f"sampling.decode_tile tiles the decodes for scoring, and objective.name={name} scores "
+                        "nothing: set sampling.decode_tile=null")
+    return problems
 
 
 def _value_problems(c: SPOConfig) -> list[str]:
@@ -514,6 +518,9 @@ def _value_problems(c: SPOConfig) -> list[str]:
     if c.preference.kind == "latent" and c.preference.decoder is not None:
         problems.append("preference.decoder does not apply to preference.kind=latent (the latent reward model "
                         "decodes nothing): set preference.decoder=null")
+    if c.preference.kind == "latent" and c.sampling.decode_tile is not None:
+        problems.append("sampling.decode_tile does not apply to preference.kind=latent (the latent reward model "
+                        "decodes nothing): set sampling.decode_tile=null")
 
     d = c.data
     rule(0 <= d.empty_caption_probability < 1,

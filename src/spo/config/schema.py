@@ -179,9 +179,12 @@ class SamplingConfig:
             side instead of whole (diffusers' VAE tiling: tiles overlapping by a
             quarter, blended), which lowers the decode's memory for large images
             (SDXL's 1024 px). **Changes the scores**: the preference model sees the
-            blended image. Only the pools' decodes; the final images, previews and
-            ``spo eval`` decode whole. ``None``: whole. Must be a multiple of the
-            VAE's factor and smaller than the image; not with ``preference.decoder``.
+            blended image. Only the decodes for scoring (the pools' candidates,
+            DDPO's final-image rewards, and ``spo train-spm``'s x0 estimates, so an
+            SPM learns on what it will score); the final images, previews and
+            ``spo eval`` decode whole. ``None``: whole. Must be a multiple of 4 x
+            the VAE's factor (32 px for SD-1.5, SDXL, SD3) and smaller than the
+            image; not with ``preference.decoder``, nor with a latent reward model.
     """
 
     num_inference_steps: int = 20

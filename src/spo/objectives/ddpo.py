@@ -193,8 +193,8 @@ class DDPOMethod(Method):
         if hasattr(self.scorer, "clear_cache"):
             self.scorer.clear_cache()
         final = traj.latents
-        images = bb.decode_for_scoring(final)  # preference.decoder when set: these images are only scored
-        with without_autocast(images.device):  # the reward model in its own dtype
+        with without_autocast(final.device):  # decoded and scored in their own dtypes, as the pools are
+            images = bb.decode_for_scoring(final)  # preference.decoder when set: these images are only scored
             rewards = self.scorer(images, prompts, torch.zeros(len(prompts), dtype=torch.long, device=images.device))
         rewards = rewards.float().to(final.device)
         b, n, device = final.shape[0], traj.timesteps.numel(), final.device

@@ -244,9 +244,11 @@ class PoolSampler:
         return scores
 
     def _score_latents(self, latents: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
-        """Score the candidates' latents themselves at ``t`` (a latent reward model): no decode."""
+        """Score the candidates' latents themselves at ``t`` (a latent reward model): no decode;
+        in the model's own dtype, outside the trainer's autocast (LPO's release uses none with LoRA)."""
         ts = torch.full((latents.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=latents.device)
-        scores = self.scorer(latents, list(prompts), ts).float().to(latents.device)
+        with without_autocast(latents.device):
+            scores = self.scorer(latents, list(prompts), ts).float().to(latents.device)
         stats.scored += latents.shape[0]
         return scores
 

@@ -188,6 +188,7 @@ class SPMTrainer:
             self.backbone.unet.requires_grad_(False)
             if config.preference.decoder is not None:  # the SPM learns on what `spo train` will score
                 self.backbone.load_score_decoder(config.preference.decoder)
+            self.backbone.tile_score_decodes(config.sampling.decode_tile)  # likewise
             self.num_train_timesteps = int(self.backbone.schedule(1).num_train_timesteps)
             self.validation_timesteps = list(cfg.validation_timesteps)
             too_late = [t for t in cfg.validation_timesteps if t >= self.num_train_timesteps]
