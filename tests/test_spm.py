@@ -280,6 +280,26 @@ def test_spm_resume_is_exact(tiny_sd15_path: Path, tiny_clip_path: Path, pickapi
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_spm_resume_refuses_a_changed_configuration(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path: Path,
+                                                    tmp_path: Path) -> None:
+    """As ``spo train``: a resumed SPM run keeps its configuration (it was not checked before)."""
+    from spo.training.checkpoint import CheckpointError
+
+    overrides = ("spm.steps=4", "spm.checkpoint_every=2", "spm.batch_size=4", "spm.validation_pairs=4",
+                 "spm.lr_schedule=warmup_decay", "spm.warmup_steps=3")
+    SPMTrainer(_spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, *overrides), tmp_path / "cut",
+               progress=False).train(stop_after=3)
+    with pytest.raises(CheckpointError, match="spm.lr differ"):
+        SPMTrainer(_spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, *overrides, "spm.lr=5e-4"),
+                   tmp_path / "cut", resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="reshape the warmup_decay"):
+        SPMTrainer(_spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, *overrides[1:], "spm.steps=6"),
+                   tmp_path / "cut", resume=True, progress=False)
+    resumed = SPMTrainer(_spm_config(tiny_sd15_path, tiny_clip_path, pickapic_path, *overrides, "logging.log_every=2"),
+                         tmp_path / "cut", resume=True, progress=False)  # logging may change
+    assert resumed.step == 2
+
+
 def test_bad_data(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path: Path, tmp_path: Path) -> None:
     import datasets
 

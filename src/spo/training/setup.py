@@ -200,6 +200,18 @@ def _prepare_run_dir(acc: Any, run_dir: Path, kind: RunKind, resume: bool,
     return latest
 
 
+def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys.extend(changed_keys(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
 def flat_config(config: SPOConfig) -> dict[str, Any]:
     """``section.key`` -> value (numbers, strings and booleans as they are, anything else as text)."""
     flat: dict[str, Any] = {}

@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import Backbone, BackboneLoadError, Conditioning, load_backbone
-from ..config import SPOConfig
+from ..config import SPOConfig, config_to_dict
 from ..data.pickapic import (
     PreferenceDataError,
     caption_weights,
@@ -65,7 +65,8 @@ from .engines import (DEEPSPEED, FSDP, accumulation_boundary, base_optimizer, en
 from .distributed import write_everywhere
 from .model_card import write_card_everywhere
 from .seeding import derive_seed, generator
-from .setup import Run, RunKind, start_run
+from .checkpoint import CheckpointError
+from .setup import Run, RunKind, changed_keys, start_run
 
 
 class SPMTrainingError(SPOError, RuntimeError):
@@ -139,6 +140,10 @@ def pair_noise_rows(noise: torch.Tensor) -> torch.Tensor:
     return noise.flatten(0, 1) if noise.dim() == 5 else noise.repeat_interleave(2, dim=0)
 
 
+#: config keys an interrupted SPM run may change when resumed
+SPM_RESUMABLE_CHANGES = ("spm.steps", "train.num_processes", "logging.")
+
+
 class SPMTrainer:
     """Trains the SPM (or the LRM) of ``config.preference`` on ``config.spm.data`` into ``run_dir``."""
 
@@ -163,9 +168,23 @@ class SPMTrainer:
         self.pseudo_keep = (pseudo_preference_filter(cfg.pseudo_preference, cfg.filter_strategy)
                             if cfg.pseudo_preference else None)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
-        with start_run(config, self.run_dir, SPM_RUN, resume=resume, accelerator=accelerator) as run:
+        with start_run(config, self.run_dir, SPM_RUN, resume=resume, accelerator=accelerator,
+                       check_resume=self._check_resume) as run:
             self.accelerator, self.resume_from = run.accelerator, run.resume_from
             self._set_up(run)
+
+    def _check_resume(self, saved: SPOConfig, saved_path: Path) -> None:
+        """``--resume`` continues an SPM run only with the configuration it was started with
+        (``spm.steps`` may grow under a constant learning rate: another schedule would reshape)."""
+        changed = changed_keys(config_to_dict(saved), config_to_dict(self.config))
+        if "spm.steps" in changed and self.config.spm.lr_schedule != "constant":
+            raise CheckpointError(
+                f"--resume with spm.steps changed would reshape the {self.config.spm.lr_schedule} learning-rate "
+                "schedule; keep spm.steps, or use spm.lr_schedule=constant")
+        changed = [k for k in changed if not k.startswith(SPM_RESUMABLE_CHANGES)]
+        if changed:
+            raise CheckpointError(f"--resume with a different configuration: {', '.join(changed)} differ from "
+                                  f"{saved_path}; only spm.steps, logging.* and the process count may change")
 
     def _set_up(self, run: Run) -> None:
         """Everything after the run directory: data, models, optimiser, resume state."""

@@ -53,7 +53,7 @@ from .engines import (DEEPSPEED, accumulation_boundary, base_optimizer, engine_o
 from .previews import Previews
 from .model_card import write_card_everywhere
 from .seeding import PromptSchedule, derive_seed, generator, rng_state, set_rng_state
-from .setup import Run, RunKind, start_run
+from .setup import Run, RunKind, changed_keys, start_run
 
 #: config keys that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = ("train.rounds", "train.num_processes", "logging.")
@@ -244,7 +244,7 @@ class SPOTrainer:
 
     def _check_resume(self, saved: SPOConfig, saved_path: Path) -> None:
         """``--resume`` continues a run only with the configuration it was started with."""
-        changed = _changed_keys(config_to_dict(saved), config_to_dict(self.config))
+        changed = changed_keys(config_to_dict(saved), config_to_dict(self.config))
         if "train.rounds" in changed and self.config.optimizer.lr_scheduler != "constant":
             raise CheckpointError(
                 f"--resume with train.rounds changed would reshape the {self.config.optimizer.lr_scheduler} "
@@ -585,12 +585,3 @@ def _unpack_replay(saved: dict[str, Any], tensors: dict[str, torch.Tensor],
     return batches
 
 
-def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys.extend(_changed_keys(va, vb, f"{prefix}{k}."))
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
