@@ -87,6 +87,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _report import write_partial  # noqa: E402 - after the path insert
+
 VARIANTS = ("baseline", "default", "no_t5", "chunked", "checkpointing", "tiny_decoder", "channels_last", "compile", "memory", "all",
             "pool_chunked", "spm_fp16", "adamw8bit", "lowmem", "lowmem_pool", "lowmem_spm16", "lowmem_all",
             "lowmem_tiled")
@@ -762,11 +764,7 @@ def main() -> None:
     }
 
     def write() -> None:
-        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_suffix(args.output.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.output)
+        write_partial(result, args.output, t0)
 
     if args.build_dir:
         args.build_dir.mkdir(parents=True, exist_ok=True)

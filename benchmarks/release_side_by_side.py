@@ -584,6 +584,7 @@ def main() -> None:
     import diffusers
     import peft
     import transformers
+    from _report import write_partial
     from fullsize import build_all
 
     t0 = time.perf_counter()
@@ -606,11 +607,7 @@ def main() -> None:
         "models": {}}
 
     def write() -> None:
-        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_suffix(args.output.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.output)
+        write_partial(result, args.output, t0)
 
     try:
         if args.build_dir:

@@ -16,6 +16,22 @@ from spo.config import ConfigError, load_config
 TILE = 16  # pixels: the tiny SD-1.5 decodes 16x16 latents to 32 px (factor 2), so 8-latent tiles
 
 
+@pytest.fixture()
+def tiled_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts diffusers' ``AutoencoderKL.tiled_decode`` calls (the decodes that were tiled)."""
+    from diffusers import AutoencoderKL
+
+    calls = {"tiled": 0}
+    tiled_decode = AutoencoderKL.tiled_decode
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["tiled"] += 1
+        return tiled_decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", counted)
+    return calls
+
+
 def _backbone(path: Path):  # noqa: ANN202
     return load_backbone(load_config("sd15", [f"model.pretrained={path}", "model.device=cpu", "model.dtype=float32",
                                               "model.resolution=32"]).model)
@@ -87,19 +103,10 @@ def test_settings_that_would_not_tile_are_refused(tiny_sd15_path: Path) -> None:
 
 
 def test_spo_train_scores_tiled_decodes(tiny_sd15_path: Path, tiny_clip_path: Path, prompts_file: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffusers import AutoencoderKL
-
+                                        tiled_calls: dict[str, int]) -> None:
     from spo.training import read_metrics
 
-    calls = {"tiled": 0}
-    tiled_decode = AutoencoderKL.tiled_decode
-
-    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls["tiled"] += 1
-        return tiled_decode(self, *args, **kwargs)
-
-    monkeypatch.setattr(AutoencoderKL, "tiled_decode", counted)
+    calls = tiled_calls
     run = tmp_path / "run"
     args = ["train", "sd15", "--output", str(run), f"model.pretrained={tiny_sd15_path}", "model.dtype=float32",
             "model.device=cpu", "model.resolution=32", "train.mixed_precision=no", f"data.prompts={prompts_file}",
@@ -116,19 +123,10 @@ def test_spo_train_scores_tiled_decodes(tiny_sd15_path: Path, tiny_clip_path: Pa
 
 
 def test_train_spm_decodes_tiled_as_spo_train_scores(tiny_sd15_path: Path, tiny_clip_path: Path, pickapic_path: Path,
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      tmp_path: Path, tiled_calls: dict[str, int]) -> None:
     """``spo train-spm`` decodes its x0 estimates in the same tiles, so the SPM learns on what
     ``spo train`` will score."""
-    from diffusers import AutoencoderKL
-
-    calls = {"tiled": 0}
-    tiled_decode = AutoencoderKL.tiled_decode
-
-    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls["tiled"] += 1
-        return tiled_decode(self, *args, **kwargs)
-
-    monkeypatch.setattr(AutoencoderKL, "tiled_decode", counted)
+    calls = tiled_calls
     args = ["train-spm", "sd15", "--output", str(tmp_path / "spm"), f"model.pretrained={tiny_sd15_path}",
             "model.resolution=32", "model.dtype=float32", "model.device=cpu", f"preference.pretrained={tiny_clip_path}",
             f"spm.data={pickapic_path}", "spm.steps=1", "spm.batch_size=2", "spm.validation_pairs=4",
