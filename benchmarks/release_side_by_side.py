@@ -506,16 +506,16 @@ def steady(side: dict[str, Any]) -> dict[str, Any] | None:
     if not rounds:
         return None
     later = rounds[1:] or rounds
-    peaks = [max(v for v in r["peak_gib"].values() if v is not None) for r in rounds
-             if r.get("peak_gib") and any(v is not None for v in r["peak_gib"].values())]
-    reserved = [max(v for v in r["reserved_gib"].values() if v is not None) for r in rounds
-                if r.get("reserved_gib") and any(v is not None for v in r["reserved_gib"].values())]
-    return {"round_seconds": round(statistics.median(r["round_seconds"] for r in later), 3),
-            "reserved_gib": max(reserved) if reserved else None,
-            "sampling_seconds": round(statistics.median(r["sampling_seconds"] for r in later), 3),
-            "training_seconds": round(statistics.median(r["training_seconds"] for r in later), 3),
-            "rounds_used": len(later), "records_per_round": [r["records"] for r in rounds],
-            "peak_gib": max(peaks) if peaks else None}
+
+    def largest(key: str) -> float | None:  # over every round and phase (None off CUDA)
+        values = [v for r in rounds for v in (r.get(key) or {}).values() if v is not None]
+        return max(values) if values else None
+
+    median = lambda key: round(statistics.median(r[key] for r in later), 3)  # noqa: E731
+    return {"round_seconds": median("round_seconds"), "sampling_seconds": median("sampling_seconds"),
+            "training_seconds": median("training_seconds"), "rounds_used": len(later),
+            "records_per_round": [r["records"] for r in rounds],
+            "peak_gib": largest("peak_gib"), "reserved_gib": largest("reserved_gib")}
 
 
 def compare(entry: dict[str, Any]) -> None:

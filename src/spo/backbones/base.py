@@ -582,7 +582,7 @@ class Backbone(ABC):
 
     @contextlib.contextmanager
     def _tiled_vae(self) -> Iterator[None]:
-        tile = getattr(self, "score_decode_tile", None)
+        tile = self.score_decode_tile
         if tile is None:
             yield
             return
@@ -609,7 +609,7 @@ class Backbone(ABC):
             with self._tiled_vae():  # sampling.decode_tile, if set
                 images = self.decode(x0, clamp=clamp)
             expected = (x0.shape[-2] * self.vae_scale_factor, x0.shape[-1] * self.vae_scale_factor)
-            if tuple(images.shape[-2:]) != expected:
+            if self.score_decode_tile is not None and tuple(images.shape[-2:]) != expected:
                 raise RuntimeError(f"decoded {tuple(images.shape[-2:])} px images from latents of "
                                    f"{tuple(x0.shape[-2:])}: expected {expected} (sampling.decode_tile="
                                    f"{self.score_decode_tile})")

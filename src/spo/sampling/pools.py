@@ -226,20 +226,18 @@ class PoolSampler:
         return randn_tensor(tuple(shape), generator=generator, device=self.backbone.device, dtype=dtype)
 
     def _score(self, x0: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
-        with without_autocast(x0.device):  # the preference model in its own dtype, as the release's
-            return self._score_decoded(x0, prompts, t, stats)
-
-    def _score_decoded(self, x0: Tensor, prompts: Sequence[str], t: int, stats: RolloutStats) -> Tensor:
         """Decode x0-hat in chunks of ``decode_batch_size`` (the VAE decoder's activations are the
         round's memory peak), then score all images in one call (chunked scoring saved no memory
-        and tripled its time at full size: docs/benchmarks.md)."""
+        and tripled its time at full size: docs/benchmarks.md); both outside the trainer's
+        autocast, the preference model in its own dtype, as the release's."""
         chunk = self.decode_batch_size or x0.shape[0]
         clamp = not getattr(self.scorer, "takes_unclamped_images", False)
-        images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk], clamp=clamp)
-                            for start in range(0, x0.shape[0], chunk)])  # preference.decoder if set
+        with without_autocast(x0.device):
+            images = torch.cat([self.backbone.decode_for_scoring(x0[start : start + chunk], clamp=clamp)
+                                for start in range(0, x0.shape[0], chunk)])  # preference.decoder if set
+            ts = torch.full((images.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=images.device)
+            scores = self.scorer(images, list(prompts), ts).float().to(x0.device)
         stats.decoded += images.shape[0]
-        ts = torch.full((images.shape[0],), t, dtype=self.schedule().timesteps.dtype, device=images.device)
-        scores = self.scorer(images, list(prompts), ts).float().to(x0.device)
         stats.scored += images.shape[0]
         return scores
 
